@@ -1,0 +1,235 @@
+"""Messages shared by the server, the worker link and the dashboard.
+
+One module, imported by both sides, so the wire format is written once. It needs only pydantic:
+the worker imports it without pulling in FastAPI.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# A job id is a torchrun run id or a name a person chose: keep it printable and short.
+JobId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@+-]+$")]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------
+# Commands (REST body of POST /api/jobs/{job_id}/commands; also what rank 0 receives)
+# --------------------------------------------------------------------------------------------
+
+
+class SetPeriod(_Message):
+    """Average every ``period`` steps from the step the command is applied at."""
+
+    type: Literal["set_period"] = "set_period"
+    period: int = Field(ge=1, le=1_000_000)
+
+
+class PauseAveraging(_Message):
+    """Stop averaging rounds; training goes on locally."""
+
+    type: Literal["pause_averaging"] = "pause_averaging"
+
+
+class ResumeAveraging(_Message):
+    """Start averaging again; the period grid restarts at the applied step."""
+
+    type: Literal["resume_averaging"] = "resume_averaging"
+
+
+class PauseTraining(_Message):
+    """Hold every rank at the end of the applied step until resumed."""
+
+    type: Literal["pause_training"] = "pause_training"
+
+
+class ResumeTraining(_Message):
+    """Release ranks held by ``pause_training``."""
+
+    type: Literal["resume_training"] = "resume_training"
+
+
+class AverageNow(_Message):
+    """One averaging round over the whole process group at the applied step."""
+
+    type: Literal["average_now"] = "average_now"
+
+
+class SetHierarchy(_Message):
+    """New periods for a hierarchical averager: ``{group_size: period}``.
+
+    Group sizes are fixed when the averager is built; only their periods change. Keys are JSON
+    strings (``{"2": 2, "8": 4}``: groups of 2 ranks average every 2 steps, groups of 8 every 4).
+    """
+
+    type: Literal["set_hierarchy"] = "set_hierarchy"
+    periods: dict[str, Annotated[int, Field(ge=1, le=1_000_000)]] = Field(min_length=1, max_length=16)
+
+    @field_validator("periods")
+    @classmethod
+    def _keys_are_group_sizes(cls, periods: dict[str, int]) -> dict[str, int]:
+        for key in periods:
+            if not key.isdigit() or int(key) < 1:
+                raise ValueError(f"group size {key!r} is not a positive integer")
+        return periods
+
+
+class SetAutotune(_Message):
+    """Switch the server's autopilot; ``target_divergence`` None means calibrate it."""
+
+    type: Literal["set_autotune"] = "set_autotune"
+    enabled: bool
+    target_divergence: float | None = Field(default=None, gt=0, le=1e6)
+
+
+Command = Annotated[
+    Union[
+        SetPeriod,
+        PauseAveraging,
+        ResumeAveraging,
+        PauseTraining,
+        ResumeTraining,
+        AverageNow,
+        SetHierarchy,
+        SetAutotune,
+    ],
+    Field(discriminator="type"),
+]
+
+# Commands the worker itself carries out; set_autotune lives in the server.
+WORKER_COMMAND_TYPES = frozenset(
+    {
+        "set_period",
+        "pause_averaging",
+        "resume_averaging",
+        "pause_training",
+        "resume_training",
+        "average_now",
+        "set_hierarchy",
+    }
+)
+
+CommandStatus = Literal["pending", "applied", "rejected"]
+
+
+# --------------------------------------------------------------------------------------------
+# Control state as users and the dashboard see it
+# --------------------------------------------------------------------------------------------
+
+
+class AutotuneView(_Message):
+    enabled: bool = False
+    target_divergence: float | None = None
+
+
+class ControlView(_Message):
+    """The live control state of a job, versioned: every applied command adds one."""
+
+    period: int
+    warmup_steps: int
+    averaging_paused: bool = False
+    training_paused: bool = False
+    hierarchy: dict[str, int] | None = None  # group_size -> period, hierarchical averagers only
+    autotune: AutotuneView = Field(default_factory=AutotuneView)
+    version: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Worker -> server (WS /ws/worker). Every frame is one JSON object with a ``kind``.
+# --------------------------------------------------------------------------------------------
+
+
+class AveragerConfig(_Message):
+    kind: Literal["periodic", "hierarchical"]
+    period: int
+    warmup_steps: int
+    group_sizes: list[int] | None = None  # hierarchical: fixed at construction, ascending
+
+
+class Hello(_Message):
+    """First frame of every worker connection."""
+
+    kind: Literal["hello"] = "hello"
+    job_id: JobId
+    rank: int = Field(ge=0, lt=1_000_000)
+    world_size: int = Field(ge=1, le=1_000_000)
+    host: str = Field(max_length=255)
+    pid: int = Field(ge=0)
+    config: AveragerConfig
+    control: ControlView
+    step: int = Field(default=0, ge=0)
+
+
+class StepRecord(_Message):
+    """Per-step figures of one rank (sent in batches)."""
+
+    step: int = Field(ge=0)
+    time: float  # unix seconds when the step ended
+    step_time: float | None = None  # seconds since the previous step ended
+    drift: float | None = None  # ||theta_i - theta_bar(last sync)|| (local, no communication)
+    loss: float | None = None
+    scalars: dict[str, float] = Field(default_factory=dict, max_length=32)  # user figures
+
+
+class RoundRecord(_Message):
+    """One averaging round as seen by one rank."""
+
+    step: int = Field(ge=0)
+    group_size: int = Field(ge=1)
+    divergence: float  # ||theta_i - theta_bar|| of this rank
+    relative_divergence: float  # divergence / ||theta_bar||
+    divergence_mean: float  # over the ranks of the whole job
+    divergence_max: float
+    relative_mean: float
+    relative_max: float
+    seconds: float  # time spent averaging (communication + metrics)
+    bytes: int  # bytes all-reduced by this rank
+    exact: bool  # False when divergence is estimated from a coordinate sample
+    top_layers: list[tuple[str, float]] = Field(default_factory=list, max_length=16)
+
+
+class ControlEvent(_Message):
+    """A rank reports a control change it applied, with the step it took effect at."""
+
+    step: int = Field(ge=0)
+    control: ControlView
+
+
+class MetricsBatch(_Message):
+    kind: Literal["metrics"] = "metrics"
+    steps: list[StepRecord] = Field(default_factory=list, max_length=10_000)
+    rounds: list[RoundRecord] = Field(default_factory=list, max_length=10_000)
+    control: list[ControlEvent] = Field(default_factory=list, max_length=10_000)
+    dropped: int = Field(default=0, ge=0)  # total batches this rank dropped so far
+
+
+class CommandAck(_Message):
+    """Rank 0 reports what became of a command it received."""
+
+    kind: Literal["ack"] = "ack"
+    command_id: int
+    status: Literal["applied", "rejected"]
+    applied_step: int | None = None
+    reason: str | None = None
+    control: ControlView | None = None
+
+
+WorkerMessage = Annotated[Union[Hello, MetricsBatch, CommandAck], Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------------------------
+# Server -> rank 0 (WS /ws/worker)
+# --------------------------------------------------------------------------------------------
+
+
+class CommandDelivery(_Message):
+    """A command for rank 0. ``id`` makes delivery idempotent: a rank applies an id at most once."""
+
+    kind: Literal["command"] = "command"
+    id: int
+    command: Command

@@ -1,0 +1,188 @@
+"""Control state and the averaging schedule: pure functions, no processes, no torch.
+
+Every rank holds an identical ``ControlState``; the schedule is a function of ``(state, step)`` so all
+ranks know where collectives happen without talking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from avgctl.server.schemas import (
+    AverageNow,
+    Command,
+    ControlView,
+    PauseAveraging,
+    PauseTraining,
+    ResumeAveraging,
+    ResumeTraining,
+    SetHierarchy,
+    SetPeriod,
+)
+
+
+class CommandRejected(ValueError):
+    """A command that cannot be applied to the current state; nothing was changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ControlState:
+    """What decides, at each step, whether ranks average.
+
+    ``periods`` has one entry per level: a periodic averager has one level (the whole group); a
+    hierarchical one has one per group size in ``group_sizes`` (ascending, the last is the world).
+    """
+
+    periods: tuple[int, ...]
+    warmup_steps: int
+    anchor: int
+    group_sizes: tuple[int, ...] | None = None
+    averaging_paused: bool = False
+    training_paused: bool = False
+    average_now: bool = False
+    version: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.periods or min(self.periods) < 1:
+            raise ValueError(f"periods must be positive, got {self.periods}")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be a non-negative number")
+        if self.group_sizes is not None and len(self.group_sizes) != len(self.periods):
+            raise ValueError("one period per group size")
+
+    @property
+    def period(self) -> int:
+        """The period of the top level (the whole process group)."""
+        return self.periods[-1]
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.group_sizes is not None
+
+
+def periodic_state(period: int, warmup_steps: int) -> ControlState:
+    """Torch's ``PeriodicModelAverager`` anchors its grid at the end of warm-up."""
+    return ControlState(periods=(period,), warmup_steps=warmup_steps, anchor=warmup_steps)
+
+
+def hierarchical_state(periods: tuple[int, ...], group_sizes: tuple[int, ...], warmup_steps: int) -> ControlState:
+    """Torch's ``HierarchicalModelAverager`` anchors its grid at step 0 (``step % period``)."""
+    return ControlState(periods=periods, warmup_steps=warmup_steps, anchor=0, group_sizes=group_sizes)
+
+
+def round_level(state: ControlState, step: int) -> int | None:
+    """The level that averages at ``step`` (index into ``periods``), or None for no round.
+
+    ``average_now`` averages the whole group. Otherwise, like torch, the largest period that divides
+    the distance from the anchor wins, so at most one group averages per step.
+    """
+    if state.average_now:
+        return len(state.periods) - 1
+    if state.averaging_paused or step < state.warmup_steps or step < state.anchor:
+        return None
+    offset = step - state.anchor
+    for level in reversed(range(len(state.periods))):
+        if offset % state.periods[level] == 0:
+            return level
+    return None
+
+
+def needs_exchange(state: ControlState, step: int, last_exchange: int, control_interval: int) -> bool:
+    """Control exchanges ride on averaging rounds, plus one every ``control_interval`` idle steps."""
+    return round_level(state, step) is not None or step - last_exchange >= control_interval
+
+
+def apply_command(state: ControlState, command: Command, step: int) -> ControlState:
+    """The state after ``command`` takes effect at ``step``; raises ``CommandRejected`` with a reason."""
+    bump = {"version": state.version + 1}
+    if isinstance(command, SetPeriod):
+        periods = _checked_top_period(state, command.period)
+        return dataclasses.replace(state, periods=periods, anchor=step, **bump)
+    if isinstance(command, SetHierarchy):
+        periods = _checked_hierarchy(state, command.periods)
+        return dataclasses.replace(state, periods=periods, anchor=step, **bump)
+    if isinstance(command, PauseAveraging):
+        return dataclasses.replace(state, averaging_paused=True, **bump)
+    if isinstance(command, ResumeAveraging):
+        return dataclasses.replace(state, averaging_paused=False, anchor=step, **bump)
+    if isinstance(command, PauseTraining):
+        return dataclasses.replace(state, training_paused=True, **bump)
+    if isinstance(command, ResumeTraining):
+        return dataclasses.replace(state, training_paused=False, **bump)
+    if isinstance(command, AverageNow):
+        return dataclasses.replace(state, average_now=True, **bump)
+    raise CommandRejected(f"the worker does not carry out {getattr(command, 'type', command)!r} commands")
+
+
+def _checked_top_period(state: ControlState, period: int) -> tuple[int, ...]:
+    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
+        raise CommandRejected(f"period must be a positive integer, got {period!r}")
+    periods = state.periods[:-1] + (period,)
+    if len(periods) > 1 and periods[-2] >= period:
+        raise CommandRejected(
+            f"period {period} must be larger than the next level's period {periods[-2]} "
+            "(use set_hierarchy to retune every level)"
+        )
+    return periods
+
+
+def _checked_hierarchy(state: ControlState, by_size: dict[str, int]) -> tuple[int, ...]:
+    if state.group_sizes is None:
+        raise CommandRejected("set_hierarchy needs a hierarchical averager; use set_period")
+    sizes = {int(k) for k in by_size}
+    if sizes != set(state.group_sizes):
+        raise CommandRejected(
+            f"hierarchy must give a period for exactly the group sizes {list(state.group_sizes)}, "
+            f"got {sorted(sizes)}"
+        )
+    periods = tuple(by_size[str(size)] for size in state.group_sizes)
+    if any(not isinstance(p, int) or p < 1 for p in periods):
+        raise CommandRejected(f"periods must be positive integers, got {list(periods)}")
+    if any(a >= b for a, b in zip(periods, periods[1:])):
+        raise CommandRejected(f"periods must grow with the group size, got {list(periods)}")
+    return periods
+
+
+def to_view(state: ControlState) -> ControlView:
+    """The state as the server and the dashboard show it."""
+    hierarchy = None
+    if state.group_sizes is not None:
+        hierarchy = {str(size): period for size, period in zip(state.group_sizes, state.periods)}
+    return ControlView(
+        period=state.period,
+        warmup_steps=state.warmup_steps,
+        averaging_paused=state.averaging_paused,
+        training_paused=state.training_paused,
+        hierarchy=hierarchy,
+        version=state.version,
+    )
+
+
+# The exchange vector: fixed fields, then one slot per level period.
+_FIELDS = ("version", "warmup_steps", "anchor", "averaging_paused", "training_paused", "average_now")
+
+
+def encode(state: ControlState) -> list[float]:
+    """Numbers rank 0 broadcasts; exact in float64 for any value below 2**53."""
+    return [float(getattr(state, name)) for name in _FIELDS] + [float(p) for p in state.periods]
+
+
+def encoded_size(levels: int) -> int:
+    return len(_FIELDS) + levels
+
+
+def decode(values: list[float], template: ControlState) -> ControlState:
+    """Inverse of ``encode``; group sizes come from the template (they never change)."""
+    fields = dict(zip(_FIELDS, values))
+    periods = tuple(int(v) for v in values[len(_FIELDS) :])
+    return dataclasses.replace(
+        template,
+        version=int(fields["version"]),
+        warmup_steps=int(fields["warmup_steps"]),
+        anchor=int(fields["anchor"]),
+        averaging_paused=bool(fields["averaging_paused"]),
+        training_paused=bool(fields["training_paused"]),
+        average_now=bool(fields["average_now"]),
+        periods=periods,
+    )
