@@ -1,1 +1,31 @@
-"""x"""
+"""The training side of avgctl: drop-in averagers, divergence metrics, live control.
+
+    from avgctl.worker import PeriodicAverager, HierarchicalAverager, connect
+"""
+
+from avgctl.worker.averagers import AveragerMetrics, HierarchicalAverager, MetricsListener, PeriodicAverager
+from avgctl.worker.control import ControlSource, InProcessControlSource
+from avgctl.worker.control_state import CommandRejected, ControlState
+
+
+def connect(averager, server=None, job_id=None, token=None):
+    """Stream this rank's metrics to an avgctl server and (on rank 0) take its commands.
+
+    See ``avgctl.worker.link.connect``; imported lazily so plain training never loads the client.
+    """
+    from avgctl.worker.link import connect as _connect
+
+    return _connect(averager, server=server, job_id=job_id, token=token)
+
+
+__all__ = [
+    "AveragerMetrics",
+    "CommandRejected",
+    "ControlSource",
+    "ControlState",
+    "HierarchicalAverager",
+    "InProcessControlSource",
+    "MetricsListener",
+    "PeriodicAverager",
+    "connect",
+]

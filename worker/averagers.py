@@ -1,0 +1,484 @@
+"""Drop-in model averagers: torch's schedule and values, an in-place fast path, metrics, live control.
+
+``PeriodicAverager`` and ``HierarchicalAverager`` subclass torch's ``ModelAverager`` and take the same
+constructor arguments as ``PeriodicModelAverager`` and ``HierarchicalModelAverager``, so they work
+inside ``PostLocalSGDOptimizer`` and with the ``post_localSGD_hook`` recipe unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.model_averaging import utils as torch_utils
+from torch.distributed.algorithms.model_averaging.averagers import ModelAverager
+
+from avgctl.server.schemas import AutotuneView, AveragerConfig, ControlEvent, ControlView, RoundRecord, StepRecord
+from avgctl.worker import control_state as cs
+from avgctl.worker import divergence as dv
+from avgctl.worker.control import ControlExchange, ControlSource
+from avgctl.worker.flat import FlatParams, fallback_reason, layout_fingerprint
+
+log = logging.getLogger(__name__)
+
+Params = Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]]
+
+
+class MetricsListener(Protocol):
+    """Receives metrics on the training thread: implementations must return at once."""
+
+    def on_step(self, record: StepRecord) -> None: ...
+    def on_round(self, record: RoundRecord) -> None: ...
+    def on_control(self, event: ControlEvent) -> None: ...
+
+
+@dataclass(slots=True)
+class AveragerMetrics:
+    """The latest figures, for code that wants them without a server."""
+
+    last_step: StepRecord | None = None
+    last_round: RoundRecord | None = None
+    rounds: int = 0
+    bytes_moved: int = 0
+    averaging_seconds: float = 0.0
+    fallback_reason: str | None = None
+    """Why torch's own averaging path is used instead of the flat buffer (None on the fast path)."""
+    listener_errors: int = 0
+
+
+@dataclass(slots=True)
+class _Layout:
+    """What the current parameter set needs: its flat buffer (or None), sample plan and names."""
+
+    params: list[torch.nn.Parameter]
+    flat: FlatParams | None
+    plan: dv.SamplePlan
+    names: list[str]
+    fingerprint: int
+    ids: tuple[int, ...] = field(default=())
+
+
+class _LiveAverager(ModelAverager):
+    """The machinery both public averagers share; subclasses only build the initial control state."""
+
+    def __init__(
+        self,
+        state: cs.ControlState,
+        process_group: dist.ProcessGroup | None,
+        level_groups: list[dist.ProcessGroup],
+        *,
+        exact_divergence: bool,
+        sample_size: int,
+        control_interval: int,
+        poll_interval: float,
+        drift_every: int,
+    ):
+        super().__init__(process_group)
+        if control_interval < 1:
+            raise ValueError("Arg ``control_interval`` must be a positive number of steps.")
+        if sample_size < 1:
+            raise ValueError("Arg ``sample_size`` must be positive.")
+        self._state = state
+        self._level_groups = level_groups
+        self._level_sizes = [dist.get_world_size(g) for g in level_groups]
+        self.exact_divergence = exact_divergence
+        self.sample_size = sample_size
+        self.control_interval = control_interval
+        self.poll_interval = poll_interval
+        self.drift_every = drift_every
+        self.rank = dist.get_rank(self.process_group)
+        self.world_size = dist.get_world_size(self.process_group)
+        self.metrics = AveragerMetrics()
+        self._exchange = ControlExchange(self.process_group, levels=len(state.periods))
+        self._last_exchange = 0
+        self._layout: _Layout | None = None
+        self._last_average: torch.Tensor | None = None  # sampled coordinates right after the last round
+        self._listeners: list[MetricsListener] = []
+        self._names_by_id: dict[int, str] = {}
+        self._pending_scalars: dict[str, float] = {}
+        self._pending_loss: float | None = None
+        self._last_call_end: float | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def control(self) -> cs.ControlState:
+        """The live control state (identical on every rank)."""
+        return self._state
+
+    def average_parameters(self, params: Params) -> None:
+        """Average when the schedule says so, apply agreed commands, then count the step.
+
+        Call once per training step on every rank, after ``optimizer.step()`` (as with torch's averagers).
+        """
+        step = self.step
+        started = time.perf_counter()
+        step_time = None if self._last_call_end is None else started - self._last_call_end
+        state = self._state
+        layout = None
+        if cs.needs_exchange(state, step, self._last_exchange, self.control_interval):
+            layout = self._layout_for(torch_utils.get_params_to_average(params))
+            state = self._agree(state, step, layout)
+            level = cs.round_level(state, step)
+            if level is not None:
+                self._round(layout, level, step)
+                if state.average_now:
+                    state = self._state = dataclasses.replace(state, average_now=False)
+        self._emit_step(step, step_time)
+        if state.training_paused:
+            assert layout is not None  # a pause is only ever agreed at an exchange
+            self._hold(layout, step)
+        self.step += 1
+        self._last_call_end = time.perf_counter()
+
+    def record(self, loss: float | None = None, **scalars: float) -> None:
+        """Attach figures (the loss, accuracy...) to this step's metrics; call before ``average_parameters``."""
+        if loss is not None:
+            self._pending_loss = float(loss)
+        self._pending_scalars.update({k: float(v) for k, v in scalars.items()})
+
+    def name_parameters(self, model: torch.nn.Module) -> None:
+        """Use the model's parameter names in per-layer divergence reports."""
+        self._names_by_id = {id(p): name for name, p in model.named_parameters()}
+        self._layout = None
+
+    def add_listener(self, listener: MetricsListener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: MetricsListener) -> None:
+        self._listeners.remove(listener)
+
+    def set_control_source(self, source: ControlSource | None) -> None:
+        """Where rank 0 takes commands from; other ranks follow rank 0 and ignore theirs."""
+        self._exchange.source = source
+
+    def hello_config(self) -> AveragerConfig:
+        state = self._state
+        return AveragerConfig(
+            kind="hierarchical" if state.hierarchical else "periodic",
+            period=state.period,
+            warmup_steps=state.warmup_steps,
+            group_sizes=list(state.group_sizes) if state.group_sizes else None,
+        )
+
+    def control_view(self) -> ControlView:
+        return cs.to_view(self._state).model_copy(update={"autotune": AutotuneView()})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step and the live control state, for checkpoints (each rank saves its own)."""
+        return {
+            "step": self.step,
+            "control": dataclasses.asdict(self._state),
+            "last_exchange": self._last_exchange,
+            "exchange": self._exchange.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        control = dict(state_dict["control"])
+        control["periods"] = tuple(control["periods"])
+        if control.get("group_sizes") is not None:
+            control["group_sizes"] = tuple(control["group_sizes"])
+        loaded = cs.ControlState(**control)
+        if loaded.group_sizes != self._state.group_sizes or len(loaded.periods) != len(self._state.periods):
+            raise ValueError("checkpoint was saved by an averager with a different hierarchy")
+        self.step = int(state_dict["step"])
+        self._state = loaded
+        self._last_exchange = int(state_dict.get("last_exchange", self.step))
+        self._exchange.load_state_dict(state_dict.get("exchange", {}))
+        self._last_average = None
+
+    # ------------------------------------------------------------------ internals
+
+    def _layout_for(self, params: list[torch.nn.Parameter]) -> _Layout:
+        """Reuse the flat buffer while the parameter set is unchanged; rebuild it when it changes."""
+        layout = self._layout
+        ids = tuple(id(p) for p in params)
+        if layout is not None and layout.ids == ids:
+            if layout.flat is None or layout.flat.still_views():
+                return layout
+        reason = fallback_reason(params)
+        flat = FlatParams(params) if reason is None else None
+        if reason is not None and reason != self.metrics.fallback_reason:
+            log.warning("avgctl: averaging with torch's path (%s)", reason)
+        self.metrics.fallback_reason = reason
+        numels = [p.numel() for p in params]
+        self._layout = _Layout(
+            params=list(params),
+            flat=flat,
+            plan=dv.make_plan(numels, None if self.exact_divergence else self.sample_size),
+            names=[self._names_by_id.get(id(p), f"param{i}{list(p.shape)}") for i, p in enumerate(params)],
+            fingerprint=flat.fingerprint if flat else layout_fingerprint(params),
+            ids=ids,
+        )
+        self._last_average = None
+        return self._layout
+
+    def _agree(self, state: cs.ControlState, step: int, layout: _Layout) -> cs.ControlState:
+        new_state = self._exchange.exchange(state, step, layout.fingerprint)
+        self._last_exchange = step
+        self._state = new_state
+        if new_state.version != state.version:
+            self._emit("on_control", ControlEvent(step=step, control=self.control_view()))
+        return new_state
+
+    def _samples(self, layout: _Layout) -> torch.Tensor:
+        if layout.flat is not None and layout.flat.still_views():
+            return dv.gather(layout.flat.buffer, layout.plan)
+        return dv.gather_params(layout.params, layout.plan)
+
+    def _round(self, layout: _Layout, level: int, step: int) -> None:
+        started = time.perf_counter()
+        group, size = self._level_groups[level], self._level_sizes[level]
+        before = self._samples(layout)
+        if layout.flat is not None:
+            buffer = layout.flat.buffer
+            _synchronize_accelerator()
+            buffer.div_(size)  # same arithmetic as torch: divide, then all-reduce SUM
+            dist.all_reduce(buffer, group=group)
+            moved = layout.flat.nbytes
+        else:
+            torch_utils.average_parameters(iter(layout.params), group)
+            moved = sum(p.numel() * p.element_size() for p in layout.params)
+        after = self._samples(layout)
+        mine = dv.rank_divergence(before, after, layout.plan)
+        stats = torch.zeros(2 * self.world_size, dtype=torch.float64)
+        stats[self.rank] = mine.squared
+        stats[self.world_size + self.rank] = mine.mean_norm_squared
+        dist.all_reduce(stats, group=self.process_group)  # the one small reduction a round adds
+        values = stats.tolist()
+        group_div = dv.group_divergence(values[: self.world_size], values[self.world_size :])
+        self._last_average = after
+        seconds = time.perf_counter() - started
+        record = RoundRecord(
+            step=step,
+            group_size=size,
+            divergence=group_div.per_rank[self.rank],
+            relative_divergence=group_div.relative_per_rank[self.rank],
+            divergence_mean=group_div.mean,
+            divergence_max=group_div.max,
+            relative_mean=group_div.relative_mean,
+            relative_max=group_div.relative_max,
+            seconds=seconds,
+            bytes=moved,
+            exact=layout.plan.exact,
+            top_layers=dv.top_layers(mine.per_layer, layout.names),
+        )
+        metrics = self.metrics
+        metrics.last_round = record
+        metrics.rounds += 1
+        metrics.bytes_moved += moved
+        metrics.averaging_seconds += seconds
+        self._emit("on_round", record)
+
+    def _hold(self, layout: _Layout, step: int) -> None:
+        """Keep every rank at this step until resumed, never sitting in one collective for long.
+
+        Rank 0 waits on its source for at most ``poll_interval`` seconds between exchanges, so the
+        others wait inside the exchange's all-reduce for about that long: far below any
+        process-group timeout, however long the hold lasts.
+        """
+        top = len(self._state.periods) - 1
+        while self._state.training_paused:
+            source = self._exchange.source
+            if self._exchange.is_leader:
+                if source is not None:
+                    source.wait(self.poll_interval)
+                else:
+                    time.sleep(self.poll_interval)  # nothing can resume us but a loaded checkpoint's caller
+            state = self._agree(self._state, step, layout)
+            if state.average_now:
+                self._round(layout, top, step)
+                self._state = dataclasses.replace(state, average_now=False)
+
+    def _emit_step(self, step: int, step_time: float | None) -> None:
+        drift = None
+        layout = self._layout
+        if self._last_average is not None and layout is not None and step % self.drift_every == 0:
+            drift = dv.drift(self._samples(layout), self._last_average, layout.plan)
+        record = StepRecord(
+            step=step,
+            time=time.time(),
+            step_time=step_time,
+            drift=drift,
+            loss=self._pending_loss,
+            scalars=self._pending_scalars,
+        )
+        self._pending_loss, self._pending_scalars = None, {}
+        self.metrics.last_step = record
+        self._emit("on_step", record)
+
+    def _emit(self, method: str, record: Any) -> None:
+        for listener in self._listeners:
+            try:
+                getattr(listener, method)(record)
+            except Exception:  # a broken listener must never stop training
+                self.metrics.listener_errors += 1
+                if self.metrics.listener_errors == 1:
+                    log.exception("avgctl: metrics listener failed; training goes on")
+
+
+def _synchronize_accelerator() -> None:
+    """torch synchronizes before its all-reduce so it cannot overlap other process groups' work."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        accelerator.synchronize()
+    elif torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+_EXTRAS_DOC = """
+    Extra keyword-only arguments (not in torch):
+        exact_divergence: measure divergence on every coordinate (a float64 copy of the parameters
+            per round) instead of the default stratified sample.
+        sample_size: coordinates sampled for divergence and drift (default 16,384).
+        control_interval: at most this many steps pass without a control exchange when no averaging
+            round happens (warm-up, paused averaging, long periods). Default 16.
+        poll_interval: seconds rank 0 waits for a command between exchanges while training is held.
+        drift_every: compute the drift since the last round every this many steps (default 1).
+"""
+
+
+class PeriodicAverager(_LiveAverager):
+    __doc__ = (
+        """Averages parameters every ``period`` steps after ``warmup_steps``, like torch's
+    ``PeriodicModelAverager`` (same rounds, same values), with live control and divergence metrics.
+
+    Args:
+        period: steps per averaging round.
+        warmup_steps: steps before the first round; rounds fall on ``warmup_steps + k * period``.
+        process_group: the group to average over (default: the world).
+"""
+        + _EXTRAS_DOC
+    )
+
+    def __init__(
+        self,
+        period: int,
+        warmup_steps: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        exact_divergence: bool = False,
+        sample_size: int = 16384,
+        control_interval: int = 16,
+        poll_interval: float = 0.2,
+        drift_every: int = 1,
+    ):
+        if warmup_steps < 0:
+            raise ValueError("Arg ``warmup_steps`` must be a non-negative number.")
+        if period < 1:
+            raise ValueError("Arg ``period`` must be a positive value.")
+        if period == 1:
+            warnings.warn(
+                "When period is 1, no need to use model averaging because the communication cost "
+                "of all-reducing parameters will be no less than the cost of all-reducing gradients "
+                "by DistributedDataParallel in the backward pass. Therefore, only "
+                "DistributedDataParallel should be used for this case.",
+                stacklevel=2,
+            )
+        group = process_group if process_group is not None else dist.group.WORLD
+        super().__init__(
+            cs.periodic_state(period, warmup_steps),
+            process_group,
+            [group],
+            exact_divergence=exact_divergence,
+            sample_size=sample_size,
+            control_interval=control_interval,
+            poll_interval=poll_interval,
+            drift_every=drift_every,
+        )
+
+    @property
+    def period(self) -> int:
+        return self._state.period
+
+    @property
+    def warmup_steps(self) -> int:
+        return self._state.warmup_steps
+
+
+class HierarchicalAverager(_LiveAverager):
+    __doc__ = (
+        """Hierarchical averaging like torch's ``HierarchicalModelAverager``: groups of each size
+    average every period in ``period_group_size_dict`` (``{period: group_size}``); at a step several
+    periods divide, only the largest period's group averages. Like torch, the grid is anchored at
+    step 0 (``step % period``), not at the end of warm-up.
+
+    Group sizes are fixed here; ``set_hierarchy`` commands retune their periods.
+
+    Args:
+        period_group_size_dict: ordered ``{period: group_size}``; the last size is the whole group's.
+        warmup_steps: steps before the first round.
+        process_group: the group to average over (default: the world).
+"""
+        + _EXTRAS_DOC
+    )
+
+    def __init__(
+        self,
+        period_group_size_dict: dict[int, int] | None = None,
+        warmup_steps: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        exact_divergence: bool = False,
+        sample_size: int = 16384,
+        control_interval: int = 16,
+        poll_interval: float = 0.2,
+        drift_every: int = 1,
+    ):
+        if not period_group_size_dict:
+            raise ValueError("Arg ``period_group_size_dict`` must not be empty.")
+        periods = list(period_group_size_dict.keys())
+        sizes = list(period_group_size_dict.values())
+        if periods[0] <= 0:
+            raise ValueError("The minimum period in arg ``period_group_size_dict`` must be a positive value.")
+        if periods[-1] == 1:
+            warnings.warn(
+                "When the maximum period in arg ``period_group_size_dict`` is 1, "
+                "no need to use model averaging because the communication cost "
+                "of all-reducing parameters will be no less than the cost of all-reducing gradients "
+                "by DistributedDataParallel in the backward pass. Therefore, only "
+                "DistributedDataParallel should be used for this case.",
+                stacklevel=2,
+            )
+        group = process_group if process_group is not None else dist.group.WORLD
+        overall = dist.get_world_size(group=group)
+        if sizes[-1] != overall:
+            raise ValueError(
+                f"The last value in arg ``period_group_size_dict`` {sizes[-1]} "
+                f"must be equal to the size of arg ``process_group`` {overall}."
+            )
+        if len(set(sizes)) != len(sizes):
+            raise ValueError(f"Group sizes in ``period_group_size_dict`` must differ, got {sizes}.")
+        if warmup_steps < 0:
+            raise ValueError("Arg ``warmup_steps`` must be a non-negative number.")
+        # The same subgroup calls as torch, in the same order, so ranks build identical groups.
+        level_groups = []
+        for size in sizes:
+            if size != overall:
+                subgroup, _ = dist.new_subgroups(group_size=size, group=group)
+                level_groups.append(subgroup)
+            else:
+                level_groups.append(group)
+        self.period_process_group_dict = OrderedDict(zip(periods, level_groups))
+        super().__init__(
+            cs.hierarchical_state(tuple(periods), tuple(sizes), warmup_steps),
+            process_group,
+            level_groups,
+            exact_divergence=exact_divergence,
+            sample_size=sample_size,
+            control_interval=control_interval,
+            poll_interval=poll_interval,
+            drift_every=drift_every,
+        )
+
+    @property
+    def warmup_steps(self) -> int:
+        return self._state.warmup_steps
