@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import queue
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -56,13 +57,20 @@ def run_ranks(
         for p in procs:
             p.start()
         got: dict[int, tuple[bool, Any]] = {}
+        deadline = time.monotonic() + timeout
         try:
             while len(got) < world_size:
                 try:
-                    rank, ok, value = results.get(timeout=timeout)
+                    rank, ok, value = results.get(timeout=0.5)
+                    got[rank] = (ok, value)
+                    continue
                 except queue.Empty:
+                    pass
+                dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode is not None]
+                if dead and results.empty():
+                    raise RuntimeError(f"ranks {dead} exited without a result (exit codes {[procs[r].exitcode for r in dead]})")
+                if time.monotonic() > deadline:
                     raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(got))} hung for {timeout}s")
-                got[rank] = (ok, value)
         finally:
             for p in procs:
                 p.join(timeout=10)
