@@ -5,10 +5,12 @@ float64, never as ``sum ||theta_i||^2 - n ||theta_bar||^2`` (catastrophic cancel
 
 The cheap default estimates it from a fixed stratified sample of coordinates: each parameter tensor
 ("layer") keeps ``k_l`` coordinates drawn uniformly (with replacement) and each layer's sum of squares
-is scaled by ``numel_l / k_l``. The estimate of the squared norm is unbiased; for differences that
-look Gaussian inside a layer its relative standard error is about ``sqrt(2 / k)`` on the squared norm
-and ``sqrt(1 / (2k))`` on the norm (0.55% for the default k = 16,384). Layers with at most
-``min_per_layer`` coordinates, and whole models under the budget, are measured exactly.
+is scaled by ``numel_l / k_l``. The estimate of the squared norm is unbiased; its relative standard
+error on the norm is about ``sqrt((kurtosis - 1) / k) / 2``, where kurtosis is that of the coordinate
+differences: ``sqrt(1 / (2k))`` for Gaussian-like differences (0.55% at the default k = 16,384), more
+when a few coordinates carry most of the divergence (early training, sparse updates), which is what
+the exact mode is for. Layers with at most ``min_per_layer`` coordinates, and whole models under the
+budget, are measured exactly.
 """
 
 from __future__ import annotations

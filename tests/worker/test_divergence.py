@@ -1,0 +1,85 @@
+"""Divergence math on small tensors, against direct computation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from avgctl.worker import divergence as dv
+
+
+def _direct(before: torch.Tensor, after: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm((before.double() - after.double())))
+
+
+def test_exact_plan_equals_direct_norm_per_layer_and_total():
+    torch.manual_seed(0)
+    numels = [7, 300, 1]
+    before, after = torch.randn(308), torch.randn(308)
+    plan = dv.make_plan(numels, None)
+    assert plan.exact
+    got = dv.rank_divergence(before.double()[plan.index], after.double()[plan.index], plan)
+    assert math.isclose(math.sqrt(got.squared), _direct(before, after), rel_tol=1e-12)
+    assert math.isclose(got.mean_norm_squared, float(after.double().square().sum()), rel_tol=1e-12)
+    assert math.isclose(float(got.per_layer[1]), _direct(before[7:307], after[7:307]) ** 2, rel_tol=1e-12)
+
+
+def test_model_under_the_budget_is_measured_exactly():
+    plan = dv.make_plan([10, 20], budget=100)
+    assert plan.exact and plan.index.tolist() == list(range(30))
+
+
+def test_sampled_estimate_is_within_its_documented_error():
+    """Relative standard error of the norm is about sqrt(1/(2k)); allow 4 sigma over many draws."""
+    torch.manual_seed(1)
+    numels = [200_000, 50_000, 16, 4_000]
+    total = sum(numels)
+    budget = 4096
+    before = torch.randn(total, dtype=torch.float64)
+    after = before + torch.randn(total, dtype=torch.float64) * 1e-3
+    truth = _direct(before, after)
+    errors = []
+    for seed in range(20):
+        plan = dv.make_plan(numels, budget, seed=seed)
+        assert not plan.exact and plan.index.numel() <= budget + 32 * len(numels)
+        est = math.sqrt(dv.rank_divergence(before[plan.index], after[plan.index], plan).squared)
+        errors.append(est / truth - 1)
+    sigma = math.sqrt(1 / (2 * budget))
+    assert max(abs(e) for e in errors) < 4 * sigma
+    assert abs(sum(errors) / len(errors)) < 2 * sigma  # unbiased
+
+
+def test_no_cancellation_in_float32():
+    """A tiny difference on huge values: the naive sum-of-squares formula in fp32 is all noise."""
+    base = torch.full((100_000,), 1000.0, dtype=torch.float32)
+    a, b = base + 1e-3, base - 1e-3
+    mean = (a + b) / 2
+    naive = (a.square().sum() + b.square().sum() - 2 * mean.square().sum()).clamp(min=0).sqrt() / math.sqrt(2)
+    plan = dv.make_plan([100_000], None)
+    got = math.sqrt(dv.rank_divergence(dv.gather(a, plan), dv.gather(mean, plan), plan).squared)
+    truth = _direct(a, mean)  # in float64 from the stored fp32 values (about 1e-3 per coordinate)
+    assert math.isclose(got, truth, rel_tol=1e-9)
+    assert not math.isclose(float(naive), truth, rel_tol=0.5)
+
+
+def test_gather_params_matches_gather_on_the_flat_buffer():
+    torch.manual_seed(2)
+    tensors = [torch.randn(3, 50), torch.randn(2000), torch.randn(5)]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    plan = dv.make_plan([t.numel() for t in tensors], 300, seed=3)
+    assert torch.equal(dv.gather(flat, plan), dv.gather_params(tensors, plan))
+
+
+def test_drift_and_group_summary():
+    plan = dv.make_plan([4], None)
+    assert dv.drift(torch.tensor([3.0, 4, 0, 0], dtype=torch.float64), torch.zeros(4, dtype=torch.float64), plan) == 5.0
+    group = dv.group_divergence([9.0, 16.0], [100.0, 100.0])
+    assert (group.mean, group.max) == (3.5, 4.0)
+    assert (group.relative_mean, group.relative_max) == (0.35, 0.4)
+
+
+def test_top_layers_are_shares_of_the_total():
+    top = dv.top_layers(torch.tensor([1.0, 6.0, 3.0], dtype=torch.float64), ["a", "b", "c"], k=2)
+    assert top == [("b", 0.6), ("c", 0.3)]
+    assert dv.top_layers(torch.zeros(2, dtype=torch.float64), ["a", "b"]) == []
