@@ -205,7 +205,7 @@ class MetricsBatch(_Message):
     steps: list[StepRecord] = Field(default_factory=list, max_length=10_000)
     rounds: list[RoundRecord] = Field(default_factory=list, max_length=10_000)
     control: list[ControlEvent] = Field(default_factory=list, max_length=10_000)
-    dropped: int = Field(default=0, ge=0)  # total batches this rank dropped so far
+    dropped: int = Field(default=0, ge=0)  # metric records this rank dropped so far (bounded buffer)
 
 
 class CommandAck(_Message):
@@ -233,3 +233,69 @@ class CommandDelivery(_Message):
     kind: Literal["command"] = "command"
     id: int
     command: Command
+
+
+# --------------------------------------------------------------------------------------------
+# REST and dashboard output (server -> people, the CLI and the dashboard)
+# --------------------------------------------------------------------------------------------
+
+JobStatus = Literal["running", "finished", "disconnected"]
+
+
+class CommandOut(BaseModel):
+    """One entry of a job's command log."""
+
+    id: int
+    job_id: str
+    type: str
+    status: CommandStatus
+    author: str
+    created_at: float  # unix seconds
+    updated_at: float
+    applied_step: int | None = None
+    reason: str | None = None
+    command: dict  # the command body as posted
+
+
+class RankOut(BaseModel):
+    """One rank of a job as the server last heard from it."""
+
+    rank: int
+    host: str
+    pid: int
+    step: int
+    last_seen: float  # unix seconds of the last frame
+    connected: bool
+    dropped: int  # metric records this rank's link dropped (bounded buffer)
+
+
+class JobOut(BaseModel):
+    """A job in the list: its live control state, with the server's autopilot settings."""
+
+    id: str
+    world_size: int
+    status: JobStatus
+    step: int
+    control: ControlView
+    config: AveragerConfig | None = None
+    created_at: float
+    updated_at: float
+
+
+class JobDetail(JobOut):
+    """A job with its ranks."""
+
+    ranks: list[RankOut] = Field(default_factory=list)
+
+
+class MetricsOut(BaseModel):
+    """Stored series of a job (GET /api/jobs/{job_id}/metrics); each record carries its rank."""
+
+    job_id: str
+    steps: list[dict] = Field(default_factory=list)
+    rounds: list[dict] = Field(default_factory=list)
+    control_events: list[dict] = Field(default_factory=list)
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"

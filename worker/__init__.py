@@ -8,14 +8,14 @@ from avgctl.worker.control import ControlSource, InProcessControlSource
 from avgctl.worker.control_state import CommandRejected, ControlState
 
 
-def connect(averager, server=None, job_id=None, token=None):
+def connect(averager, server=None, job_id=None, token=None, **options):
     """Stream this rank's metrics to an avgctl server and (on rank 0) take its commands.
 
     See ``avgctl.worker.link.connect``; imported lazily so plain training never loads the client.
     """
     from avgctl.worker.link import connect as _connect
 
-    return _connect(averager, server=server, job_id=job_id, token=token)
+    return _connect(averager, server=server, job_id=job_id, token=token, **options)
 
 
 __all__ = [

@@ -1,0 +1,92 @@
+"""The FastAPI application: ``create_app(settings)`` builds it; the lifespan owns the store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from starlette.staticfiles import StaticFiles
+
+import avgctl.web
+from avgctl.server.auth import AuthMiddleware, Tokens
+from avgctl.server.commands import CommandService
+from avgctl.server.hub import Hub
+from avgctl.server.limits import BodyLimitMiddleware
+from avgctl.server.routes import commands, health, jobs, metrics, prometheus, ws
+from avgctl.server.settings import Settings
+from avgctl.server.store import Store
+from avgctl.server.workers import WorkerRegistry
+
+log = logging.getLogger(__name__)
+WEB_DIR = Path(avgctl.web.__file__).parent
+UPLOT_DIR = WEB_DIR / "node_modules" / "uplot" / "dist"
+
+_PLACEHOLDER = """<!doctype html><meta charset="utf-8"><title>avgctl</title>
+<h1>avgctl</h1><p>The dashboard is not installed. The API is at <a href="/docs">/docs</a>.</p>"""
+
+
+def with_token(settings: Settings) -> Settings:
+    """``settings`` with a generated control token when none of the three tokens is set."""
+    if settings.control_token or settings.read_token or settings.worker_token:
+        return settings
+    return settings.model_copy(update={"control_token": secrets.token_urlsafe(24)})
+
+
+def dashboard_url(settings: Settings) -> str:
+    """Where a person opens the dashboard (logged in with the control token if there is one)."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = f"http://{host}:{settings.port}/"
+    return f"{url}?token={settings.control_token}" if settings.control_token else url
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the server. Without any token configured, a control token is generated and printed."""
+    configured = settings if settings is not None else Settings()
+    settings = with_token(configured)
+    generated = settings is not configured
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = Store(settings.db, settings.metrics_queue)
+        await asyncio.to_thread(store.start)
+        hub = Hub(settings.dashboard_interval, settings.dashboard_queue)
+        workers = WorkerRegistry()
+        app.state.store = store
+        app.state.hub = hub
+        app.state.workers = workers
+        app.state.commands = CommandService(store, workers, hub)
+        ticker = asyncio.create_task(hub.run(), name="avgctl-hub")
+        if generated:
+            print(f"avgctl: no token configured; dashboard: {dashboard_url(settings)}", file=sys.stderr, flush=True)
+        try:
+            yield
+        finally:
+            await workers.close_all()
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            await asyncio.to_thread(store.close)
+
+    app = FastAPI(title="avgctl", version="0.1.0", lifespan=lifespan, docs_url="/docs")
+    app.state.settings = settings
+    for module in (health, jobs, commands, metrics, prometheus, ws):
+        app.include_router(module.router)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> Response:
+        page = WEB_DIR / "index.html"
+        return FileResponse(page) if page.is_file() else HTMLResponse(_PLACEHOLDER)
+
+    app.mount("/vendor/uplot", StaticFiles(directory=UPLOT_DIR, check_dir=False), name="uplot")
+    app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
+    # Outermost first: auth before anything reads the body.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, tokens=Tokens(settings.control_token, settings.read_token, settings.worker_token))
+    return app

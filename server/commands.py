@@ -1,0 +1,100 @@
+"""The command service: log a command, deliver it to rank 0, record what became of it.
+
+Both REST (people, the CLI, the dashboard) and the server's autopilot submit here; ``author``
+tells them apart, so a person's command can later suspend the autopilot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pydantic import TypeAdapter
+
+from avgctl.server import store as st
+from avgctl.server.hub import Hub
+from avgctl.server.schemas import (
+    WORKER_COMMAND_TYPES,
+    AutotuneView,
+    Command,
+    CommandAck,
+    CommandDelivery,
+    CommandOut,
+    SetAutotune,
+)
+from avgctl.server.workers import WorkerRegistry
+
+log = logging.getLogger(__name__)
+AUTOPILOT = "autopilot"
+_COMMAND = TypeAdapter(Command)
+
+
+class CommandService:
+    """Submits commands and handles rank 0's acks; runs on the event loop."""
+
+    def __init__(self, store: st.Store, workers: WorkerRegistry, hub: Hub):
+        self.store = store
+        self.workers = workers
+        self.hub = hub
+
+    async def submit(self, job_id: str, command: Command, author: str) -> CommandOut:
+        """Log ``command`` as pending and deliver it if rank 0 is connected (``UnknownJob`` if none)."""
+        body = command.model_dump(mode="json")
+        now = time.time()
+        out = await self.store.write(lambda conn: st.insert_command(conn, job_id, body, author, now))
+        self._announce(out)
+        if isinstance(command, SetAutotune):
+            return await self._set_autotune(job_id, out, command)
+        assert command.type in WORKER_COMMAND_TYPES
+        self.workers.send_to_leader(job_id, CommandDelivery(id=out.id, command=command).model_dump_json())
+        return out
+
+    async def _set_autotune(self, job_id: str, out: CommandOut, command: SetAutotune) -> CommandOut:
+        # The autopilot lives in the server: storing its settings is the whole of applying it.
+        # server/autotune.py reads them from the job's control.autotune.
+        view = AutotuneView(enabled=command.enabled, target_divergence=command.target_divergence)
+        now = time.time()
+
+        def apply(conn):
+            step = st.set_autotune(conn, job_id, view, now)
+            ack = CommandAck(command_id=out.id, status="applied", applied_step=step)
+            return st.resolve_command(conn, job_id, ack, now)
+
+        applied = await self.store.write(apply)
+        if applied is not None:
+            self._announce(applied)
+            await self.announce_job(job_id)
+            return applied
+        return out
+
+    async def deliver_pending(self, job_id: str) -> int:
+        """Re-send every pending worker command in id order (after a rank-0 hello)."""
+        pending = await asyncio.to_thread(self.store.pending_commands, job_id)
+        sent = 0
+        for cmd in pending:
+            if cmd.type not in WORKER_COMMAND_TYPES:
+                continue
+            delivery = CommandDelivery(id=cmd.id, command=_COMMAND.validate_python(cmd.command))
+            if self.workers.send_to_leader(job_id, delivery.model_dump_json()):
+                sent += 1
+        return sent
+
+    async def on_ack(self, job_id: str, ack: CommandAck) -> None:
+        """Rank 0 applied or rejected a command; a repeated ack changes nothing."""
+        now = time.time()
+        out = await self.store.write(lambda conn: st.resolve_command(conn, job_id, ack, now))
+        if out is not None:
+            self._announce(out)
+            await self.announce_job(job_id)
+
+    def _announce(self, out: CommandOut) -> None:
+        self.hub.publish(out.job_id, {"kind": "command", "command": out.model_dump(mode="json")})
+
+    async def announce_job(self, job_id: str) -> None:
+        """Send the job's current state to its dashboards."""
+        if not self.hub.clients(job_id):
+            return
+        job = await asyncio.to_thread(self.store.get_job, job_id)
+        if job is not None:
+            self.hub.publish(job_id, {"kind": "job", "job": job.model_dump(mode="json")})

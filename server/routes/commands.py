@@ -1,0 +1,52 @@
+"""The command log: post a command to a job, follow what became of it."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, HTTPException, Path
+
+from avgctl.server.commands import AUTOPILOT
+from avgctl.server.deps import CommandsDep, JobIdPath, StoreDep
+from avgctl.server.schemas import Command, CommandOut
+from avgctl.server.store import UnknownJob
+
+router = APIRouter(prefix="/api/jobs/{job_id}/commands", tags=["commands"])
+
+CommandIdPath = Annotated[int, Path(ge=1, le=2**62)]
+AuthorHeader = Annotated[
+    str | None,
+    Header(alias="X-Avgctl-Author", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@+ -]+$",
+           description="Who sends the command (shown in the log); default 'api'."),
+]
+
+
+@router.post("", status_code=202, response_model=CommandOut)
+async def post_command(
+    job_id: JobIdPath,
+    command: Annotated[Command, Body()],
+    commands: CommandsDep,
+    author: AuthorHeader = None,
+) -> CommandOut:
+    """Queue a command; it is ``pending`` until rank 0 applies (or rejects) it."""
+    if author == AUTOPILOT:
+        raise HTTPException(422, "the author 'autopilot' is reserved for the server")
+    try:
+        return await commands.submit(job_id, command, author or "api")
+    except UnknownJob:
+        raise HTTPException(404, f"no job {job_id!r}") from None
+
+
+@router.get("", response_model=list[CommandOut])
+def list_commands(job_id: JobIdPath, store: StoreDep) -> list[CommandOut]:
+    """The job's command log, oldest first (the latest 1000)."""
+    if store.get_job(job_id) is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    return store.list_commands(job_id)
+
+
+@router.get("/{command_id}", response_model=CommandOut)
+def get_command(job_id: JobIdPath, command_id: CommandIdPath, store: StoreDep) -> CommandOut:
+    """One command: ``pending``, ``applied`` (with ``applied_step``) or ``rejected`` (with ``reason``)."""
+    out = store.get_command(job_id, command_id)
+    if out is None:
+        raise HTTPException(404, f"no command {command_id} in job {job_id!r}")
+    return out

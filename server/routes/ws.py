@@ -1,0 +1,180 @@
+"""Websockets: ``/ws/worker`` (ingest from training ranks) and ``/ws/jobs/{job_id}`` (dashboards).
+
+Worker close codes (the reason says more):
+
+- 1008 policy violation: malformed JSON, a frame that is not a valid message, no ``hello`` first,
+  ``rank >= world_size``, a world size contradicting the running job, an ack from a rank other than 0;
+- 1009 too big: a frame over ``max_frame_bytes``;
+- 4000 replaced: the same process (host, pid) connected again for its rank; the newer connection
+  wins, since the older one is the one that is stale (e.g. half-open after a network blip);
+- 4409 conflict: a *different* process claims a (job, rank) that is connected; the newcomer is
+  refused, so two jobs mistakenly sharing an id cannot knock each other off in turn;
+- 1012 service restart: the server is shutting down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import TypeAdapter, ValidationError
+
+from avgctl.server import store as st
+from avgctl.server.deps import CommandsDep, HubDep, JobIdPath, SettingsDep, StoreDep, WorkersDep
+from avgctl.server.hub import serve_client
+from avgctl.server.schemas import CommandAck, Hello, MetricsBatch, WorkerMessage
+from avgctl.server.workers import WorkerConnection
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["websockets"])
+
+_WORKER_MESSAGE = TypeAdapter(WorkerMessage)
+HELLO_TIMEOUT = 10.0
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_REPLACED = 4000
+CLOSE_CONFLICT = 4409
+CLOSE_NO_JOB = 4404
+CLOSE_TOO_SLOW = 1013
+
+
+class _Refuse(Exception):
+    """Close the worker's socket with ``code`` and ``reason``."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _short(reason: str) -> str:
+    # A close reason must fit in 123 bytes of UTF-8.
+    data = reason.encode()[:120]
+    return data.decode(errors="ignore")
+
+
+def _explain(err: ValidationError) -> str:
+    first = err.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"invalid message: {where}: {first['msg']}" if where else f"invalid message: {first['msg']}"
+
+
+async def _receive(websocket: WebSocket, max_bytes: int):
+    """The next worker message, validated; ``WebSocketDisconnect`` when the worker leaves."""
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    data = message.get("text")
+    if data is None:
+        data = message.get("bytes") or b""
+    if len(data) > max_bytes:
+        raise _Refuse(CLOSE_TOO_BIG, f"frame larger than {max_bytes} bytes")
+    try:
+        return _WORKER_MESSAGE.validate_json(data)
+    except ValidationError as err:
+        if any(e["type"] == "json_invalid" for e in err.errors()):
+            raise _Refuse(CLOSE_POLICY, "malformed JSON") from None
+        raise _Refuse(CLOSE_POLICY, _explain(err)) from None
+
+
+@router.websocket("/ws/worker")
+async def worker_ingest(
+    websocket: WebSocket,
+    store: StoreDep,
+    hub: HubDep,
+    commands: CommandsDep,
+    workers: WorkersDep,
+    settings: SettingsDep,
+) -> None:
+    """Ingest from one rank: ``hello`` first, then ``metrics`` batches and (rank 0) command ``ack``s."""
+    await websocket.accept()
+    conn: WorkerConnection | None = None
+    normal = False
+    try:
+        try:
+            hello = await asyncio.wait_for(_receive(websocket, settings.max_frame_bytes), HELLO_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise _Refuse(CLOSE_POLICY, f"no hello within {HELLO_TIMEOUT:.0f}s") from None
+        if not isinstance(hello, Hello):
+            raise _Refuse(CLOSE_POLICY, "the first frame must be a hello")
+        if hello.rank >= hello.world_size:
+            raise _Refuse(CLOSE_POLICY, f"rank {hello.rank} is not below world size {hello.world_size}")
+        conn = await _register(websocket, hello, store, workers)
+        if hello.rank == 0:
+            await commands.deliver_pending(hello.job_id)
+        await commands.announce_job(hello.job_id)
+        while True:
+            msg = await _receive(websocket, settings.max_frame_bytes)
+            if isinstance(msg, MetricsBatch):
+                await _ingest(msg, conn, store, hub, commands)
+            elif isinstance(msg, CommandAck):
+                if conn.rank != 0:
+                    raise _Refuse(CLOSE_POLICY, "only rank 0 acknowledges commands")
+                await commands.on_ack(conn.job_id, msg)
+            else:
+                raise _Refuse(CLOSE_POLICY, "hello sent twice on one connection")
+    except WebSocketDisconnect as err:
+        normal = err.code in (1000, 1001)
+    except _Refuse as err:
+        log.info("worker connection refused: %s", err.reason)
+        with contextlib.suppress(Exception):
+            await websocket.close(err.code, _short(err.reason))
+    finally:
+        if conn is not None and workers.remove(conn):
+            job_id, rank = conn.job_id, conn.rank
+            await store.write(lambda c: st.disconnect(c, job_id, rank, normal, time.time()))
+            await commands.announce_job(job_id)
+
+
+async def _register(websocket: WebSocket, hello: Hello, store: st.Store, workers) -> WorkerConnection:
+    current = workers.get(hello.job_id, hello.rank)
+    if current is not None and (current.host, current.pid) != (hello.host, hello.pid):
+        raise _Refuse(
+            CLOSE_CONFLICT,
+            f"rank {hello.rank} of job {hello.job_id} is connected from {current.host} pid {current.pid}",
+        )
+    now = time.time()
+    try:
+        await store.write(lambda c: st.hello(c, hello, now))
+    except st.Conflict as err:
+        raise _Refuse(CLOSE_POLICY, str(err)) from None
+    conn = WorkerConnection(hello.job_id, hello.rank, hello.host, hello.pid, websocket)
+    old = workers.add(conn)
+    if old is not None:
+        with contextlib.suppress(Exception):
+            await old.websocket.close(CLOSE_REPLACED, "replaced by a newer connection of the same process")
+    return conn
+
+
+async def _ingest(batch: MetricsBatch, conn: WorkerConnection, store: st.Store, hub, commands) -> None:
+    hub.publish_metrics(conn.job_id, conn.rank, batch)
+    if batch.control and conn.rank == 0:
+        # A control change is rare and changes the job: wait for it, then tell dashboards.
+        now = time.time()
+        await store.write(lambda c: st.write_metrics(c, conn.job_id, conn.rank, batch, now))
+        await commands.announce_job(conn.job_id)
+    else:
+        store.add_metrics(conn.job_id, conn.rank, batch)  # never waits; counted if dropped
+
+
+@router.websocket("/ws/jobs/{job_id}")
+async def dashboard(websocket: WebSocket, job_id: JobIdPath, store: StoreDep, hub: HubDep, settings: SettingsDep) -> None:
+    """A dashboard's stream: ``snapshot`` first, then live ``metrics``, ``job`` and ``command`` messages."""
+    await websocket.accept()
+    if await asyncio.to_thread(store.get_job, job_id) is None:
+        await websocket.close(CLOSE_NO_JOB, _short(f"no job {job_id!r}"))
+        return
+
+    async def snapshot() -> str:
+        def build() -> str:
+            return json.dumps(store.snapshot(job_id, settings.snapshot_records))
+
+        return await asyncio.to_thread(build)
+
+    await serve_client(hub, job_id, websocket, snapshot)
+    with contextlib.suppress(Exception):
+        await websocket.close(CLOSE_TOO_SLOW, "dashboard fell behind")

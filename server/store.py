@@ -1,0 +1,573 @@
+"""SQLite store (WAL): jobs, ranks, metric series, control events and the command log.
+
+Every write runs on one writer thread with its own connection, in arrival order, grouped into one
+transaction per burst; so metric ingest never waits on the disk inside the event loop, and a write
+the caller awaits (a hello, a new command) is committed before its future resolves. Reads use one
+connection per thread; WAL lets them run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from avgctl.server.schemas import (
+    AutotuneView,
+    AveragerConfig,
+    CommandAck,
+    CommandOut,
+    ControlView,
+    Hello,
+    JobDetail,
+    JobOut,
+    MetricsBatch,
+    RankOut,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    world_size INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0,
+    control TEXT NOT NULL,
+    autotune TEXT NOT NULL,
+    config TEXT,
+    divergence_mean REAL,
+    divergence_max REAL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ranks (
+    job_id TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0,
+    last_seen REAL NOT NULL,
+    connected INTEGER NOT NULL,
+    closed_normally INTEGER NOT NULL DEFAULT 0,
+    dropped INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, rank)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS steps (
+    job_id TEXT NOT NULL, rank INTEGER NOT NULL, step INTEGER NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (job_id, rank, step)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rounds (
+    job_id TEXT NOT NULL, rank INTEGER NOT NULL, step INTEGER NOT NULL, group_size INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (job_id, rank, step, group_size)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS control_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL, rank INTEGER NOT NULL, step INTEGER NOT NULL, control TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS control_events_job ON control_events (job_id, step);
+CREATE TABLE IF NOT EXISTS commands (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    author TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    body TEXT NOT NULL,
+    type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    applied_step INTEGER,
+    reason TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS commands_job ON commands (job_id, status, id);
+"""
+
+_STEP_FIELDS = ("step", "time", "step_time", "drift", "loss", "scalars")
+
+
+class UnknownJob(LookupError):
+    """No job with that id."""
+
+
+class Conflict(ValueError):
+    """A write that contradicts what is stored (e.g. a hello with another world size)."""
+
+
+@dataclass(slots=True)
+class _Op:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: concurrent.futures.Future | None
+    is_metrics: bool = False
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per burst of writes.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class Store:
+    """The server's persistent state; ``start()`` before use, ``close()`` to flush and stop."""
+
+    def __init__(self, path: str, metrics_queue: int = 10_000):
+        if path == ":memory:" or path.startswith("file::memory:"):
+            raise ValueError("the store needs a file: the writer and readers use separate connections")
+        self.path = path
+        self.metrics_queue = metrics_queue
+        self.dropped_batches = 0  # metric batches refused because the writer fell behind
+        self._queue: queue.Queue[_Op | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        conn = _connect(self.path)
+        conn.executescript(_SCHEMA)
+        # Nothing is connected right after a (re)start: the workers will say hello again.
+        now = time.time()
+        conn.execute("BEGIN")
+        conn.execute("UPDATE ranks SET connected = 0 WHERE connected = 1")
+        conn.execute("UPDATE jobs SET status = 'disconnected', updated_at = ? WHERE status = 'running'", (now,))
+        conn.execute("COMMIT")
+        self._thread = threading.Thread(target=self._run, args=(conn,), name="avgctl-store-writer", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer and close every connection."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    # ---------------------------------------------------------------- writer
+
+    def _run(self, conn: sqlite3.Connection) -> None:
+        try:
+            stop = False
+            while not stop:
+                ops = [self._queue.get()]
+                while len(ops) < 1000:  # group a burst into one transaction
+                    try:
+                        ops.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if None in ops:
+                    stop = True
+                    ops = [op for op in ops if op is not None]
+                self._execute(conn, ops)
+        finally:
+            conn.close()
+
+    def _execute(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
+        results: list[tuple[_Op, Any, BaseException | None]] = []
+        conn.execute("BEGIN")
+        for op in ops:
+            conn.execute("SAVEPOINT op")
+            try:
+                result = op.fn(conn)
+            except Exception as err:  # one bad op must not lose the others in the burst
+                conn.execute("ROLLBACK TO op")
+                if op.future is None:
+                    log.exception("store write failed")
+                results.append((op, None, err))
+            else:
+                results.append((op, result, None))
+            conn.execute("RELEASE op")
+        conn.execute("COMMIT")
+        # Resolve only after COMMIT, so a caller reading right after sees its write.
+        for op, result, err in results:
+            if op.future is None:
+                continue
+            # The awaiting task may have been cancelled (shutdown); the write stands all the same.
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                if err is None:
+                    op.future.set_result(result)
+                else:
+                    op.future.set_exception(err)
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
+        """Queue a write; the future resolves once it is committed."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put(_Op(fn, future))
+        return future
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Await a write from the event loop without blocking it."""
+        return await asyncio.wrap_future(self.submit(fn))
+
+    def add_metrics(self, job_id: str, rank: int, batch: MetricsBatch) -> bool:
+        """Queue a metric batch without waiting; False (and counted) when the writer is too far behind."""
+        if self._queue.qsize() >= self.metrics_queue:
+            self.dropped_batches += 1
+            return False
+        now = time.time()
+        self._queue.put(_Op(lambda conn: write_metrics(conn, job_id, rank, batch, now), None, True))
+        return True
+
+    # ---------------------------------------------------------------- reads
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def list_jobs(self) -> list[JobOut]:
+        rows = self._reader().execute("SELECT * FROM jobs ORDER BY updated_at DESC").fetchall()
+        cols = _columns(self._reader(), "jobs")
+        return [_job_out(dict(zip(cols, row))) for row in rows]
+
+    def get_job(self, job_id: str) -> JobDetail | None:
+        return _job_detail(self._reader(), job_id)
+
+    def list_commands(self, job_id: str, limit: int = 1000) -> list[CommandOut]:
+        rows = self._reader().execute(
+            "SELECT * FROM (SELECT * FROM commands WHERE job_id = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (job_id, limit),
+        ).fetchall()
+        return [_command_out(row) for row in rows]
+
+    def get_command(self, job_id: str, command_id: int) -> CommandOut | None:
+        return _get_command(self._reader(), job_id, command_id)
+
+    def pending_commands(self, job_id: str) -> list[CommandOut]:
+        rows = self._reader().execute(
+            "SELECT * FROM commands WHERE job_id = ? AND status = 'pending' ORDER BY id", (job_id,)
+        ).fetchall()
+        return [_command_out(row) for row in rows]
+
+    def metrics(
+        self,
+        job_id: str,
+        since_step: int = 0,
+        ranks: list[int] | None = None,
+        names: list[str] | None = None,
+        limit: int = 100_000,
+    ) -> dict[str, list[dict]]:
+        """Stored series from ``since_step`` on (at most ``limit`` records of each kind, oldest first)."""
+        conn = self._reader()
+        rank_sql, rank_args = _rank_filter(ranks)
+        out: dict[str, list[dict]] = {}
+        for table in ("steps", "rounds"):
+            rows = conn.execute(
+                f"SELECT rank, body FROM {table} WHERE job_id = ? AND step >= ?{rank_sql} ORDER BY step, rank LIMIT ?",
+                (job_id, since_step, *rank_args, limit),
+            ).fetchall()
+            out[table] = [_record(rank, body, names) for rank, body in rows]
+        rows = conn.execute(
+            f"SELECT rank, step, control FROM control_events WHERE job_id = ? AND step >= ?{rank_sql} ORDER BY id LIMIT ?",
+            (job_id, since_step, *rank_args, limit),
+        ).fetchall()
+        out["control_events"] = [{"rank": r, "step": s, "control": json.loads(c)} for r, s, c in rows]
+        return out
+
+    def snapshot(self, job_id: str, budget: int, commands: int = 200, events: int = 1000) -> dict[str, Any] | None:
+        """What a dashboard needs on connect: the job, recent series (bounded, downsampled), commands."""
+        conn = self._reader()
+        job = _job_detail(conn, job_id)
+        if job is None:
+            return None
+        per_rank = max(100, budget // max(1, job.world_size))
+        recent_from = max(0, job.step - per_rank // 2)
+        series = {table: _downsampled(conn, table, job_id, recent_from, per_rank // 2) for table in ("steps", "rounds")}
+        rows = conn.execute(
+            "SELECT rank, step, control FROM (SELECT * FROM control_events WHERE job_id = ? ORDER BY id DESC LIMIT ?)"
+            " ORDER BY id",
+            (job_id, events),
+        ).fetchall()
+        return {
+            "kind": "snapshot",
+            "job": job.model_dump(mode="json"),
+            "steps": series["steps"],
+            "rounds": series["rounds"],
+            "control_events": [{"rank": r, "step": s, "control": json.loads(c)} for r, s, c in rows],
+            "commands": [c.model_dump(mode="json") for c in self.list_commands(job_id, commands)],
+        }
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per-job figures for Prometheus."""
+        conn = self._reader()
+        out = []
+        for job_id, step, control, mean, mx in conn.execute(
+            "SELECT id, step, control, divergence_mean, divergence_max FROM jobs"
+        ).fetchall():
+            connected, dropped = conn.execute(
+                "SELECT COALESCE(SUM(connected), 0), COALESCE(SUM(dropped), 0) FROM ranks WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            by_status = dict(
+                conn.execute("SELECT status, COUNT(*) FROM commands WHERE job_id = ? GROUP BY status", (job_id,))
+            )
+            out.append(
+                {
+                    "job_id": job_id,
+                    "step": step,
+                    "period": json.loads(control)["period"],
+                    "divergence_mean": mean,
+                    "divergence_max": mx,
+                    "connected_ranks": connected,
+                    "dropped": dropped,
+                    "commands": by_status,
+                }
+            )
+        return out
+
+
+# ------------------------------------------------------------------------------ write operations
+# Each takes the writer's connection and runs inside its transaction.
+
+
+def hello(conn: sqlite3.Connection, msg: Hello, now: float) -> None:
+    """A rank (re)connected: create or update its job and rank; rank 0 brings the control state."""
+    row = conn.execute("SELECT world_size FROM jobs WHERE id = ?", (msg.job_id,)).fetchone()
+    control = msg.control.model_copy(update={"autotune": AutotuneView()}).model_dump_json()
+    if row is None:
+        conn.execute(
+            "INSERT INTO jobs (id, world_size, status, step, control, autotune, config, created_at, updated_at)"
+            " VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+            (msg.job_id, msg.world_size, msg.step, control, AutotuneView().model_dump_json(),
+             msg.config.model_dump_json(), now, now),
+        )
+    elif row[0] != msg.world_size:
+        (connected,) = conn.execute(
+            "SELECT COUNT(*) FROM ranks WHERE job_id = ? AND connected = 1", (msg.job_id,)
+        ).fetchone()
+        if connected:
+            raise Conflict(f"job {msg.job_id} runs with world size {row[0]}, not {msg.world_size}")
+        # The same job id started again with another world size: forget the old ranks.
+        conn.execute("DELETE FROM ranks WHERE job_id = ?", (msg.job_id,))
+        conn.execute("UPDATE jobs SET world_size = ? WHERE id = ?", (msg.world_size, msg.job_id))
+    conn.execute(
+        "INSERT INTO ranks (job_id, rank, host, pid, step, last_seen, connected, closed_normally)"
+        " VALUES (?, ?, ?, ?, ?, ?, 1, 0) ON CONFLICT (job_id, rank) DO UPDATE SET host = excluded.host,"
+        " pid = excluded.pid, step = excluded.step, last_seen = excluded.last_seen, connected = 1, closed_normally = 0",
+        (msg.job_id, msg.rank, msg.host, msg.pid, msg.step, now),
+    )
+    if msg.rank == 0:
+        conn.execute(
+            "UPDATE jobs SET control = ?, config = ? WHERE id = ?", (control, msg.config.model_dump_json(), msg.job_id)
+        )
+    conn.execute("UPDATE jobs SET status = 'running', updated_at = ? WHERE id = ?", (now, msg.job_id))
+    _update_job_step(conn, msg.job_id)
+
+
+def disconnect(conn: sqlite3.Connection, job_id: str, rank: int, normal: bool, now: float) -> None:
+    """A rank's connection ended; the job is finished once every rank closed normally."""
+    conn.execute(
+        "UPDATE ranks SET connected = 0, closed_normally = ?, last_seen = ? WHERE job_id = ? AND rank = ?",
+        (int(normal), now, job_id, rank),
+    )
+    connected, abnormal, known = conn.execute(
+        "SELECT COALESCE(SUM(connected), 0), COALESCE(SUM(1 - closed_normally), 0), COUNT(*) FROM ranks WHERE job_id = ?",
+        (job_id,),
+    ).fetchone()
+    world_size = conn.execute("SELECT world_size FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+    if connected:
+        status = "running"
+    elif abnormal == 0 and known == world_size:
+        status = "finished"
+    else:
+        status = "disconnected"
+    conn.execute("UPDATE jobs SET status = ?, updated_at = ? WHERE id = ?", (status, now, job_id))
+
+
+def write_metrics(conn: sqlite3.Connection, job_id: str, rank: int, batch: MetricsBatch, now: float) -> None:
+    if batch.steps:
+        conn.executemany(
+            "INSERT OR REPLACE INTO steps (job_id, rank, step, body) VALUES (?, ?, ?, ?)",
+            [(job_id, rank, r.step, r.model_dump_json()) for r in batch.steps],
+        )
+    if batch.rounds:
+        conn.executemany(
+            "INSERT OR REPLACE INTO rounds (job_id, rank, step, group_size, body) VALUES (?, ?, ?, ?, ?)",
+            [(job_id, rank, r.step, r.group_size, r.model_dump_json()) for r in batch.rounds],
+        )
+        last = max(batch.rounds, key=lambda r: r.step)
+        conn.execute(
+            "UPDATE jobs SET divergence_mean = ?, divergence_max = ? WHERE id = ?",
+            (last.divergence_mean, last.divergence_max, job_id),
+        )
+    if batch.control:
+        conn.executemany(
+            "INSERT INTO control_events (job_id, rank, step, control) VALUES (?, ?, ?, ?)",
+            [(job_id, rank, e.step, e.control.model_dump_json()) for e in batch.control],
+        )
+        if rank == 0:
+            _set_control(conn, job_id, batch.control[-1].control, now)
+    steps = [r.step for r in batch.steps] + [r.step for r in batch.rounds] + [e.step for e in batch.control]
+    conn.execute(
+        "UPDATE ranks SET step = MAX(step, ?), last_seen = ?, dropped = ? WHERE job_id = ? AND rank = ?",
+        (max(steps, default=0), now, batch.dropped, job_id, rank),
+    )
+    if steps:
+        conn.execute("UPDATE jobs SET step = MAX(step, ?) WHERE id = ?", (max(steps), job_id))
+
+
+def _set_control(conn: sqlite3.Connection, job_id: str, control: ControlView, now: float) -> None:
+    # The autopilot settings belong to the server: a worker's view never overwrites them.
+    body = control.model_copy(update={"autotune": AutotuneView()}).model_dump_json()
+    conn.execute("UPDATE jobs SET control = ?, updated_at = ? WHERE id = ?", (body, now, job_id))
+
+
+def _update_job_step(conn: sqlite3.Connection, job_id: str) -> None:
+    conn.execute(
+        "UPDATE jobs SET step = COALESCE((SELECT MAX(step) FROM ranks WHERE job_id = ?), 0) WHERE id = ?",
+        (job_id, job_id),
+    )
+
+
+def insert_command(conn: sqlite3.Connection, job_id: str, body: dict, author: str, now: float) -> CommandOut:
+    """Log a new pending command; ``UnknownJob`` if the job was never seen."""
+    if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+        raise UnknownJob(job_id)
+    cur = conn.execute(
+        "INSERT INTO commands (job_id, author, created_at, body, type, status, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+        (job_id, author, now, json.dumps(body), body["type"], now),
+    )
+    return _get_command(conn, job_id, cur.lastrowid)  # type: ignore[return-value]
+
+
+def resolve_command(conn: sqlite3.Connection, job_id: str, ack: CommandAck, now: float) -> CommandOut | None:
+    """Record rank 0's ack. Only a pending command changes (a re-sent ack is a no-op); returns it then."""
+    cur = conn.execute(
+        "UPDATE commands SET status = ?, applied_step = ?, reason = ?, updated_at = ?"
+        " WHERE id = ? AND job_id = ? AND status = 'pending'",
+        (ack.status, ack.applied_step, ack.reason, now, ack.command_id, job_id),
+    )
+    if ack.control is not None and ack.status == "applied":
+        _set_control(conn, job_id, ack.control, now)
+    if cur.rowcount == 0:
+        return None
+    return _get_command(conn, job_id, ack.command_id)
+
+
+def set_autotune(conn: sqlite3.Connection, job_id: str, view: AutotuneView, now: float) -> int:
+    """Store the autopilot settings; returns the job's current step (the command's applied step)."""
+    row = conn.execute("SELECT step FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise UnknownJob(job_id)
+    conn.execute("UPDATE jobs SET autotune = ?, updated_at = ? WHERE id = ?", (view.model_dump_json(), now, job_id))
+    return row[0]
+
+
+# ------------------------------------------------------------------------------ row mapping
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+
+
+def _job_out(row: dict[str, Any]) -> JobOut:
+    control = ControlView.model_validate_json(row["control"])
+    control = control.model_copy(update={"autotune": AutotuneView.model_validate_json(row["autotune"])})
+    return JobOut(
+        id=row["id"],
+        world_size=row["world_size"],
+        status=row["status"],
+        step=row["step"],
+        control=control,
+        config=AveragerConfig.model_validate_json(row["config"]) if row["config"] else None,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _job_detail(conn: sqlite3.Connection, job_id: str) -> JobDetail | None:
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        return None
+    job = _job_out(dict(zip(_columns(conn, "jobs"), row)))
+    ranks = [
+        RankOut(rank=r, host=h, pid=p, step=s, last_seen=ls, connected=bool(c), dropped=d)
+        for r, h, p, s, ls, c, d in conn.execute(
+            "SELECT rank, host, pid, step, last_seen, connected, dropped FROM ranks WHERE job_id = ? ORDER BY rank",
+            (job_id,),
+        )
+    ]
+    return JobDetail(**job.model_dump(), ranks=ranks)
+
+
+_COMMAND_COLUMNS = "id, job_id, author, created_at, body, type, status, applied_step, reason, updated_at"
+
+
+def _get_command(conn: sqlite3.Connection, job_id: str, command_id: int) -> CommandOut | None:
+    row = conn.execute(
+        f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE id = ? AND job_id = ?", (command_id, job_id)
+    ).fetchone()
+    return None if row is None else _command_out(row)
+
+
+def _command_out(row: tuple) -> CommandOut:
+    if len(row) != 10:
+        raise ValueError("unexpected command row")
+    cid, job_id, author, created_at, body, ctype, status, applied_step, reason, updated_at = row
+    return CommandOut(
+        id=cid,
+        job_id=job_id,
+        author=author,
+        created_at=created_at,
+        command=json.loads(body),
+        type=ctype,
+        status=status,
+        applied_step=applied_step,
+        reason=reason,
+        updated_at=updated_at,
+    )
+
+
+def _rank_filter(ranks: list[int] | None) -> tuple[str, list[int]]:
+    if not ranks:
+        return "", []
+    return f" AND rank IN ({', '.join('?' * len(ranks))})", list(ranks)
+
+
+def _record(rank: int, body: str, names: list[str] | None) -> dict:
+    record = json.loads(body)
+    if names:
+        # Keep the requested fields; a name that is not a field is looked up among the user scalars.
+        scalars = record.get("scalars") or {}
+        kept = {"rank": rank, "step": record["step"]}
+        for name in names:
+            if name in record:
+                kept[name] = record[name]
+            elif name in scalars:
+                kept[name] = scalars[name]
+        return kept
+    return {"rank": rank, **record}
+
+
+def _downsampled(conn: sqlite3.Connection, table: str, job_id: str, recent_from: int, older: int) -> list[dict]:
+    """Records from ``recent_from`` on in full, plus at most ``older`` evenly spaced older ones per rank."""
+    recent = conn.execute(
+        f"SELECT rank, body FROM {table} WHERE job_id = ? AND step >= ? ORDER BY step, rank", (job_id, recent_from)
+    ).fetchall()
+    old = conn.execute(
+        f"SELECT rank, body FROM (SELECT rank, step, body, ROW_NUMBER() OVER (PARTITION BY rank ORDER BY step) AS rn,"
+        f" COUNT(*) OVER (PARTITION BY rank) AS n FROM {table} WHERE job_id = ? AND step < ?)"
+        " WHERE (rn - 1) % MAX(1, n / ?) = 0 ORDER BY step, rank",
+        (job_id, recent_from, older),
+    ).fetchall()
+    return [_record(rank, body, None) for rank, body in old + recent]

@@ -1,0 +1,121 @@
+"""Websockets through TestClient: ingest validation and close codes, the dashboard stream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from starlette.websockets import WebSocketDisconnect
+
+from tests.server.helpers import WORKER, auth, wait_for
+from tests.server.test_rest import batch, hello
+
+
+def closed_with(ws) -> tuple[int, str]:
+    with pytest.raises(WebSocketDisconnect) as info:
+        ws.receive_text()
+    return info.value.code, info.value.reason
+
+
+BAD_FIRST_FRAMES = [
+    ("{not json", 1008, "malformed JSON"),
+    ("[]", 1008, "invalid message"),
+    ('{"kind": "hello"}', 1008, "invalid message"),
+    ('{"kind": "teleport"}', 1008, "invalid message"),
+    (batch(1, 2), 1008, "first frame must be a hello"),
+    (hello(rank=2, world_size=2), 1008, "not below world size"),
+    (hello().replace("job-1", "bad id"), 1008, "job_id"),
+    (hello().replace('"rank":0', '"rank":"zero"'), 1008, "rank"),
+    ("x" * 5000, 1009, "larger than"),
+]
+
+
+@pytest.mark.parametrize("frame,code,reason", BAD_FIRST_FRAMES, ids=[str(i) for i in range(len(BAD_FIRST_FRAMES))])
+def test_bad_first_frame_closes_with_reason(client, frame, code, reason):
+    with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as ws:
+        ws.send_text(frame)
+        got_code, got_reason = closed_with(ws)
+    assert got_code == code and reason in got_reason
+    assert client.get("/api/jobs").json() == []
+
+
+@pytest.mark.parametrize(
+    "frame,reason",
+    [
+        ("{not json", "malformed JSON"),
+        (hello(), "hello sent twice"),
+        ('{"kind": "metrics", "steps": [{"step": -1, "time": 0}]}', "steps.0.step"),
+        ('{"kind": "ack", "command_id": 1, "status": "done"}', "status"),
+        ("y" * 5000, "larger than"),
+    ],
+)
+def test_bad_later_frame_closes_and_keeps_state(client, frame, reason):
+    with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as ws:
+        ws.send_text(hello(world_size=1))
+        ws.send_text(batch(1, 3))
+        wait_for(lambda: client.get("/api/jobs/job-1").status_code == 200 and client.get("/api/jobs/job-1").json()["step"] == 3)
+        ws.send_text(frame)
+        code, got = closed_with(ws)
+    assert code in (1008, 1009) and reason in got
+    job = wait_for(lambda: (j := client.get("/api/jobs/job-1").json())["status"] != "running" and j)
+    assert job["status"] == "disconnected" and job["step"] == 3  # closed by us, not by the worker
+
+
+def test_ack_from_rank_1_is_refused(client):
+    with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as ws:
+        ws.send_text(hello(rank=1))
+        ws.send_text('{"kind": "ack", "command_id": 1, "status": "applied"}')
+        assert closed_with(ws) == (1008, "only rank 0 acknowledges commands")
+
+
+def test_same_rank_from_another_process_is_refused_same_process_replaces(client):
+    with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as first:
+        first.send_text(hello(pid=100))
+        wait_for(lambda: client.get("/api/jobs/job-1").status_code == 200)
+        with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as other:
+            other.send_text(hello(pid=999))
+            code, reason = closed_with(other)
+            assert code == 4409 and "pid 100" in reason
+        with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as again:
+            again.send_text(hello(pid=100))
+            assert closed_with(first)[0] == 4000
+            again.send_text(batch(1, 2))
+            wait_for(lambda: client.get("/api/jobs/job-1").json()["step"] == 2)
+            assert client.get("/api/jobs/job-1").json()["ranks"][0]["connected"]
+
+
+def test_world_size_conflict_while_running(client):
+    with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r0:
+        r0.send_text(hello(rank=0, world_size=2))
+        wait_for(lambda: client.get("/api/jobs/job-1").status_code == 200)
+        with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r1:
+            r1.send_text(hello(rank=1, world_size=4, pid=7))
+            code, reason = closed_with(r1)
+        assert code == 1008 and "world size 2" in reason
+    assert client.get("/api/jobs/job-1").json()["world_size"] == 2
+
+
+def test_dashboard_snapshot_then_live(client):
+    with client.websocket_connect("/ws/jobs/nope") as dash:
+        assert closed_with(dash) == (4404, "no job 'nope'")
+    with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r0:
+        r0.send_text(hello(rank=0, world_size=1))
+        r0.send_text(batch(1, 8))
+        wait_for(lambda: client.get("/api/jobs/job-1").status_code == 200 and client.get("/api/jobs/job-1").json()["step"] == 8)
+        with client.websocket_connect("/ws/jobs/job-1") as dash:
+            snap = dash.receive_json()
+            assert snap["kind"] == "snapshot" and snap["job"]["id"] == "job-1"
+            assert [s["step"] for s in snap["steps"]] == list(range(1, 9)) and snap["steps"][0]["rank"] == 0
+            assert [r["step"] for r in snap["rounds"]] == [4, 8]
+            assert snap["commands"] == [] and snap["control_events"] == []
+            r0.send_text(batch(9, 4))
+            msg = dash.receive_json()
+            assert msg["kind"] == "metrics" and msg["rank"] == 0
+            assert [s["step"] for s in msg["steps"]] == [9, 10, 11, 12] and [r["step"] for r in msg["rounds"]] == [12]
+            client.post("/api/jobs/job-1/commands", json={"type": "average_now"})
+            kinds = {}
+            while "command" not in kinds:
+                m = dash.receive_json()
+                kinds[m["kind"]] = m
+            assert kinds["command"]["command"]["type"] == "average_now"
+            assert json.loads(r0.receive_text())["kind"] == "command"

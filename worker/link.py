@@ -1,0 +1,398 @@
+"""``connect()``: each rank's websocket link to the avgctl server.
+
+The link runs on its own daemon thread with its own event loop. The training thread only appends
+records to bounded deques (the oldest go first when the server is away, and are counted), so
+training never waits on the network: not when the server is down at start, killed, restarted or
+frozen. Rank 0's link is also the averager's ``ControlSource``: commands from the server are
+queued for it, and its acks are sent back from their own queue, never dropped with metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import logging
+import os
+import queue
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, Protocol
+
+import websockets
+from pydantic import TypeAdapter, ValidationError
+from websockets.client import backoff
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from avgctl.server.schemas import (
+    AveragerConfig,
+    Command,
+    CommandAck,
+    CommandDelivery,
+    ControlEvent,
+    ControlView,
+    Hello,
+    JobId,
+    MetricsBatch,
+    RoundRecord,
+    StepRecord,
+)
+from avgctl.worker import dist as wdist
+
+log = logging.getLogger(__name__)
+
+_JOB_ID = TypeAdapter(JobId)
+# Close codes after which reconnecting would only be refused again (see server/routes/ws.py).
+_FATAL_CLOSE_CODES = frozenset({1008, 1009, 4401, 4403, 4409})
+_MAX_FRAME = 1024 * 1024  # the server's default max_frame_bytes
+_REMEMBERED_IDS = 4096
+
+
+class Averager(Protocol):
+    """What the link needs from an averager (``PeriodicAverager``, ``HierarchicalAverager``)."""
+
+    rank: int
+    world_size: int
+    step: int
+
+    def hello_config(self) -> AveragerConfig: ...
+    def control_view(self) -> ControlView: ...
+    def add_listener(self, listener: Any) -> None: ...
+    def remove_listener(self, listener: Any) -> None: ...
+    def set_control_source(self, source: Any) -> None: ...
+
+
+def worker_url(server: str) -> str:
+    """``http://host:port`` (or ``ws://``) -> ``ws://host:port/ws/worker``."""
+    parts = urllib.parse.urlsplit(server)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"server must be an http(s):// or ws(s):// URL, got {server!r}")
+    return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws/worker", "", ""))
+
+
+class WorkerLink:
+    """One rank's connection to the server; made by :func:`connect`.
+
+    Args:
+        averager: the averager whose steps, rounds and control changes are sent.
+        server: the server URL, e.g. ``http://127.0.0.1:8000``.
+        job_id: the job this rank belongs to (the same on every rank).
+        token: a worker (or control) token, sent as ``Authorization: Bearer``.
+        max_records: step records kept while the server is away; the oldest go first.
+        send_interval: seconds between metric batches (acks go out at once).
+        reconnect_delays: the ``websockets`` backoff generator factory (default: 0.5 s up to 10 s).
+    """
+
+    def __init__(
+        self,
+        averager: Averager,
+        server: str,
+        job_id: str,
+        token: str | None = None,
+        *,
+        host: str,
+        pid: int,
+        max_records: int = 10_000,
+        send_interval: float = 0.25,
+        reconnect_delays: Callable[[], Generator[float]] | None = None,
+    ):
+        self.averager = averager
+        self.url = worker_url(server)
+        self.job_id = _JOB_ID.validate_python(job_id)
+        self.rank = averager.rank
+        self.world_size = averager.world_size
+        self.host = host
+        self.pid = pid
+        self.send_interval = send_interval
+        self._token = token
+        self._delays = reconnect_delays or functools.partial(
+            backoff, initial_delay=0.5, min_delay=0.5, max_delay=10.0
+        )
+        # Written by the training thread, read by the link thread: deque appends and pops are atomic.
+        self._steps: collections.deque[StepRecord] = collections.deque(maxlen=max_records)
+        self._rounds: collections.deque[RoundRecord] = collections.deque(maxlen=max(100, max_records // 10))
+        self._control: collections.deque[ControlEvent] = collections.deque(maxlen=1000)
+        self.dropped = 0
+        """Metric records dropped so far (buffer full, or lost in a failed send); sent as ``dropped``."""
+        # Rank 0's control source.
+        self._inbox: queue.SimpleQueue[tuple[int, Command]] = queue.SimpleQueue()
+        self._arrived = threading.Event()
+        self._acks_out: collections.deque[CommandAck] = collections.deque()
+        self._acked: collections.OrderedDict[int, CommandAck] = collections.OrderedDict()
+        self._queued: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.connected = threading.Event()
+        """Set while a session with the server is open (after our hello went out)."""
+        self.error: BaseException | None = None
+        """Why the link gave up for good (refused token, refused hello), else None."""
+        self._loop = asyncio.new_event_loop()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"avgctl-link-rank{self.rank}", daemon=True)
+        averager.add_listener(self)
+        if self.rank == 0:
+            averager.set_control_source(self)
+        self._thread.start()
+
+    # ------------------------------------------------------------ listener (training thread, O(1))
+
+    def on_step(self, record: StepRecord) -> None:
+        self._append(self._steps, record)
+
+    def on_round(self, record: RoundRecord) -> None:
+        self._append(self._rounds, record)
+
+    def on_control(self, event: ControlEvent) -> None:
+        self._append(self._control, event)
+
+    def _append(self, buffer: collections.deque, item: Any) -> None:
+        if len(buffer) == buffer.maxlen:
+            self.dropped += 1
+        buffer.append(item)  # no wake-up: the link collects every send_interval
+
+    # ------------------------------------------------------------ ControlSource (rank 0)
+
+    def poll(self) -> list[tuple[int, Command]]:
+        """Commands received since the last poll, in arrival order."""
+        self._arrived.clear()
+        out = []
+        while True:
+            try:
+                out.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return out
+
+    def wait(self, timeout: float) -> None:
+        """Block up to ``timeout`` seconds, returning early when a command arrives."""
+        self._arrived.wait(timeout)
+
+    def report(self, ack: CommandAck) -> None:
+        """Queue an ack for the server (kept until sent, whatever the metric buffers do)."""
+        self._acks_out.append(ack)
+        self._call_soon(self._wake.set)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Send what is buffered if connected (within ``timeout`` seconds), then close the link."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self.averager.remove_listener(self)
+        self._call_soon(self._stopping.set)
+        self._thread.join(timeout)
+        if self._thread.is_alive():  # frozen server: stop waiting for it
+            self._call_soon(self._cancel_all)
+            self._thread.join(1.0)
+
+    def __enter__(self) -> WorkerLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call_soon(self, fn: Callable[[], Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            self._loop.call_soon_threadsafe(fn)
+
+    def _cancel_all(self) -> None:
+        for task in asyncio.all_tasks(self._loop):
+            task.cancel()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._main())
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.connected.clear()
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    async def _main(self) -> None:
+        main = asyncio.create_task(self._connect_loop())
+        stop = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not main.done() and not self.connected.is_set():
+            main.cancel()  # stopping while (re)connecting: nothing to flush into
+        with contextlib.suppress(asyncio.CancelledError):
+            await main
+        stop.cancel()
+
+    async def _connect_loop(self) -> None:
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        try:
+            async for ws in websockets.connect(
+                self.url,
+                additional_headers=headers,
+                open_timeout=5,
+                ping_interval=5,
+                ping_timeout=10,  # a frozen server is noticed within ~15 s and we reconnect
+                close_timeout=1,
+                max_size=_MAX_FRAME,
+                reconnect_delays=self._delays,
+            ):
+                try:
+                    await self._session(ws)
+                    return  # stopping: flushed and closed
+                except ConnectionClosed as err:
+                    if ws.close_code in _FATAL_CLOSE_CODES:
+                        self.error = err
+                        log.error("avgctl server refused rank %d: %s %s", self.rank, ws.close_code, ws.close_reason)
+                        return
+                    log.info("avgctl link of rank %d lost (%s); reconnecting", self.rank, err)
+        except InvalidStatus as err:
+            self.error = err
+            log.error("avgctl server refused rank %d: HTTP %d", self.rank, err.response.status_code)
+        except Exception as err:  # never let the link's failure reach training
+            self.error = err
+            log.exception("avgctl link of rank %d stopped", self.rank)
+
+    async def _session(self, ws: Any) -> None:
+        hello = Hello(
+            job_id=self.job_id,
+            rank=self.rank,
+            world_size=self.world_size,
+            host=self.host,
+            pid=self.pid,
+            config=self.averager.hello_config(),
+            control=self.averager.control_view(),
+            step=self.averager.step,
+        )
+        await ws.send(hello.model_dump_json())
+        self.connected.set()
+        receiver = asyncio.create_task(self._receive(ws))
+        last_metrics = 0.0
+        try:
+            while True:
+                await self._send_acks(ws)
+                stopping = self._stopping.is_set()
+                now = time.monotonic()
+                if stopping or now - last_metrics >= self.send_interval:
+                    last_metrics = now
+                    await self._send_metrics(ws)
+                if stopping:
+                    await self._send_acks(ws)
+                    await ws.close(1000, "done")
+                    return
+                wake = asyncio.create_task(self._wake.wait())
+                stop = asyncio.create_task(self._stopping.wait())
+                timeout = max(0.0, self.send_interval - (time.monotonic() - last_metrics))
+                done, _ = await asyncio.wait({wake, stop, receiver}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                wake.cancel()
+                stop.cancel()
+                self._wake.clear()
+                if receiver in done:
+                    receiver.result()  # raises ConnectionClosedError
+                    raise ConnectionClosed(None, None)  # the server closed normally: reconnect anyway
+        finally:
+            self.connected.clear()
+            receiver.cancel()
+            with contextlib.suppress(BaseException):
+                await receiver
+
+    async def _send_acks(self, ws: Any) -> None:
+        while self._acks_out:
+            ack = self._acks_out[0]
+            await ws.send(ack.model_dump_json())
+            self._acks_out.popleft()  # only once sent: a failed send leaves it for the next session
+            self._remember(self._acked, ack.command_id, ack)
+
+    async def _send_metrics(self, ws: Any) -> None:
+        steps, rounds, control = _drain(self._steps), _drain(self._rounds), _drain(self._control)
+        if not (steps or rounds or control):
+            return
+        try:
+            for text in _frames(steps, rounds, control, lambda: self.dropped):
+                await ws.send(text)
+        except ConnectionClosed:
+            self.dropped += len(steps) + len(rounds) + len(control)
+            raise
+
+    async def _receive(self, ws: Any) -> None:
+        async for text in ws:
+            try:
+                delivery = CommandDelivery.model_validate_json(text)
+            except ValidationError as err:
+                log.warning("avgctl: ignoring a message the link does not understand: %s", err)
+                continue
+            if self.rank != 0:
+                continue
+            if delivery.id in self._acked:  # re-delivered after a reconnect: answer, never re-queue
+                self._acks_out.append(self._acked[delivery.id])
+                self._wake.set()
+            elif delivery.id not in self._queued:  # also queued once only while the averager is busy
+                self._remember(self._queued, delivery.id, None)
+                self._inbox.put((delivery.id, delivery.command))
+                self._arrived.set()
+
+    @staticmethod
+    def _remember(memory: collections.OrderedDict, key: int, value: Any) -> None:
+        memory[key] = value
+        while len(memory) > _REMEMBERED_IDS:
+            memory.popitem(last=False)
+
+
+def _drain(buffer: collections.deque) -> list:
+    out = []
+    with contextlib.suppress(IndexError):
+        for _ in range(len(buffer)):
+            out.append(buffer.popleft())
+    return out
+
+
+def _frames(steps: list, rounds: list, control: list, dropped: Callable[[], int]) -> Iterator[str]:
+    """``MetricsBatch`` texts under the frame limit: a batch too large is split in halves."""
+    text = MetricsBatch(steps=steps[:10_000], rounds=rounds[:10_000], control=control[:10_000], dropped=dropped()).model_dump_json()
+    total = len(steps) + len(rounds) + len(control)
+    if (len(text) <= _MAX_FRAME and max(len(steps), len(rounds), len(control)) <= 10_000) or total <= 1:
+        yield text
+        return
+    yield from _frames(steps[: len(steps) // 2], rounds[: len(rounds) // 2], control[: len(control) // 2], dropped)
+    yield from _frames(steps[len(steps) // 2 :], rounds[len(rounds) // 2 :], control[len(control) // 2 :], dropped)
+
+
+def connect(
+    averager: Averager,
+    server: str | None = None,
+    job_id: str | None = None,
+    token: str | None = None,
+    **options: Any,
+) -> WorkerLink:
+    """Link this rank's ``averager`` to the avgctl server (call it on every rank).
+
+    Args:
+        averager: a ``PeriodicAverager`` or ``HierarchicalAverager``.
+        server: server URL; defaults to ``AVGCTL_SERVER``.
+        job_id: defaults to torchrun's ``TORCHELASTIC_RUN_ID``; without one, rank 0 generates an id
+            and shares it with the other ranks (one ``broadcast_object_list`` over the default
+            process group, so every rank must call ``connect``).
+        token: worker token; defaults to ``AVGCTL_TOKEN``.
+        options: passed to :class:`WorkerLink` (``max_records``, ``send_interval``, ...).
+
+    Returns the running link; ``link.close()`` (or ``with connect(...)``) flushes and stops it.
+    """
+    env = wdist.read_env()
+    server = server or env.server
+    if not server:
+        raise ValueError("no avgctl server: pass server= or set AVGCTL_SERVER")
+    job_id = job_id or env.run_id or _shared_job_id(env)
+    return WorkerLink(averager, server, job_id, token or env.token, host=env.host, pid=os.getpid(), **options)
+
+
+def _shared_job_id(env: wdist.WorkerEnv) -> str:
+    import torch.distributed as dist
+
+    job_id = wdist.default_job_id(env)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [job_id if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        job_id = box[0]
+    return job_id
