@@ -1,0 +1,31 @@
+"""The demo under a real ``torchrun --standalone`` (smoke test)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.dist
+
+
+def test_demo_runs_under_torchrun_and_prints_the_round_table(tmp_path):
+    result = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "avgctl.worker.demo", "--steps", "120", "--period", "4", "--result", str(result)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "div mean" in proc.stdout and "done: 120 steps, 30 averaging rounds" in proc.stdout
+    figures = json.loads(result.read_text())
+    assert figures["rounds"] == 30 and figures["steps"] == 120 and 0 < figures["accuracy"] <= 1
+
+
+def test_demo_rejects_bad_arguments_with_exit_code_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "avgctl.worker.demo", "--period", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2 and "period must be a positive integer" in proc.stderr

@@ -1,0 +1,305 @@
+"""The demo task: ``torchrun --nproc-per-node N -m avgctl.worker.demo [--server URL] ...``.
+
+A small MLP learns a 10-class Gaussian-mixture problem generated on the spot (no downloads). The
+data is split non-IID: each rank sees mostly its own few classes, so local models pull apart between
+averaging rounds and divergence grows visibly with the period. Without ``--server`` it trains and
+prints the metrics table locally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from avgctl.worker import dist as wdist
+from avgctl.worker.averagers import HierarchicalAverager, PeriodicAverager, _LiveAverager
+
+CLASSES = 10
+FEATURES = 32
+SEPARATION = 0.35  # class centers overlap: the best loss stays well above 0
+
+
+@dataclass(kw_only=True, slots=True)
+class DemoConfig:
+    """Everything one demo run needs; built by ``main`` from flags, or by benchmarks directly."""
+
+    steps: int = 2000
+    """Training steps per rank."""
+    period: int = 8
+    """Averaging period (the global period when ``hierarchy`` is set)."""
+    warmup_steps: int = 0
+    """Steps before the first averaging round."""
+    hierarchy: dict[int, int] | None = None
+    """``{group_size: period}`` for a HierarchicalAverager; the world's period is ``period``."""
+    lr: float = 0.05
+    batch_size: int = 32
+    skew: float = 0.9
+    """Share of a rank's samples drawn from its own classes (0.1 would be IID for 10 classes)."""
+    seed: int = 0
+    step_delay: float = 0.0
+    """Extra seconds per step, so a person can watch the dashboard move."""
+    eval_every: int = 100
+    """Steps between held-out accuracy checks."""
+    checkpoint: Path | None = None
+    """Save (and resume from) ``<checkpoint>.rank<r>.pt`` every ``checkpoint_every`` steps."""
+    checkpoint_every: int = 200
+    quiet: bool = False
+    server: str | None = None
+    job_id: str | None = None
+    token: str | None = None
+    extra_averager_args: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError("steps must be non-negative")
+        if self.period < 1:
+            raise ValueError("period must be a positive integer")
+        if not 0.0 <= self.skew <= 1.0:
+            raise ValueError("skew must be between 0 and 1")
+
+
+@dataclass(slots=True)
+class DemoResult:
+    """What a run ends with (the same on every rank after the final average)."""
+
+    final_loss: float
+    accuracy: float
+    rounds: int
+    bytes_moved: int
+    wall_seconds: float
+    steps: int
+
+
+def class_centers(seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(CLASSES, FEATURES, generator=gen) * SEPARATION
+
+
+def sample(centers: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return centers[labels] + torch.randn(len(labels), FEATURES, generator=gen)
+
+
+def rank_labels(rank: int, world: int, n: int, skew: float, gen: torch.Generator) -> torch.Tensor:
+    """Mostly this rank's own classes (label skew), the rest uniform over all classes."""
+    own = [c for c in range(CLASSES) if c % world == rank % world] or [rank % CLASSES]
+    own_t = torch.tensor(own)
+    mine = own_t[torch.randint(len(own), (n,), generator=gen)]
+    anyc = torch.randint(CLASSES, (n,), generator=gen)
+    take_own = torch.rand(n, generator=gen) < skew
+    return torch.where(take_own, mine, anyc)
+
+
+def make_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    return nn.Sequential(nn.Linear(FEATURES, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, CLASSES))
+
+
+def make_averager(cfg: DemoConfig, world: int) -> _LiveAverager:
+    if cfg.hierarchy:
+        levels = {period: size for size, period in sorted(cfg.hierarchy.items()) if size != world}
+        levels[cfg.period] = world
+        return HierarchicalAverager(levels, warmup_steps=cfg.warmup_steps, **cfg.extra_averager_args)
+    return PeriodicAverager(cfg.period, warmup_steps=cfg.warmup_steps, **cfg.extra_averager_args)
+
+
+def evaluate(model: nn.Module, centers: torch.Tensor, seed: int) -> tuple[float, float]:
+    """Loss and accuracy on a fixed IID held-out set."""
+    gen = torch.Generator().manual_seed(seed + 99)
+    labels = torch.randint(CLASSES, (2000,), generator=gen)
+    with torch.no_grad():
+        logits = model(sample(centers, labels, gen))
+        loss = nn.functional.cross_entropy(logits, labels)
+        accuracy = (logits.argmax(1) == labels).float().mean()
+    return float(loss), float(accuracy)
+
+
+class RoundTable:
+    """Rank 0's readable progress: one line per round, at most a few lines a second."""
+
+    HEADER = f"{'step':>8} {'done':>5} {'loss':>7} {'acc':>6} {'div mean':>9} {'div max':>9} {'rel max':>8} {'drift':>8} {'period':>6} {'avg ms':>7}"
+
+    def __init__(self, steps: int, enabled: bool):
+        self.steps, self.enabled = steps, enabled
+        self.last_print = 0.0
+        self.accuracy = float("nan")
+        if enabled:
+            print(self.HEADER, flush=True)
+
+    def maybe_print(self, averager: _LiveAverager, loss: float, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last_print < 0.5):
+            return
+        self.last_print = now
+        rnd, step = averager.metrics.last_round, averager.metrics.last_step
+        fmt = lambda v, w, p=4: f"{v:>{w}.{p}f}" if v is not None and not math.isnan(v) else f"{'-':>{w}}"  # noqa: E731
+        done = f"{100 * (averager.step) / max(self.steps, 1):>4.0f}%"
+        print(
+            f"{averager.step:>8} {done:>5} {fmt(loss, 7)} {fmt(self.accuracy, 6, 3)} "
+            f"{fmt(rnd and rnd.divergence_mean, 9)} {fmt(rnd and rnd.divergence_max, 9)} "
+            f"{fmt(rnd and rnd.relative_max, 8)} {fmt(step and step.drift, 8)} "
+            f"{averager.control.period:>6} {fmt(rnd and rnd.seconds * 1e3, 7, 2)}",
+            flush=True,
+        )
+
+
+def _checkpoint_path(cfg: DemoConfig, rank: int) -> Path | None:
+    return None if cfg.checkpoint is None else Path(f"{cfg.checkpoint}.rank{rank}.pt")
+
+
+def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
+    """Run the demo on an initialized process group; returns the final figures."""
+    centers = class_centers(cfg.seed)
+    model = make_model(cfg.seed)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+    averager = make_averager(cfg, world)
+    averager.name_parameters(model)
+    ckpt = _checkpoint_path(cfg, rank)
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        averager.load_state_dict(state["averager"])
+        if rank == 0 and not cfg.quiet:
+            print(f"resumed from {ckpt} at step {averager.step}", flush=True)
+    link = None
+    if cfg.server:
+        from avgctl.worker.link import connect
+
+        link = connect(averager, server=cfg.server, job_id=cfg.job_id, token=cfg.token)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * averager.step)
+    table = RoundTable(cfg.steps, enabled=rank == 0 and not cfg.quiet)
+    started = time.perf_counter()
+    loss_value = float("nan")
+    try:
+        while averager.step < cfg.steps:
+            labels = rank_labels(rank, world, cfg.batch_size, cfg.skew, gen)
+            x = sample(centers, labels, gen)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), labels)
+            loss.backward()
+            opt.step()
+            loss_value = loss.item()
+            averager.record(loss=loss_value)
+            if cfg.eval_every and averager.step % cfg.eval_every == 0:
+                table.accuracy = evaluate(model, centers, cfg.seed)[1]
+                averager.record(accuracy=table.accuracy)
+            averager.average_parameters(model.parameters())
+            table.maybe_print(averager, loss_value)
+            if ckpt is not None and averager.step % cfg.checkpoint_every == 0:
+                state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "averager": averager.state_dict()}
+                torch.save(state, ckpt.with_suffix(".tmp"))
+                os.replace(ckpt.with_suffix(".tmp"), ckpt)
+            if cfg.step_delay:
+                time.sleep(cfg.step_delay)
+        # One final average so every rank ends with the same model (a real job would too).
+        final = [p.detach().clone() for p in model.parameters()]
+        for p in final:
+            dist.all_reduce(p)
+            p /= world
+        with torch.no_grad():
+            for p, avg in zip(model.parameters(), final):
+                p.copy_(avg)
+        final_loss, accuracy = evaluate(model, centers, cfg.seed)
+        table.accuracy = accuracy
+        table.maybe_print(averager, loss_value, force=True)
+    finally:
+        if link is not None:
+            link.close()
+    metrics = averager.metrics
+    return DemoResult(
+        final_loss=final_loss,
+        accuracy=accuracy,
+        rounds=metrics.rounds,
+        bytes_moved=metrics.bytes_moved,
+        wall_seconds=time.perf_counter() - started,
+        steps=averager.step,
+    )
+
+
+def _hierarchy(text: str) -> dict[int, int]:
+    """``2:4,4:16`` -> {group size 2: period 4, group size 4: period 16}."""
+    try:
+        pairs = [part.split(":") for part in text.split(",") if part]
+        return {int(size): int(period) for size, period in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GROUP_SIZE:PERIOD[,GROUP_SIZE:PERIOD...], got {text!r}") from None
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, Path | None]:
+    """The run's config and where to write rank 0's result (``--result``)."""
+    parser = argparse.ArgumentParser(
+        prog="torchrun --nproc-per-node N -m avgctl.worker.demo",
+        description="Train the avgctl demo task (non-IID Gaussian mixture, small MLP) with live-controlled averaging.",
+    )
+    parser.add_argument("--server", help="avgctl server URL (default: $AVGCTL_SERVER; without one, metrics print locally)")
+    parser.add_argument("--job-id", help="job id (default: torchrun's run id)")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
+    parser.add_argument("--period", type=int, default=8, help="averaging period (default 8)")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="steps before the first average (default 0)")
+    parser.add_argument("--hierarchy", type=_hierarchy, help="hierarchical averaging, e.g. 2:4 (groups of 2 average every 4 steps)")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skew", type=float, default=0.9, help="share of a rank's data from its own classes (default 0.9)")
+    parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep per step (to watch it live)")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint path prefix; resumes from it when present")
+    parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--result", type=Path, help="write rank 0's final figures to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="no metrics table")
+    args = parser.parse_args(argv)
+    try:
+        cfg = DemoConfig(
+            steps=args.steps,
+            period=args.period,
+            warmup_steps=args.warmup_steps,
+            hierarchy=args.hierarchy,
+            lr=args.lr,
+            seed=args.seed,
+            skew=args.skew,
+            step_delay=args.step_delay,
+            checkpoint=args.checkpoint,
+            checkpoint_every=args.checkpoint_every,
+            quiet=args.quiet,
+            server=args.server,
+            job_id=args.job_id,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    return cfg, args.result
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, result_path = parse_args(argv)
+    env = wdist.read_env()
+    cfg.server = cfg.server or env.server
+    cfg.token = env.token
+    torch.set_num_threads(1)  # several ranks share a CPU
+    dist.init_process_group("gloo")
+    try:
+        result = train(cfg, dist.get_rank(), dist.get_world_size())
+        if dist.get_rank() == 0:
+            if not cfg.quiet:
+                print(
+                    f"done: {result.steps} steps, {result.rounds} averaging rounds, "
+                    f"final loss {result.final_loss:.4f}, accuracy {result.accuracy:.3f}",
+                    flush=True,
+                )
+            if result_path is not None:
+                result_path.write_text(json.dumps(dataclasses.asdict(result)))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
