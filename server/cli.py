@@ -264,8 +264,11 @@ def add_average_now_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_command_parser(subparsers, "average-now", "one averaging round over all ranks now", lambda a: {"type": "average_now"})
 
 
+from avgctl.server.launcher import add_demo_parser  # noqa: E402  (the launcher imports this module lazily)
+
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_serve_parser,
+    add_demo_parser,
     add_jobs_parser,
     add_status_parser,
     add_set_period_parser,

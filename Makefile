@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Everything they need is installed here.
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU build that lies on disk on our machines; any torch>=2.4 works (make TORCH=torch).
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+WEB_STAMP := web/node_modules/.installed-stamp
+
+.PHONY: setup demo test browser
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(WEB_STAMP): web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Debian's Chromium for the browser tests (never a downloaded browser build).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+setup: $(STAMP) $(WEB_STAMP)
+
+demo: setup
+	$(VENV)/bin/avgctl demo
+
+test: setup browser
+	$(PY) -m pytest

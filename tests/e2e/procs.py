@@ -1,0 +1,129 @@
+"""Real processes for end-to-end tests: ``avgctl serve`` and ``torchrun`` demo workers on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CONTROL, WORKER = "e2e-control-token", "e2e-worker-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll until ``condition()`` is truthy (and return it); AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        time.sleep(interval)
+
+
+class Api:
+    """A tiny REST client with the control token."""
+
+    def __init__(self, base: str, token: str = CONTROL):
+        self.base, self.token = base, token
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def get(self, path: str) -> Any:
+        return self.call("GET", path)
+
+    def try_get(self, path: str) -> Any:
+        try:
+            return self.get(path)
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def command(self, job: str, body: dict) -> dict:
+        return self.call("POST", f"/api/jobs/{job}/commands", body)
+
+    def wait_done(self, job: str, command: dict, timeout: float = 60.0) -> dict:
+        path = f"/api/jobs/{job}/commands/{command['id']}"
+        return wait_for(
+            lambda: (c := self.try_get(path)) and c["status"] != "pending" and c, timeout, what=f"command {command['id']}"
+        )
+
+
+class ServerProcess:
+    """``avgctl serve`` as a child process; kill and restart it on the same port and database."""
+
+    def __init__(self, db: Path, port: int | None = None):
+        self.db, self.port = db, port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.api = Api(self.base)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "avgctl.server.cli", "serve", "--port", str(self.port), "--db", str(self.db),
+             "--control-token", CONTROL, "--worker-token", WORKER, "--log-level", "warning"],
+            start_new_session=True,
+        )
+        wait_for(lambda: self.proc.poll() is not None or self.api.try_get("/api/health"), 30, what="server health")
+        assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Workers:
+    """``torchrun --standalone`` running the demo task against a server."""
+
+    def __init__(self, server: str, job_id: str, *args: str, nproc: int = 2, log: Path | None = None, module: str = "avgctl.worker.demo"):
+        self.log = open(log, "w") if log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+             "-m", module, "--server", server, "--job-id", job_id, "--quiet", *args],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "AVGCTL_TOKEN": WORKER, "OMP_NUM_THREADS": "1"},
+        )
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        if self.log is not subprocess.DEVNULL:
+            self.log.close()

@@ -1,0 +1,158 @@
+"""The dashboard in Debian's Chromium against a real avgctl server fed by fake ranks."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright.sync_api import expect
+
+from avgctl.worker import control_state as cs
+from tests.server.helpers import READ, ServerThread
+from tests.web.helpers import FakeJob, login
+
+pytestmark = pytest.mark.browser
+
+SOME_POINTS = re.compile(r"^[1-9]\d*$")
+CHARTS = ("#chart-loss", "#chart-divergence", "#chart-drift", "#chart-period", "#chart-throughput")
+
+
+def open_job(page, server, job_id: str = "web-job") -> None:
+    login(page, server, route=f"#/jobs/{job_id}")
+    expect(page.locator("#connection-state")).to_have_attribute("data-state", "connected")
+
+
+def test_pages_load_without_console_errors(server, fake_job, page):
+    login(page, server)
+    row = page.locator('#job-table tr[data-job-id="web-job"]')
+    expect(row).to_contain_text("running")
+    expect(row.locator("td").nth(2)).to_have_text("4")  # world size
+    row.get_by_role("link", name="web-job").click()
+    expect(page).to_have_url(re.compile(r"#/jobs/web-job$"))
+    expect(page.locator("#connection-state")).to_have_attribute("data-state", "connected")
+    for chart in CHARTS:
+        expect(page.locator(chart)).to_have_attribute("data-points", SOME_POINTS)
+    expect(page.locator("#rank-table tbody tr")).to_have_count(4)
+    expect(page.locator("#job-period")).to_have_text("4")
+    page.locator("#home-link").click()
+    expect(page.locator('#job-table tr[data-job-id="web-job"]')).to_be_visible()
+    assert page.console.errors == []
+
+
+def test_charts_receive_live_data(server, page):
+    job = FakeJob(server.url).start(streaming=False)  # the job exists (hello) but has no metrics yet
+    try:
+        open_job(page, server)
+        expect(page.locator("#rank-table tbody tr")).to_have_count(4)
+        assert page.locator("#chart-loss").get_attribute("data-points") in (None, "0")
+        job.streaming.set()
+        for chart in CHARTS:
+            expect(page.locator(chart)).to_have_attribute("data-points", SOME_POINTS)
+        expect(page.locator("#chart-loss")).to_have_attribute("data-series", "4")
+        expect(page.locator("#chart-divergence")).to_have_attribute("data-series", "6")  # 4 ranks + mean + max
+        first = int(page.locator("#job-step").inner_text())
+        expect(page.locator("#job-step")).not_to_have_text(str(first))  # the step keeps moving
+        page.locator("#divergence-relative").check()
+        expect(page.locator("#chart-divergence")).to_have_attribute("data-points", SOME_POINTS)
+        assert page.console.errors == []
+    finally:
+        job.stop()
+    assert job.error is None
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "2.5", "abc", ""])
+def test_bad_period_is_explained_and_not_sent(server, fake_job, rest, bad, page):
+    open_job(page, server)
+    page.locator("#period-input").fill(bad)
+    page.locator("#set-period").click()
+    error = page.locator("#period-error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("whole number of steps")
+    expect(page.locator("#period-input")).to_have_attribute("aria-invalid", "true")
+    # A valid click afterwards is the proof that clicks do reach the server; before it, none did.
+    assert rest.get("/api/jobs/web-job/commands").json() == []
+    page.locator("#pause-averaging").click()
+    expect(page.locator("#command-log tbody tr")).to_have_count(1)
+    assert [c["type"] for c in rest.get("/api/jobs/web-job/commands").json()] == ["pause_averaging"]
+    assert page.console.errors == []
+
+
+def test_set_period_goes_from_pending_to_applied(server, fake_job, rest, page):
+    open_job(page, server)
+    page.locator("#period-input").fill("8")
+    page.locator("#set-period").click()
+    row = page.locator("#command-log tbody tr").first
+    expect(row).to_contain_text("set period to 8")
+    expect(row).to_have_attribute("data-status", "applied")
+    expect(row).to_contain_text(re.compile(r"applied at step \d+"))
+    commands = rest.get("/api/jobs/web-job/commands").json()
+    assert [(c["type"], c["status"]) for c in commands] == [("set_period", "applied")]
+    assert f"applied at step {commands[0]['applied_step']}" in row.inner_text()
+    expect(page.locator("#job-period")).to_have_text("8")
+    expect(page.locator("#chart-period")).to_have_attribute("data-markers", "1")
+    expect(page.locator("#period-error")).to_be_hidden()
+    assert page.console.errors == []
+
+
+def test_pause_and_resume_buttons_follow_the_job(server, fake_job, page):
+    open_job(page, server)
+    page.get_by_role("button", name="Pause averaging").click()
+    expect(page.locator("#resume-averaging")).to_be_visible()
+    expect(page.locator("#pause-averaging")).to_be_hidden()
+    expect(page.locator("#job-averaging")).to_have_text("paused")
+    page.get_by_role("button", name="Resume averaging").click()
+    expect(page.locator("#pause-averaging")).to_be_visible()
+    expect(page.locator('#command-log tbody tr[data-status="applied"]')).to_have_count(2)
+    assert page.console.errors == []
+
+
+def test_hierarchy_periods_must_grow_with_group_size(server, rest, page):
+    state = cs.hierarchical_state(periods=(2, 8), group_sizes=(2, 4), warmup_steps=0)
+    job = FakeJob(server.url, job_id="tree", world_size=4, state=state).start()
+    try:
+        open_job(page, server, "tree")
+        expect(page.locator("#hierarchy-controls")).to_be_visible()
+        page.locator("#hierarchy-input-2").fill("8")
+        page.locator("#hierarchy-input-4").fill("4")
+        page.locator("#set-hierarchy").click()
+        expect(page.locator("#hierarchy-error")).to_contain_text("grow with the group size")
+        assert rest.get("/api/jobs/tree/commands").json() == []
+        page.locator("#hierarchy-input-2").fill("4")
+        page.locator("#hierarchy-input-4").fill("16")
+        page.locator("#set-hierarchy").click()
+        expect(page.locator('#command-log tbody tr[data-status="applied"]')).to_contain_text("groups of 4: 16")
+        expect(page.locator("#job-period")).to_have_text("16")
+        assert page.console.errors == []
+    finally:
+        job.stop()
+    assert job.error is None
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_missing_or_wrong_token_is_explained(server, fake_job, token, page):
+    page.goto(server.url + "/" if token is None else f"{server.url}/?token={token}")
+    expect(page.locator("#error")).to_contain_text("Missing or wrong token")
+    expect(page.locator("#error")).to_contain_text("?token=")
+
+
+def test_read_token_cannot_send_commands(server, fake_job, rest, page):
+    login(page, server, token=READ, route="#/jobs/web-job")
+    expect(page.locator("#connection-state")).to_have_attribute("data-state", "connected")
+    page.locator("#average-now").click()
+    expect(page.locator("#command-error")).to_contain_text("token")
+    assert rest.get("/api/jobs/web-job/commands").json() == []
+
+
+def test_connection_state_follows_the_server(server, fake_job, settings, page):
+    open_job(page, server)
+    expect(page.locator("#chart-loss")).to_have_attribute("data-points", SOME_POINTS)
+    port = server.port
+    server.stop()
+    expect(page.locator("#connection-state")).to_have_attribute("data-state", "reconnecting")
+    expect(page.locator("#connection-state")).to_contain_text("reconnecting")
+    restarted = ServerThread(settings.model_copy(update={"port": port})).start()
+    try:
+        expect(page.locator("#connection-state")).to_have_attribute("data-state", "connected")
+        expect(page.locator("#chart-loss")).to_have_attribute("data-points", SOME_POINTS)  # from the new snapshot
+    finally:
+        restarted.stop()

@@ -1,0 +1,58 @@
+// avgctl dashboard: routing between the job list (#/) and a job page (#/jobs/<id>).
+//
+// Stable element ids for tests and scripts:
+//   #error                 page-wide problem (e.g. missing or wrong token); hidden when fine
+//   #connection-state      job websocket: data-state = connecting | connected | reconnecting | closed
+//   #jobs-view, #job-table (rows tr[data-job-id]), #jobs-empty
+//   #job-view, #job-summary (dd ids: #job-status, #job-step, #job-period, #job-averaging,
+//       #job-training, #job-autopilot, #job-version, #job-world-size, #job-warmup, #job-hierarchy)
+//   controls: #period-input, #set-period, #period-error, #pause-averaging, #resume-averaging,
+//       #pause-training, #resume-training, #average-now, #hierarchy-controls,
+//       #hierarchy-input-<group size>, #set-hierarchy, #hierarchy-error, #autopilot-state,
+//       #autopilot-target, #autopilot-on, #autopilot-off, #autopilot-error, #command-error
+//   charts (data-points = drawn values, data-series, data-markers on #chart-period):
+//       #chart-loss, #chart-divergence (+ #divergence-relative), #chart-drift, #chart-period,
+//       #chart-throughput
+//   #rank-table (rows tr[data-rank]), #command-log (rows tr[data-command-id][data-status])
+
+import { openJobPage } from './job.js';
+import { openJobList } from './jobs.js';
+
+const $ = (sel) => document.querySelector(sel);
+let close = null;
+
+function showError(message) {
+  $('#error').textContent = message || '';
+  $('#error').hidden = !message;
+}
+
+function setConnection(state, detail = '') {
+  const node = $('#connection-state');
+  node.hidden = state === 'idle';
+  node.dataset.state = state;
+  node.textContent = detail ? `${state} (${detail})` : state;
+}
+
+function route() {
+  close?.();
+  close = null;
+  showError(null);
+  setConnection('idle');
+  const match = location.hash.match(/^#\/jobs\/([^/]+)$/);
+  $('#jobs-view').hidden = !!match;
+  $('#job-view').hidden = !match;
+  if (match) {
+    const id = decodeURIComponent(match[1]);
+    $('#crumb').textContent = `/ job ${id}`;
+    document.title = `${id} · avgctl`;
+    close = openJobPage(id, { showError, setConnection });
+  } else {
+    $('#crumb').textContent = '';
+    document.title = 'avgctl';
+    close = openJobList({ showError });
+  }
+}
+
+addEventListener('unhandledrejection', (ev) => showError(`Dashboard error: ${ev.reason?.message ?? ev.reason}`));
+addEventListener('hashchange', route);
+route();

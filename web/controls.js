@@ -1,0 +1,208 @@
+// Controls and the command log. Every action is a POST to the REST API; the log follows each
+// command from pending to applied/rejected via websocket `command` messages, with polling as fallback.
+
+import { getCommand, sendCommand } from './rest.js';
+import { el, toSeconds } from './format.js';
+
+const $ = (sel) => document.querySelector(sel);
+const MAX_PERIOD = 1_000_000;
+const LOG_ROWS = 200;
+const POLL_MS = 2500;
+
+const SIMPLE = [
+  ['pause-averaging', 'pause_averaging'],
+  ['resume-averaging', 'resume_averaging'],
+  ['pause-training', 'pause_training'],
+  ['resume-training', 'resume_training'],
+  ['average-now', 'average_now'],
+];
+
+/** A whole number of steps in [1, MAX_PERIOD], or null. */
+function parsePeriod(raw) {
+  if (!/^\d+$/.test(raw)) return null;
+  const n = Number(raw);
+  return n >= 1 && n <= MAX_PERIOD ? n : null;
+}
+
+/** What a command asks for, in words. */
+export function describe(cmd) {
+  const b = { ...cmd, ...(cmd.command || cmd.body || {}) };
+  switch (b.type) {
+    case 'set_period': return `set period to ${b.period}`;
+    case 'set_hierarchy': return `set periods ${Object.entries(b.periods || {}).map(([g, p]) => `groups of ${g}: ${p}`).join(', ')}`;
+    case 'set_autotune': return b.enabled ? `autopilot on (target ${b.target_divergence ?? 'calibrated'})` : 'autopilot off';
+    default: return String(b.type || '?').replaceAll('_', ' ');
+  }
+}
+
+function shortLabel(cmd) {
+  const b = { ...cmd, ...(cmd.command || cmd.body || {}) };
+  return b.type === 'set_period' ? `period ${b.period}` : String(b.type || '').replaceAll('_', ' ');
+}
+
+function statusText(cmd) {
+  if (cmd.status === 'applied') return cmd.applied_step === null || cmd.applied_step === undefined ? 'applied' : `applied at step ${cmd.applied_step}`;
+  if (cmd.status === 'rejected') return `rejected: ${cmd.reason || 'no reason given'}`;
+  return cmd.status || 'pending';
+}
+
+function timeText(t) {
+  const s = toSeconds(t);
+  return Number.isFinite(s) ? new Date(s * 1000).toLocaleTimeString() : '';
+}
+
+export class Controls {
+  constructor(jobId, { showError, onApplied }) {
+    Object.assign(this, { jobId, showError, onApplied });
+    this.commands = new Map();
+    this.control = null;
+    this.renderTimer = null;
+    $('#set-period').onclick = () => this.setPeriod();
+    $('#period-input').onkeydown = (e) => { if (e.key === 'Enter') this.setPeriod(); };
+    for (const [id, type] of SIMPLE) $(`#${id}`).onclick = () => this.send({ type }, '#command-error');
+    $('#set-hierarchy').onclick = () => this.setHierarchy();
+    $('#autopilot-on').onclick = () => this.setAutotune(true);
+    $('#autopilot-off').onclick = () => this.setAutotune(false);
+    this.poller = setInterval(() => this.pollPending(), POLL_MS);
+  }
+
+  destroy() {
+    clearInterval(this.poller);
+    clearTimeout(this.renderTimer);
+    for (const id of ['set-period', 'set-hierarchy', 'autopilot-on', 'autopilot-off', ...SIMPLE.map(([i]) => i)]) $(`#${id}`).onclick = null;
+    $('#period-input').onkeydown = null;
+    $('#command-log tbody').replaceChildren();
+    for (const sel of ['#period-error', '#hierarchy-error', '#autopilot-error', '#command-error']) $(sel).hidden = true;
+  }
+
+  /** Show the buttons that make sense for the job's control state. */
+  setControl(control) {
+    if (!control) return;
+    this.control = control;
+    $('#pause-averaging').hidden = !!control.averaging_paused;
+    $('#resume-averaging').hidden = !control.averaging_paused;
+    $('#pause-training').hidden = !!control.training_paused;
+    $('#resume-training').hidden = !control.training_paused;
+    $('#period-input').placeholder = String(control.period ?? '');
+    $('#autopilot-state').textContent = control.autotune?.enabled ? 'on' : 'off';
+    const sizes = Object.keys(control.hierarchy || {}).sort((a, b) => a - b);
+    $('#hierarchy-controls').hidden = !sizes.length;
+    const box = $('#hierarchy-inputs');
+    if (box.dataset.sizes !== sizes.join(',')) {
+      box.dataset.sizes = sizes.join(',');
+      box.replaceChildren(...sizes.map((g) => {
+        const input = el('input', { id: `hierarchy-input-${g}`, type: 'text', inputMode: 'numeric', size: 5, autocomplete: 'off' });
+        input.dataset.groupSize = g;
+        return el('label', {}, `groups of ${g} `, input);
+      }));
+    }
+    for (const g of sizes) $(`#hierarchy-input-${g}`).placeholder = String(control.hierarchy[g]);
+  }
+
+  // Show or clear an inline problem; true when there is one (and nothing must be sent).
+  invalid(inputs, errSel, problem) {
+    for (const input of inputs) input.setAttribute('aria-invalid', problem ? 'true' : 'false');
+    $(errSel).textContent = problem || '';
+    $(errSel).hidden = !problem;
+    return !!problem;
+  }
+
+  setPeriod() {
+    const input = $('#period-input');
+    const raw = input.value.trim();
+    const period = parsePeriod(raw);
+    let problem = period === null ? `Period must be a whole number of steps from 1 to ${MAX_PERIOD} (got "${raw}"). Nothing was sent.` : null;
+    const h = this.control?.hierarchy;
+    const sizes = Object.keys(h || {}).sort((a, b) => a - b);
+    if (!problem && sizes.length > 1 && period <= h[sizes.at(-2)]) {
+      problem = `Period must be larger than ${h[sizes.at(-2)]}, the period of groups of ${sizes.at(-2)}; use the per-group periods to retune every level. Nothing was sent.`;
+    }
+    if (this.invalid([input], '#period-error', problem)) return;
+    this.send({ type: 'set_period', period }, '#period-error');
+  }
+
+  setHierarchy() {
+    const inputs = [...document.querySelectorAll('#hierarchy-inputs input')];
+    const levels = inputs.map((input) => {
+      const raw = input.value.trim() || input.placeholder;
+      return { size: Number(input.dataset.groupSize), raw, period: parsePeriod(raw) };
+    }).sort((a, b) => a.size - b.size);
+    let problem = null;
+    const bad = levels.find((l) => l.period === null);
+    if (bad) problem = `The period for groups of ${bad.size} must be a whole number of steps from 1 to ${MAX_PERIOD} (got "${bad.raw}").`;
+    for (let i = 1; !problem && i < levels.length; i++) {
+      const [a, b] = [levels[i - 1], levels[i]];
+      if (b.period <= a.period) problem = `Periods must grow with the group size: groups of ${b.size} (every ${b.period} steps) must average less often than groups of ${a.size} (every ${a.period} steps).`;
+    }
+    if (this.invalid(inputs, '#hierarchy-error', problem && `${problem} Nothing was sent.`)) return;
+    this.send({ type: 'set_hierarchy', periods: Object.fromEntries(levels.map((l) => [String(l.size), l.period])) }, '#hierarchy-error');
+  }
+
+  setAutotune(enabled) {
+    const input = $('#autopilot-target');
+    const raw = input.value.trim();
+    const target = raw === '' ? null : Number(raw);
+    const ok = !enabled || target === null || (Number.isFinite(target) && target > 0 && target <= 1e6);
+    if (this.invalid([input], '#autopilot-error', ok ? null : `Target divergence must be a positive number (or empty to calibrate it), got "${raw}". Nothing was sent.`)) return;
+    this.send({ type: 'set_autotune', enabled, target_divergence: enabled ? target : null }, '#autopilot-error');
+  }
+
+  async send(command, errSel) {
+    for (const sel of ['#period-error', '#hierarchy-error', '#autopilot-error', '#command-error']) $(sel).hidden = true;
+    try {
+      const cmd = await sendCommand(this.jobId, command);
+      this.upsert({ command, ...cmd });
+    } catch (err) {
+      if (err.isAuth) this.showError(err.message);
+      $(errSel).textContent = `Not accepted: ${err.message}`;
+      $(errSel).hidden = false;
+    }
+  }
+
+  reset(list) {
+    this.commands.clear();
+    for (const cmd of list) this.upsert(cmd);
+    this.renderSoon();
+  }
+
+  upsert(cmd) {
+    if (!cmd || cmd.id === undefined) return;
+    const old = this.commands.get(cmd.id);
+    this.commands.set(cmd.id, { ...old, ...cmd });
+    if (cmd.status !== 'pending' && old?.status !== cmd.status) this.onApplied();
+    this.renderSoon();
+  }
+
+  /** Applied commands as chart markers at their applied step. */
+  markers() {
+    return [...this.commands.values()]
+      .filter((c) => c.status === 'applied' && typeof c.applied_step === 'number')
+      .map((c) => ({ x: c.applied_step, label: shortLabel(c) }));
+  }
+
+  async pollPending() {
+    const pending = [...this.commands.values()].filter((c) => c.status === 'pending').slice(-20);
+    for (const c of pending) {
+      try { this.upsert(await getCommand(this.jobId, c.id)); } catch { return; }
+    }
+  }
+
+  renderSoon() {
+    if (this.renderTimer === null) this.renderTimer = setTimeout(() => { this.renderTimer = null; this.render(); }, 50);
+  }
+
+  render() {
+    const rows = [...this.commands.values()].sort((a, b) => b.id - a.id).slice(0, LOG_ROWS).map((c) => {
+      const tr = el('tr', {},
+        el('td', { className: 'num', textContent: c.id }),
+        el('td', { textContent: describe(c) }),
+        el('td', { textContent: c.author ?? '' }),
+        el('td', { textContent: timeText(c.created_at) }),
+        el('td', { className: `status status-${c.status}`, textContent: statusText(c) }));
+      tr.dataset.commandId = c.id;
+      tr.dataset.status = c.status;
+      return tr;
+    });
+    $('#command-log tbody').replaceChildren(...rows);
+  }
+}

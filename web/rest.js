@@ -1,0 +1,54 @@
+// The REST client: the only way the dashboard acts on a job. Same-origin fetches carry the
+// HttpOnly `avgctl_token` cookie the server set when the user opened /?token=...
+
+/** A non-2xx answer (status 0: the server could not be reached). */
+export class ApiError extends Error {
+  constructor(status, message, body = null) {
+    super(message);
+    this.status = status;
+    this.body = body;
+  }
+  get isAuth() { return this.status === 401 || this.status === 403; }
+}
+
+export const AUTH_MESSAGE =
+  'Missing or wrong token: open the URL printed by `avgctl serve` / `avgctl demo`, which includes ?token=';
+
+// FastAPI puts the reason in `detail`: a string, or a list of validation errors.
+function reasonOf(body, fallback) {
+  const detail = body && typeof body === 'object' ? body.detail : body;
+  if (typeof detail === 'string' && detail) return detail;
+  if (Array.isArray(detail)) return detail.map((d) => d.msg || JSON.stringify(d)).join('; ');
+  return fallback;
+}
+
+export async function api(path, { method = 'GET', body } = {}) {
+  const init = { method, credentials: 'same-origin', cache: 'no-store', headers: { Accept: 'application/json' } };
+  if (body !== undefined) {
+    init.headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  let res;
+  try {
+    res = await fetch(path, init);
+  } catch (err) {
+    throw new ApiError(0, `The avgctl server cannot be reached (${err.message}).`);
+  }
+  const text = await res.text();
+  let data = text;
+  try { data = text ? JSON.parse(text) : null; } catch { /* keep the text */ }
+  if (!res.ok) {
+    const err = new ApiError(res.status, reasonOf(data, `${res.status} ${res.statusText}`), data);
+    if (res.status === 401) err.message = AUTH_MESSAGE;
+    if (res.status === 403) err.message = `${AUTH_MESSAGE} (the server said: ${err.message})`;
+    throw err;
+  }
+  return data;
+}
+
+const job = (id) => `/api/jobs/${encodeURIComponent(id)}`;
+export const listJobs = () => api('/api/jobs');
+export const getJob = (id) => api(job(id));
+export const listCommands = (id) => api(`${job(id)}/commands`);
+export const getCommand = (id, cid) => api(`${job(id)}/commands/${encodeURIComponent(cid)}`);
+export const sendCommand = (id, command) => api(`${job(id)}/commands`, { method: 'POST', body: command });
