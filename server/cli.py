@@ -299,4 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's module, not this __main__ copy, so CliError is one class for every subcommand.
+    from avgctl.server.cli import main as package_main
+
+    sys.exit(package_main())
