@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 WEB_STAMP := web/node_modules/.installed-stamp
 
-.PHONY: setup demo test browser
+.PHONY: setup demo test system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,14 +20,16 @@ $(WEB_STAMP): web/package.json web/package-lock.json
 	cd web && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# Debian's Chromium for the browser tests (never a downloaded browser build).
-browser:
-	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+# Test tools from Debian: Chromium for the browser tests (never a downloaded browser build), and
+# docker-compose 1.x for `docker-compose config` and the Compose schema it ships (no engine needed).
+system-deps:
+	@command -v chromium >/dev/null && command -v docker-compose >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium docker-compose >/dev/null)
 
 setup: $(STAMP) $(WEB_STAMP)
 
 demo: setup
 	$(VENV)/bin/avgctl demo
 
-test: setup browser
+test: setup system-deps
 	$(PY) -m pytest
