@@ -124,15 +124,16 @@ class _LiveAverager(ModelAverager):
         step_time = None if self._last_call_end is None else started - self._last_call_end
         state = self._state
         layout = None
+        averaged = None  # this step's samples when a round just produced them
         if cs.needs_exchange(state, step, self._last_exchange, self.control_interval):
             layout = self._layout_for(torch_utils.get_params_to_average(params))
             state = self._agree(state, step, layout)
             level = cs.round_level(state, step)
             if level is not None:
-                self._round(layout, level, step)
+                averaged = self._round(layout, level, step)
                 if state.average_now:
                     state = self._state = dataclasses.replace(state, average_now=False)
-        self._emit_step(step, step_time)
+        self._emit_step(step, step_time, averaged)
         if state.training_paused:
             assert layout is not None  # a pause is only ever agreed at an exchange
             self._hold(layout, step)
@@ -234,7 +235,8 @@ class _LiveAverager(ModelAverager):
             return dv.gather(layout.flat.buffer, layout.plan)
         return dv.gather_params(layout.params, layout.plan)
 
-    def _round(self, layout: _Layout, level: int, step: int) -> None:
+    def _round(self, layout: _Layout, level: int, step: int) -> torch.Tensor:
+        """Average over the level's group and report the round; returns the sampled coordinates after it."""
         started = time.perf_counter()
         group, size = self._level_groups[level], self._level_sizes[level]
         before = self._samples(layout)
@@ -277,6 +279,7 @@ class _LiveAverager(ModelAverager):
         metrics.bytes_moved += moved
         metrics.averaging_seconds += seconds
         self._emit("on_round", record)
+        return after
 
     def _hold(self, layout: _Layout, step: int) -> None:
         """Keep every rank at this step until resumed, never sitting in one collective for long.
@@ -298,11 +301,13 @@ class _LiveAverager(ModelAverager):
                 self._round(layout, top, step)
                 self._state = dataclasses.replace(state, average_now=False)
 
-    def _emit_step(self, step: int, step_time: float | None) -> None:
+    def _emit_step(self, step: int, step_time: float | None, averaged: torch.Tensor | None = None) -> None:
         drift = None
         layout = self._layout
         if self._last_average is not None and layout is not None and step % self.drift_every == 0:
-            drift = dv.drift(self._samples(layout), self._last_average, layout.plan)
+            # Right after a round nothing has moved: its samples are the current ones (no second gather).
+            current = averaged if averaged is not None else self._samples(layout)
+            drift = dv.drift(current, self._last_average, layout.plan)
         record = StepRecord(
             step=step,
             time=time.time(),

@@ -68,6 +68,9 @@ def make_plan(numels: list[int], budget: int | None, *, seed: int = 0, min_per_l
 
 def gather(flat: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
     """The sampled coordinates of a flat buffer, as float64 on the CPU."""
+    if plan.exact and flat.numel() == plan.index.numel():
+        # The exact plan's index is every position in order: a plain copy, without the index pass.
+        return flat.to(device="cpu", dtype=torch.float64, copy=True)
     return flat.index_select(0, plan.index.to(flat.device)).to(device="cpu", dtype=torch.float64)
 
 
@@ -109,6 +112,9 @@ def rank_divergence(before: torch.Tensor, after: torch.Tensor, plan: SamplePlan)
 
 def drift(current: torch.Tensor, last_average: torch.Tensor, plan: SamplePlan) -> float:
     """``||theta_i - theta_bar(last sync)||``: how far this rank moved since the last round."""
+    if current is last_average:
+        # x - x is exactly 0 where x is finite and NaN elsewhere: the same figure without the passes.
+        return 0.0 if bool(torch.isfinite(current).all()) else math.nan
     return math.sqrt(float(layer_squares(current - last_average, plan).sum()))
 
 
