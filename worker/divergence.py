@@ -112,9 +112,6 @@ def rank_divergence(before: torch.Tensor, after: torch.Tensor, plan: SamplePlan)
 
 def drift(current: torch.Tensor, last_average: torch.Tensor, plan: SamplePlan) -> float:
     """``||theta_i - theta_bar(last sync)||``: how far this rank moved since the last round."""
-    if current is last_average:
-        # x - x is exactly 0 where x is finite and NaN elsewhere: the same figure without the passes.
-        return 0.0 if bool(torch.isfinite(current).all()) else math.nan
     return math.sqrt(float(layer_squares(current - last_average, plan).sum()))
 
 
