@@ -2,9 +2,11 @@
 
 Run: ``.venv/bin/python bench/ingest.py`` (about a minute). Three phases, same machine, same run:
 
-1. ceiling: the same senders against a bare ``websockets`` receive loop (counting frames);
+1. ceiling: the same senders against a bare ``websockets`` receive loop that parses each frame's
+   JSON (the least any server does with a frame);
 2. throughput: the senders as fast as they can against ``avgctl serve``; a batch counts once the
-   server has stored it in SQLite, while 10 dashboards listen;
+   server has stored it in SQLite, while 10 dashboards listen. Both phases time from the first
+   frame sent (connections are open and have said hello) until the server has the last one;
 3. latency: 64 ranks x 10 batches/s; each record carries its send time, the dashboards measure
    send-to-receive latency (p50/p99).
 
@@ -60,8 +62,8 @@ def batch(first_step: int, sent_at: float) -> str:
 
 async def _bare_server(port: int, ready) -> None:
     async def handler(ws):
-        async for _ in ws:
-            pass
+        async for text in ws:
+            json.loads(text)
 
     async with websockets.serve(handler, "127.0.0.1", port, max_size=2**20, compression=None):
         ready.set()
@@ -90,7 +92,11 @@ async def _dashboards(url: str, n: int, duration: float, out) -> None:
                     break
                 now = time.time()
                 msg = json.loads(text)
-                if msg.get("kind") == "metrics":
+                # One sample per rank per message: the oldest record of that rank in it.
+                if msg.get("kind") == "metrics_batch":
+                    messages += 1
+                    latencies.extend(now - item["steps"][0]["time"] for item in msg["items"] if item["steps"])
+                elif msg.get("kind") == "metrics":  # servers from before metrics_batch: one per rank
                     messages += 1
                     latencies.extend(now - s["time"] for s in msg["steps"][:1])
 
@@ -116,8 +122,9 @@ async def open_ranks(url: str, ranks: int, headers: dict) -> list:
     return conns
 
 
-async def send_flat_out(url: str, ranks: int, batches: int, headers: dict, bare: bool) -> float:
-    """Every rank sends ``batches`` frames as fast as it can; returns when the server has read them."""
+async def send_flat_out(url: str, ranks: int, batches: int, headers: dict, bare: bool) -> tuple[float, float]:
+    """Every rank sends ``batches`` frames as fast as it can; returns (``perf_counter`` at the first
+    frame, seconds until all were sent, and for ``bare`` read by the server)."""
     conns = await open_ranks(url, ranks, headers)
     frames = [batch(1 + i * RECORDS_PER_BATCH, time.time()) for i in range(batches)]
     start = time.perf_counter()
@@ -132,7 +139,7 @@ async def send_flat_out(url: str, ranks: int, batches: int, headers: dict, bare:
     elapsed = time.perf_counter() - start
     for ws in conns:
         await ws.close()
-    return elapsed
+    return start, elapsed
 
 
 async def send_paced(url: str, ranks: int, rate: float, duration: float) -> int:
@@ -196,7 +203,7 @@ def main() -> None:
     bare = ctx.Process(target=bare_server_main, args=(port, ready), daemon=True)
     bare.start()
     ready.wait(30)
-    bare_s = asyncio.run(send_flat_out(f"ws://127.0.0.1:{port}", args.ranks, args.batches, {}, bare=True))
+    _, bare_s = asyncio.run(send_flat_out(f"ws://127.0.0.1:{port}", args.ranks, args.batches, {}, bare=True))
     bare.terminate()
     bare.join()
     bare_rate = total / bare_s
@@ -222,8 +229,7 @@ def main() -> None:
             dash = ctx.Process(target=dashboards_main, args=(dash_url, args.dashboards, 60.0, out), daemon=True)
             dash.start()
             time.sleep(2.0)  # let the dashboards connect and take their snapshots
-            start = time.perf_counter()
-            asyncio.run(send_flat_out(ws_url, args.ranks, args.batches, {"Authorization": f"Bearer {TOKEN}"}, bare=False))
+            start, _ = asyncio.run(send_flat_out(ws_url, args.ranks, args.batches, {"Authorization": f"Bearer {TOKEN}"}, bare=False))
             target = before + total * RECORDS_PER_BATCH
             while stored_steps(db) < target and time.perf_counter() - start < 60:
                 time.sleep(0.05)

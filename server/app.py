@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import sys
 from collections.abc import AsyncIterator
@@ -12,10 +13,13 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, HTMLResponse, Response
+from starlette.exceptions import HTTPException
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 import avgctl.web
 from avgctl.server.auth import AuthMiddleware, Tokens
+from avgctl.server.autopilot import Autopilot
 from avgctl.server.commands import CommandService
 from avgctl.server.hub import Hub
 from avgctl.server.limits import BodyLimitMiddleware
@@ -30,6 +34,19 @@ UPLOT_DIR = WEB_DIR / "node_modules" / "uplot" / "dist"
 
 _PLACEHOLDER = """<!doctype html><meta charset="utf-8"><title>avgctl</title>
 <h1>avgctl</h1><p>The dashboard is not installed. The API is at <a href="/docs">/docs</a>.</p>"""
+
+
+class PageFiles(StaticFiles):
+    """Static files of one folder whose names match ``pattern`` (no subfolders); 404 for the rest."""
+
+    def __init__(self, directory: Path, pattern: str):
+        super().__init__(directory=directory, check_dir=False)
+        self.pattern = re.compile(pattern)
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        if self.pattern.fullmatch(path) is None:
+            raise HTTPException(status_code=404)
+        return await super().get_response(path, scope)
 
 
 def with_token(settings: Settings) -> Settings:
@@ -54,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = Store(settings.db, settings.metrics_queue)
+        store = Store(settings.db, settings.metrics_queue, settings.retention_steps, settings.history_records)
         await asyncio.to_thread(store.start)
         hub = Hub(settings.dashboard_interval, settings.dashboard_queue)
         workers = WorkerRegistry()
@@ -62,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.hub = hub
         app.state.workers = workers
         app.state.commands = CommandService(store, workers, hub)
+        app.state.autopilot = Autopilot(store, app.state.commands)
         ticker = asyncio.create_task(hub.run(), name="avgctl-hub")
         if generated:
             print(f"avgctl: no token configured; dashboard: {dashboard_url(settings)}", file=sys.stderr, flush=True)
@@ -69,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await workers.close_all()
+            await app.state.autopilot.close()
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
@@ -84,8 +103,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         page = WEB_DIR / "index.html"
         return FileResponse(page) if page.is_file() else HTMLResponse(_PLACEHOLDER)
 
-    app.mount("/vendor/uplot", StaticFiles(directory=UPLOT_DIR, check_dir=False), name="uplot")
-    app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
+    # Only the dashboard's own files: not web/'s package files, node_modules or Python files.
+    app.mount("/vendor/uplot", PageFiles(UPLOT_DIR, r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(?:js|css)"), name="uplot")
+    app.mount("/", PageFiles(WEB_DIR, r"[A-Za-z0-9_-]+\.(?:html|js|css)"), name="web")
     # Outermost first: auth before anything reads the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, tokens=Tokens(settings.control_token, settings.read_token, settings.worker_token))

@@ -1,14 +1,21 @@
 """Bearer tokens with three rights: control (everything), read (GETs, dashboards), worker (ingest).
 
-One ASGI middleware guards every route, static files and websockets alike, so no endpoint can
-forget its check. A token comes from ``Authorization: Bearer``, ``?token=`` or the
-``avgctl_token`` cookie the dashboard login sets.
+One ASGI middleware guards every route and websocket, so no endpoint can forget its check: what
+is not listed as public needs a token (deny by default). Public are ``/api/health`` and the
+dashboard's own files (``/``, ``/index.html``, ``/<name>.js``, ``/<name>.css``, ``/vendor/uplot/*``,
+GET/HEAD only): they hold no data, and the page must load to explain a missing or wrong token.
+``/api/*``, ``/metrics``, ``/ws/*`` and the API docs (``/docs``, ``/openapi.json``) stay guarded.
+
+A token comes from ``Authorization: Bearer``, ``?token=`` or the ``avgctl_token`` cookie the
+dashboard login sets: ``/?token=<read or control token>`` sets the cookie and redirects to ``/``;
+``/?token=<anything else>`` redirects to ``/`` without a cookie, so the page says what is wrong.
 """
 
 from __future__ import annotations
 
 import enum
 import hmac
+import re
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qsl, urlencode
 
@@ -18,6 +25,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 COOKIE = "avgctl_token"
 OPEN_PATHS = frozenset({"/api/health"})
 WORKER_PATH = "/ws/worker"
+# The dashboard's files: one path segment (no "/", so no way into a folder) or uPlot's dist.
+_PAGE_FILES = re.compile(r"/(?:index\.html|[A-Za-z0-9_-]+\.(?:js|css)|vendor/uplot/[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(?:js|css))?")
+
+
+def is_page_file(scope: Scope) -> bool:
+    """A GET/HEAD of the dashboard page or one of its files: served without a token."""
+    return scope["type"] == "http" and scope.get("method") in ("GET", "HEAD") and _PAGE_FILES.fullmatch(scope["path"]) is not None
 
 
 class Role(enum.Enum):
@@ -87,25 +101,31 @@ class AuthMiddleware:
             return
         token, from_query = _token(scope)
         role = self.tokens.role(token)
+        if is_page_file(scope):
+            if scope["path"] == "/" and from_query:
+                # Log in with a dashboard token; any other token just leaves the address bar.
+                await _login(scope, receive, send, token if role in (Role.READ, Role.CONTROL) else None)
+                return
+            await self.app(scope, receive, send)
+            return
         if role is None:
             status, detail = 401, "missing token" if token is None else "invalid token"
         elif role not in required(scope):
             status, detail = 403, f"a {role.value} token may not do this"
         else:
-            if scope["type"] == "http" and scope["path"] == "/" and from_query and role != Role.WORKER:
-                await _login(scope, receive, send, token)  # type: ignore[arg-type]
-                return
             scope.setdefault("state", {})["role"] = role
             await self.app(scope, receive, send)
             return
         await _deny(scope, receive, send, status, detail)
 
 
-async def _login(scope: Scope, receive: Receive, send: Send, token: str) -> None:
-    # Trade the token in the URL for a cookie, so it leaves the address bar and the history.
+async def _login(scope: Scope, receive: Receive, send: Send, token: str | None) -> None:
+    # Trade the token in the URL for a cookie, so it leaves the address bar and the history. A token
+    # that is not a dashboard token leaves too, without a cookie: the page then explains the problem.
     query = [(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1")) if k != "token"]
     response = RedirectResponse("/" + (f"?{urlencode(query)}" if query else ""), status_code=303)
-    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
+    if token is not None:
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
     await response(scope, receive, send)
 
 

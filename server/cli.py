@@ -72,6 +72,10 @@ def run_serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         ws_max_size=settings.max_frame_bytes,
+        # No permessage-deflate: compression contexts are per connection, so every dashboard would
+        # compress the same frame again and the server would inflate every rank's frames; on
+        # loopback or a LAN that costs the one core ingest runs on more than it saves.
+        ws_per_message_deflate=False,
         log_level=args.log_level,
     )
     uvicorn.Server(config).run()

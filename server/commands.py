@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Protocol
 
 from pydantic import TypeAdapter
 
@@ -30,6 +31,13 @@ AUTOPILOT = "autopilot"
 _COMMAND = TypeAdapter(Command)
 
 
+class CommandObserver(Protocol):
+    """Told about commands on the event loop; must not block it."""
+
+    async def on_submitted(self, out: CommandOut, command: Command) -> None: ...
+    async def on_resolved(self, out: CommandOut) -> None: ...
+
+
 class CommandService:
     """Submits commands and handles rank 0's acks; runs on the event loop."""
 
@@ -37,17 +45,28 @@ class CommandService:
         self.store = store
         self.workers = workers
         self.hub = hub
+        self._observers: list[CommandObserver] = []
 
-    async def submit(self, job_id: str, command: Command, author: str) -> CommandOut:
-        """Log ``command`` as pending and deliver it if rank 0 is connected (``UnknownJob`` if none)."""
+    def add_observer(self, observer: CommandObserver) -> None:
+        """Tell ``observer`` (the autopilot) about every command logged and every one resolved."""
+        self._observers.append(observer)
+
+    async def submit(self, job_id: str, command: Command, author: str, note: str | None = None) -> CommandOut:
+        """Log ``command`` as pending and deliver it if rank 0 is connected (``UnknownJob`` if none).
+
+        ``note`` says why, in the log (the autopilot's reason for a ``set_period``).
+        """
         body = command.model_dump(mode="json")
         now = time.time()
-        out = await self.store.write(lambda conn: st.insert_command(conn, job_id, body, author, now))
+        out = await self.store.write(lambda conn: st.insert_command(conn, job_id, body, author, now, note))
         self._announce(out)
         if isinstance(command, SetAutotune):
-            return await self._set_autotune(job_id, out, command)
-        assert command.type in WORKER_COMMAND_TYPES
-        self.workers.send_to_leader(job_id, CommandDelivery(id=out.id, command=command).model_dump_json())
+            out = await self._set_autotune(job_id, out, command)
+        else:
+            assert command.type in WORKER_COMMAND_TYPES
+            self.workers.send_to_leader(job_id, CommandDelivery(id=out.id, command=command).model_dump_json())
+        for observer in self._observers:
+            await observer.on_submitted(out, command)
         return out
 
     async def _set_autotune(self, job_id: str, out: CommandOut, command: SetAutotune) -> CommandOut:
@@ -86,6 +105,8 @@ class CommandService:
         out = await self.store.write(lambda conn: st.resolve_command(conn, job_id, ack, now))
         if out is not None:
             self._announce(out)
+            for observer in self._observers:
+                await observer.on_resolved(out)
             await self.announce_job(job_id)
 
     def _announce(self, out: CommandOut) -> None:

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Path
 from starlette.requests import HTTPConnection
 
+from avgctl.server.autopilot import Autopilot
 from avgctl.server.commands import CommandService
 from avgctl.server.hub import Hub
 from avgctl.server.settings import Settings
@@ -30,6 +31,10 @@ def _workers(conn: HTTPConnection) -> WorkerRegistry:
     return conn.app.state.workers
 
 
+def _autopilot(conn: HTTPConnection) -> Autopilot:
+    return conn.app.state.autopilot
+
+
 def _settings(conn: HTTPConnection) -> Settings:
     return conn.app.state.settings
 
@@ -39,4 +44,5 @@ HubDep = Annotated[Hub, Depends(_hub)]
 CommandsDep = Annotated[CommandService, Depends(_commands)]
 WorkersDep = Annotated[WorkerRegistry, Depends(_workers)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
+AutopilotDep = Annotated[Autopilot, Depends(_autopilot)]
 JobIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@+-]+$")]

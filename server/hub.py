@@ -1,9 +1,10 @@
 """Fan-out of live updates to dashboard websockets.
 
 Ingest only appends to per-job buffers (O(1), no awaiting); a ticker coalesces them every
-``interval`` seconds into one ``metrics`` message per rank, serializes each once, and puts the
-text in every client's bounded queue. Each client has its own sender task, so a slow client
-skips messages (oldest metrics first) or is dropped; it never slows ingest or other clients.
+``interval`` seconds into one ``metrics_batch`` message per job (every rank's records since the
+last tick), serializes it once, and puts the same text in every client's bounded queue. Each
+client has its own sender task, so a slow client skips messages (oldest metrics first) or is
+dropped; it never slows ingest or other clients.
 """
 
 from __future__ import annotations
@@ -17,16 +18,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import TypeAdapter
 from starlette.websockets import WebSocket
 
-from avgctl.server.schemas import ControlEvent, MetricsBatch, RoundRecord, StepRecord
+from avgctl.server.schemas import DashboardMetrics, MetricsBatch, RankMetrics
 
 log = logging.getLogger(__name__)
-
-_STEPS = TypeAdapter(list[StepRecord])
-_ROUNDS = TypeAdapter(list[RoundRecord])
-_CONTROL = TypeAdapter(list[ControlEvent])
 
 # Records buffered per rank between two ticks; beyond this the oldest go (the store keeps them all).
 _MAX_PENDING_RECORDS = 5000
@@ -95,7 +91,7 @@ class DashboardClient:
 class Hub:
     """Per-job subscriptions of dashboard clients, fed by ingest and the command service."""
 
-    def __init__(self, interval: float = 0.05, max_queue: int = 512):
+    def __init__(self, interval: float = 0.05, max_queue: int = 100):
         self.interval = interval
         self.max_queue = max_queue
         self._clients: dict[str, set[DashboardClient]] = collections.defaultdict(set)
@@ -155,18 +151,20 @@ class Hub:
             clients = self._clients.get(job_id)
             if not clients:
                 continue
-            for rank, p in ranks.items():
-                text = _metrics_text(rank, p)
-                for client in clients:
-                    client.put(text, droppable=True)
+            text = metrics_text(ranks)
+            for client in clients:
+                client.put(text, droppable=True)
 
 
-def _metrics_text(rank: int, p: _Pending) -> str:
-    # pydantic serializes the validated records in Rust; splice them into the envelope.
-    steps = _STEPS.dump_json(list(p.steps)).decode()
-    rounds = _ROUNDS.dump_json(list(p.rounds)).decode()
-    control = _CONTROL.dump_json(p.control).decode()
-    return f'{{"kind":"metrics","rank":{rank},"steps":{steps},"rounds":{rounds},"control":{control}}}'
+def metrics_text(ranks: dict[int, _Pending]) -> str:
+    """One ``metrics_batch`` frame for a job: every rank's buffered records, in rank order."""
+    # The records were validated on ingest: build the envelope without validating them again and
+    # let pydantic serialize the whole frame in one call.
+    items = [
+        RankMetrics.model_construct(rank=rank, steps=list(p.steps), rounds=list(p.rounds), control=p.control)
+        for rank, p in sorted(ranks.items())
+    ]
+    return DashboardMetrics.model_construct(kind="metrics_batch", items=items).model_dump_json()
 
 
 async def serve_client(hub: Hub, job_id: str, websocket: WebSocket, snapshot: Callable[[], Awaitable[str]]) -> None:

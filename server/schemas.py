@@ -11,7 +11,8 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # A job id is a torchrun run id or a name a person chose: keep it printable and short.
-JobId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@+-]+$")]
+# At least one letter, digit or underscore: ids of dots only ("..") would be rewritten by browsers.
+JobId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@+-]*[A-Za-z0-9_][A-Za-z0-9_.:@+-]*$")]
 
 
 class _Message(BaseModel):
@@ -122,9 +123,41 @@ CommandStatus = Literal["pending", "applied", "rejected"]
 # --------------------------------------------------------------------------------------------
 
 
+def _unset(value: object) -> bool:
+    return value is None
+
+
+class AutotuneProposalView(_Message):
+    """The autopilot's latest proposal for a job (see ``server/autotune.py``)."""
+
+    step: int  # the round it was made at
+    period: int  # proposed; equal to ``current`` when the autopilot holds
+    current: int  # the period in force when it was made
+    reason: str  # one line: delta, growth, target, delta*/g and what limited the change
+    delta: float  # delta_r: mean over ranks of relative divergence squared
+    growth: float  # g: EMA of delta_r / tau_r, per step
+    target: float  # delta*: the budget in force
+    raw_period: float  # delta* / g before limits
+    tau_cost: int | None = None  # least period keeping averaging under its share of wall time
+    communication_bound: bool = False  # the proposed period is under tau_cost
+    pending_command: int | None = None  # the autopilot's set_period still pending, if any
+
+
 class AutotuneView(_Message):
+    """The autopilot of a job: the person's settings, then the autopilot's own report.
+
+    ``enabled`` and ``target_divergence`` are what ``set_autotune`` stored. The report fields are
+    absent until the autopilot has something to say since the last switch (its first round, or a
+    suspension): ``state`` is ``calibrating | active | suspended | off`` (``suspended`` reads as
+    ``enabled: false``: a person's command stopped it until it is switched on again).
+    """
+
     enabled: bool = False
     target_divergence: float | None = None
+    state: Literal["off", "calibrating", "active", "suspended"] | None = Field(default=None, exclude_if=_unset)
+    calibrated_target: float | None = Field(default=None, exclude_if=_unset)  # delta* found by calibration
+    last_proposal: AutotuneProposalView | None = Field(default=None, exclude_if=_unset)
+    note: str | None = Field(default=None, exclude_if=_unset)  # why the state is what it is
 
 
 class ControlView(_Message):
@@ -255,6 +288,7 @@ class CommandOut(BaseModel):
     applied_step: int | None = None
     reason: str | None = None
     command: dict  # the command body as posted
+    note: str | None = None  # why its author sent it (the autopilot's reason for a set_period)
 
 
 class RankOut(BaseModel):
@@ -280,12 +314,32 @@ class JobOut(BaseModel):
     config: AveragerConfig | None = None
     created_at: float
     updated_at: float
+    divergence_mean: float | None = None  # of the latest averaging round, over the job's ranks
+    divergence_max: float | None = None
+    last_seen: float | None = None  # unix seconds of the latest frame from any rank
 
 
 class JobDetail(JobOut):
     """A job with its ranks."""
 
     ranks: list[RankOut] = Field(default_factory=list)
+
+
+class RankMetrics(BaseModel):
+    """One rank's records in a dashboard ``metrics_batch``."""
+
+    rank: int
+    steps: list[StepRecord] = Field(default_factory=list)
+    rounds: list[RoundRecord] = Field(default_factory=list)
+    control: list[ControlEvent] = Field(default_factory=list)
+
+
+class DashboardMetrics(BaseModel):
+    """Server -> dashboard (WS /ws/jobs/{job_id}): what a job's ranks sent since the last tick, one
+    frame per job per tick (``dashboard_interval``), serialized once for every client of the job."""
+
+    kind: Literal["metrics_batch"] = "metrics_batch"
+    items: list[RankMetrics] = Field(default_factory=list)
 
 
 class MetricsOut(BaseModel):

@@ -31,8 +31,15 @@ class Settings(BaseSettings):
     """Metric batches waiting for the SQLite writer; more are dropped (and counted)."""
     dashboard_interval: float = Field(default=0.05, gt=0, le=5)
     """Seconds between coalesced dashboard sends."""
-    dashboard_queue: int = Field(default=512, ge=8)
-    """Messages waiting per dashboard client; a client that falls further behind skips messages."""
+    dashboard_queue: int = Field(default=100, ge=8)
+    """Messages waiting per dashboard client; a client that falls further behind skips messages
+    (oldest metrics first). Live metrics are one message per job per ``dashboard_interval``, so the
+    default holds about 5 s of them."""
+    retention_steps: int | None = Field(default=20_000, ge=1)
+    """Each rank's latest steps kept at full resolution; older step and round records are thinned to
+    at most ``history_records`` per rank, so the SQLite file stays bounded. None keeps everything."""
+    history_records: int = Field(default=5_000, ge=10)
+    """Thinned records kept per rank older than ``retention_steps`` (evenly spaced steps)."""
     snapshot_records: int = Field(default=20_000, ge=100)
     """Step (and round) records in a dashboard snapshot, over all ranks: the recent half at full
     resolution, older history downsampled."""

@@ -49,7 +49,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     divergence_mean REAL,
     divergence_max REAL,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    last_seen REAL,
+    divergence_step INTEGER
 );
 CREATE TABLE IF NOT EXISTS ranks (
     job_id TEXT NOT NULL,
@@ -87,7 +89,8 @@ CREATE TABLE IF NOT EXISTS commands (
     status TEXT NOT NULL,
     applied_step INTEGER,
     reason TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    note TEXT
 );
 CREATE INDEX IF NOT EXISTS commands_job ON commands (job_id, status, id);
 """
@@ -122,12 +125,30 @@ def _connect(path: str) -> sqlite3.Connection:
 class Store:
     """The server's persistent state; ``start()`` before use, ``close()`` to flush and stop."""
 
-    def __init__(self, path: str, metrics_queue: int = 10_000):
+    def __init__(
+        self,
+        path: str,
+        metrics_queue: int = 10_000,
+        retention_steps: int | None = None,
+        history_records: int = 5_000,
+        prune_interval: float = 1.0,
+    ):
         if path == ":memory:" or path.startswith("file::memory:"):
             raise ValueError("the store needs a file: the writer and readers use separate connections")
+        if retention_steps is not None and retention_steps < 1:
+            raise ValueError("retention_steps must be positive (or None to keep everything)")
+        if history_records < 1:
+            raise ValueError("history_records must be positive")
         self.path = path
         self.metrics_queue = metrics_queue
+        self.retention = None if retention_steps is None else Retention(retention_steps, history_records)
+        self.prune_interval = prune_interval
+        self._next_prune = 0.0
         self.dropped_batches = 0  # metric batches refused because the writer fell behind
+        # Metric batches waiting for the writer: ingest appends here, and the first batch of a burst
+        # queues the one op that writes the whole burst (so a non-empty list always has its op queued).
+        self._metrics: list[tuple[str, int, MetricsBatch, float]] = []
+        self._metrics_lock = threading.Lock()
         self._queue: queue.Queue[_Op | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._local = threading.local()
@@ -139,6 +160,12 @@ class Store:
     def start(self) -> None:
         conn = _connect(self.path)
         conn.executescript(_SCHEMA)
+        if "note" not in _columns(conn, "commands"):  # a file from before the command notes
+            conn.execute("ALTER TABLE commands ADD COLUMN note TEXT")
+        jobs_columns = _columns(conn, "jobs")
+        for column, kind in (("last_seen", "REAL"), ("divergence_step", "INTEGER")):  # files from before them
+            if column not in jobs_columns:
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         # Nothing is connected right after a (re)start: the workers will say hello again.
         now = time.time()
         conn.execute("BEGIN")
@@ -175,6 +202,9 @@ class Store:
                     stop = True
                     ops = [op for op in ops if op is not None]
                 self._execute(conn, ops)
+                if self.retention is not None and time.monotonic() >= self._next_prune:
+                    self._execute(conn, [_Op(self.retention.prune, None)])
+                    self._next_prune = time.monotonic() + self.prune_interval
         finally:
             conn.close()
 
@@ -215,14 +245,34 @@ class Store:
         """Await a write from the event loop without blocking it."""
         return await asyncio.wrap_future(self.submit(fn))
 
+    def prune(self) -> concurrent.futures.Future[int]:
+        """Thin old records now (the writer also does it every ``prune_interval`` s); resolves to rows deleted."""
+        if self.retention is None:
+            raise ValueError("this store keeps every record (no retention_steps)")
+        return self.submit(self.retention.prune)
+
     def add_metrics(self, job_id: str, rank: int, batch: MetricsBatch) -> bool:
-        """Queue a metric batch without waiting; False (and counted) when the writer is too far behind."""
-        if self._queue.qsize() >= self.metrics_queue:
-            self.dropped_batches += 1
-            return False
-        now = time.time()
-        self._queue.put(_Op(lambda conn: write_metrics(conn, job_id, rank, batch, now), None, True))
+        """Queue a metric batch without waiting; False (and counted) when the writer is too far behind.
+
+        Batches that arrive while the writer is busy wait together and go to SQLite in one
+        ``executemany`` per table. Each connection's batches keep their order relative to its
+        awaited writes (hello, control changes, disconnect), since those come before or after them.
+        """
+        entry = (job_id, rank, batch, time.time())
+        with self._metrics_lock:
+            if len(self._metrics) >= self.metrics_queue:
+                self.dropped_batches += 1
+                return False
+            self._metrics.append(entry)
+            first = len(self._metrics) == 1
+        if first:  # the op queued for earlier batches takes this one too
+            self._queue.put(_Op(self._write_queued_metrics, None, True))
         return True
+
+    def _write_queued_metrics(self, conn: sqlite3.Connection) -> None:
+        with self._metrics_lock:
+            entries, self._metrics = self._metrics, []
+        write_metric_batches(conn, entries)
 
     # ---------------------------------------------------------------- reads
 
@@ -286,6 +336,26 @@ class Store:
 
     def snapshot(self, job_id: str, budget: int, commands: int = 200, events: int = 1000) -> dict[str, Any] | None:
         """What a dashboard needs on connect: the job, recent series (bounded, downsampled), commands."""
+        parts = self._snapshot_parts(job_id, budget, commands, events)
+        if parts is None:
+            return None
+        head, series = parts
+        return {**head, **{table: [_record(rank, body, None) for rank, body in rows] for table, rows in series.items()}}
+
+    def snapshot_json(self, job_id: str, budget: int, commands: int = 200, events: int = 1000) -> str | None:
+        """``snapshot`` as JSON text, built without parsing the stored records (a snapshot holds thousands)."""
+        parts = self._snapshot_parts(job_id, budget, commands, events)
+        if parts is None:
+            return None
+        head, series = parts
+        text = json.dumps(head)[:-1]
+        for table, rows in series.items():
+            text += f',"{table}":[' + ",".join(_record_json(rank, body) for rank, body in rows) + "]"
+        return text + "}"
+
+    def _snapshot_parts(
+        self, job_id: str, budget: int, commands: int, events: int
+    ) -> tuple[dict[str, Any], dict[str, list[tuple[int, str]]]] | None:
         conn = self._reader()
         job = _job_detail(conn, job_id)
         if job is None:
@@ -298,14 +368,13 @@ class Store:
             " ORDER BY id",
             (job_id, events),
         ).fetchall()
-        return {
+        head = {
             "kind": "snapshot",
             "job": job.model_dump(mode="json"),
-            "steps": series["steps"],
-            "rounds": series["rounds"],
             "control_events": [{"rank": r, "step": s, "control": json.loads(c)} for r, s, c in rows],
             "commands": [c.model_dump(mode="json") for c in self.list_commands(job_id, commands)],
         }
+        return head, series
 
     def stats(self) -> list[dict[str, Any]]:
         """Per-job figures for Prometheus."""
@@ -333,6 +402,50 @@ class Store:
                 }
             )
         return out
+
+
+# ------------------------------------------------------------------------------ retention
+
+
+class Retention:
+    """Keeps the file bounded: each rank's latest ``retention_steps`` steps at full resolution, and
+    at most ``history_records`` older step (and round) records, evenly thinned.
+
+    Older records keep the steps that are multiples of a stride, the smallest power of two that
+    leaves at most ``history_records`` of them; the stride doubles as the job grows, so what is kept
+    at one stride is kept at the next. Control events and commands are never thinned. Runs on the
+    writer thread (its state is the writer's alone); SQLite reuses the freed pages, so the file stops
+    growing instead of shrinking.
+    """
+
+    def __init__(self, retention_steps: int, history_records: int):
+        self.retention_steps = retention_steps
+        self.history_records = history_records
+        self._done: dict[tuple[str, int], tuple[int, int]] = {}  # (job, rank) -> (thinned below, stride)
+
+    def stride(self, cutoff: int) -> int:
+        """The spacing of the records kept below ``cutoff``."""
+        stride = 1
+        while cutoff > stride * self.history_records:
+            stride *= 2
+        return stride
+
+    def prune(self, conn: sqlite3.Connection) -> int:
+        deleted = 0
+        for job_id, rank, step in conn.execute("SELECT job_id, rank, step FROM ranks").fetchall():
+            cutoff = step - self.retention_steps
+            stride = self.stride(cutoff)
+            done_below, done_stride = self._done.get((job_id, rank), (0, 0))
+            if cutoff <= 0 or stride == 1 or (stride == done_stride and cutoff <= done_below):
+                continue
+            start = done_below if stride == done_stride else 0  # a new stride re-thins everything older
+            for table in ("steps", "rounds"):
+                deleted += conn.execute(
+                    f"DELETE FROM {table} WHERE job_id = ? AND rank = ? AND step >= ? AND step < ? AND step % ? != 0",
+                    (job_id, rank, start, cutoff, stride),
+                ).rowcount
+            self._done[(job_id, rank)] = (cutoff, stride)
+        return deleted
 
 
 # ------------------------------------------------------------------------------ write operations
@@ -369,7 +482,10 @@ def hello(conn: sqlite3.Connection, msg: Hello, now: float) -> None:
         conn.execute(
             "UPDATE jobs SET control = ?, config = ? WHERE id = ?", (control, msg.config.model_dump_json(), msg.job_id)
         )
-    conn.execute("UPDATE jobs SET status = 'running', updated_at = ? WHERE id = ?", (now, msg.job_id))
+    conn.execute(
+        "UPDATE jobs SET status = 'running', updated_at = ?, last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?",
+        (now, now, msg.job_id),
+    )
     _update_job_step(conn, msg.job_id)
 
 
@@ -394,35 +510,64 @@ def disconnect(conn: sqlite3.Connection, job_id: str, rank: int, normal: bool, n
 
 
 def write_metrics(conn: sqlite3.Connection, job_id: str, rank: int, batch: MetricsBatch, now: float) -> None:
-    if batch.steps:
-        conn.executemany(
-            "INSERT OR REPLACE INTO steps (job_id, rank, step, body) VALUES (?, ?, ?, ?)",
-            [(job_id, rank, r.step, r.model_dump_json()) for r in batch.steps],
-        )
-    if batch.rounds:
-        conn.executemany(
-            "INSERT OR REPLACE INTO rounds (job_id, rank, step, group_size, body) VALUES (?, ?, ?, ?, ?)",
-            [(job_id, rank, r.step, r.group_size, r.model_dump_json()) for r in batch.rounds],
-        )
-        last = max(batch.rounds, key=lambda r: r.step)
-        conn.execute(
-            "UPDATE jobs SET divergence_mean = ?, divergence_max = ? WHERE id = ?",
-            (last.divergence_mean, last.divergence_max, job_id),
-        )
-    if batch.control:
-        conn.executemany(
-            "INSERT INTO control_events (job_id, rank, step, control) VALUES (?, ?, ?, ?)",
-            [(job_id, rank, e.step, e.control.model_dump_json()) for e in batch.control],
-        )
-        if rank == 0:
-            _set_control(conn, job_id, batch.control[-1].control, now)
-    steps = [r.step for r in batch.steps] + [r.step for r in batch.rounds] + [e.step for e in batch.control]
-    conn.execute(
-        "UPDATE ranks SET step = MAX(step, ?), last_seen = ?, dropped = ? WHERE job_id = ? AND rank = ?",
-        (max(steps, default=0), now, batch.dropped, job_id, rank),
-    )
+    """Store one rank's batch (received at ``now``)."""
+    write_metric_batches(conn, [(job_id, rank, batch, now)])
+
+
+def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int, MetricsBatch, float]]) -> None:
+    """Store ``(job_id, rank, batch, received_at)`` entries in arrival order: one ``executemany`` per
+    table, one update per rank and per job."""
+    steps: list[tuple] = []
+    rounds: list[tuple] = []
+    ranks: dict[tuple[str, int], list] = {}  # (job, rank) -> [max step, last seen, dropped]
+    jobs: dict[str, list] = {}  # job -> [max step or None, last seen, latest round or None]
+    for job_id, rank, batch, now in entries:
+        top = None
+        for r in batch.steps:
+            steps.append((job_id, rank, r.step, r.model_dump_json()))
+            top = r.step if top is None or r.step > top else top
+        latest = None
+        for r in batch.rounds:
+            rounds.append((job_id, rank, r.step, r.group_size, r.model_dump_json()))
+            top = r.step if top is None or r.step > top else top
+            latest = r if latest is None or r.step > latest.step else latest
+        if batch.control:
+            conn.executemany(
+                "INSERT INTO control_events (job_id, rank, step, control) VALUES (?, ?, ?, ?)",
+                [(job_id, rank, e.step, e.control.model_dump_json()) for e in batch.control],
+            )
+            if rank == 0:
+                _set_control(conn, job_id, batch.control[-1].control, now)
+            top = max(top if top is not None else 0, max(e.step for e in batch.control))
+        rank_row = ranks.setdefault((job_id, rank), [0, now, 0])
+        rank_row[0] = max(rank_row[0], top or 0)
+        rank_row[1], rank_row[2] = now, batch.dropped
+        job_row = jobs.setdefault(job_id, [None, now, None])
+        if top is not None:
+            job_row[0] = top if job_row[0] is None else max(job_row[0], top)
+        job_row[1] = now
+        if latest is not None and (job_row[2] is None or latest.step >= job_row[2].step):
+            job_row[2] = latest
     if steps:
-        conn.execute("UPDATE jobs SET step = MAX(step, ?) WHERE id = ?", (max(steps), job_id))
+        conn.executemany("INSERT OR REPLACE INTO steps (job_id, rank, step, body) VALUES (?, ?, ?, ?)", steps)
+    if rounds:
+        conn.executemany(
+            "INSERT OR REPLACE INTO rounds (job_id, rank, step, group_size, body) VALUES (?, ?, ?, ?, ?)", rounds
+        )
+    conn.executemany(
+        "UPDATE ranks SET step = MAX(step, ?), last_seen = ?, dropped = ? WHERE job_id = ? AND rank = ?",
+        [(step, seen, dropped, job_id, rank) for (job_id, rank), (step, seen, dropped) in ranks.items()],
+    )
+    conn.executemany(
+        "UPDATE jobs SET step = MAX(step, COALESCE(?, step)), last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?",
+        [(step, seen, job_id) for job_id, (step, seen, _) in jobs.items()],
+    )
+    # The job-wide divergence of its latest round (every rank reports the same figures for a round).
+    conn.executemany(
+        "UPDATE jobs SET divergence_mean = ?, divergence_max = ?, divergence_step = ?"
+        " WHERE id = ? AND COALESCE(divergence_step, -1) <= ?",
+        [(r.divergence_mean, r.divergence_max, r.step, job_id, r.step) for job_id, (_, _, r) in jobs.items() if r is not None],
+    )
 
 
 def _set_control(conn: sqlite3.Connection, job_id: str, control: ControlView, now: float) -> None:
@@ -438,14 +583,16 @@ def _update_job_step(conn: sqlite3.Connection, job_id: str) -> None:
     )
 
 
-def insert_command(conn: sqlite3.Connection, job_id: str, body: dict, author: str, now: float) -> CommandOut:
+def insert_command(
+    conn: sqlite3.Connection, job_id: str, body: dict, author: str, now: float, note: str | None = None
+) -> CommandOut:
     """Log a new pending command; ``UnknownJob`` if the job was never seen."""
     if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
         raise UnknownJob(job_id)
     cur = conn.execute(
-        "INSERT INTO commands (job_id, author, created_at, body, type, status, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, 'pending', ?)",
-        (job_id, author, now, json.dumps(body), body["type"], now),
+        "INSERT INTO commands (job_id, author, created_at, body, type, status, updated_at, note)"
+        " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+        (job_id, author, now, json.dumps(body), body["type"], now, note),
     )
     return _get_command(conn, job_id, cur.lastrowid)  # type: ignore[return-value]
 
@@ -492,6 +639,9 @@ def _job_out(row: dict[str, Any]) -> JobOut:
         config=AveragerConfig.model_validate_json(row["config"]) if row["config"] else None,
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        divergence_mean=row.get("divergence_mean"),
+        divergence_max=row.get("divergence_max"),
+        last_seen=row.get("last_seen"),
     )
 
 
@@ -510,7 +660,8 @@ def _job_detail(conn: sqlite3.Connection, job_id: str) -> JobDetail | None:
     return JobDetail(**job.model_dump(), ranks=ranks)
 
 
-_COMMAND_COLUMNS = "id, job_id, author, created_at, body, type, status, applied_step, reason, updated_at"
+# The table's column order, so ``SELECT *`` reads the same (``note`` came last, by ALTER TABLE on old files).
+_COMMAND_COLUMNS = "id, job_id, author, created_at, body, type, status, applied_step, reason, updated_at, note"
 
 
 def _get_command(conn: sqlite3.Connection, job_id: str, command_id: int) -> CommandOut | None:
@@ -521,9 +672,9 @@ def _get_command(conn: sqlite3.Connection, job_id: str, command_id: int) -> Comm
 
 
 def _command_out(row: tuple) -> CommandOut:
-    if len(row) != 10:
+    if len(row) != 11:
         raise ValueError("unexpected command row")
-    cid, job_id, author, created_at, body, ctype, status, applied_step, reason, updated_at = row
+    cid, job_id, author, created_at, body, ctype, status, applied_step, reason, updated_at, note = row
     return CommandOut(
         id=cid,
         job_id=job_id,
@@ -535,6 +686,7 @@ def _command_out(row: tuple) -> CommandOut:
         applied_step=applied_step,
         reason=reason,
         updated_at=updated_at,
+        note=note,
     )
 
 
@@ -559,7 +711,12 @@ def _record(rank: int, body: str, names: list[str] | None) -> dict:
     return {"rank": rank, **record}
 
 
-def _downsampled(conn: sqlite3.Connection, table: str, job_id: str, recent_from: int, older: int) -> list[dict]:
+def _record_json(rank: int, body: str) -> str:
+    # ``_record(rank, body, None)`` as text: a stored body is a JSON object that starts with "{".
+    return f'{{"rank":{rank},{body[1:]}' if body != "{}" else f'{{"rank":{rank}}}'
+
+
+def _downsampled(conn: sqlite3.Connection, table: str, job_id: str, recent_from: int, older: int) -> list[tuple[int, str]]:
     """Records from ``recent_from`` on in full, plus at most ``older`` evenly spaced older ones per rank."""
     recent = conn.execute(
         f"SELECT rank, body FROM {table} WHERE job_id = ? AND step >= ? ORDER BY step, rank", (job_id, recent_from)
@@ -570,4 +727,4 @@ def _downsampled(conn: sqlite3.Connection, table: str, job_id: str, recent_from:
         " WHERE (rn - 1) % MAX(1, n / ?) = 0 ORDER BY step, rank",
         (job_id, recent_from, older),
     ).fetchall()
-    return [_record(rank, body, None) for rank, body in old + recent]
+    return old + recent

@@ -36,6 +36,7 @@ export function jobDivergence(job) {
 
 /** When the server last heard of the job (unix seconds), or NaN. */
 export function lastSeen(job) {
+  if (Number.isFinite(toSeconds(job.last_seen))) return toSeconds(job.last_seen); // latest frame from any rank
   const times = [job.last_seen, job.updated_at, ...(job.ranks || []).map((r) => r.last_seen)].map(toSeconds).filter(Number.isFinite);
   return times.length ? Math.max(...times) : NaN;
 }

@@ -104,6 +104,12 @@ export function openJobPage(jobId, { showError, setConnection }) {
     }
   }
 
+  function feedMetrics({ rank, steps, rounds, control }) {
+    for (const s of steps || []) if (fresh('steps', rank, s.step)) feedStep(rank, s);
+    for (const r of rounds || []) if (fresh('rounds', rank, r.step)) feedRound(rank, r);
+    for (const ev of control || []) feedControl(ev);
+  }
+
   function setJob(next) {
     if (!next || typeof next !== 'object') return;
     const before = job?.control?.version;
@@ -138,10 +144,12 @@ export function openJobPage(jobId, { showError, setConnection }) {
       }
       for (const ev of events) feedControl(ev);
       controls.reset(msg.commands || []);
+    } else if (msg.kind === 'metrics_batch') {
+      // One frame per job per server tick: every rank's records since the last one.
+      for (const item of msg.items || []) feedMetrics(item);
+      renderSoon();
     } else if (msg.kind === 'metrics') {
-      for (const s of msg.steps || []) if (fresh('steps', msg.rank, s.step)) feedStep(msg.rank, s);
-      for (const r of msg.rounds || []) if (fresh('rounds', msg.rank, r.step)) feedRound(msg.rank, r);
-      for (const ev of msg.control || []) feedControl(ev);
+      feedMetrics(msg); // the per-rank frame of older servers
       renderSoon();
     } else if (msg.kind === 'job') {
       setJob(msg.job);

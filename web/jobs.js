@@ -18,6 +18,7 @@ function row(job) {
     el('td', { textContent: c.averaging_paused ? 'paused' : 'running' }),
     el('td', { textContent: c.training_paused ? 'paused' : 'running' }),
     el('td', { className: 'num', textContent: num(jobDivergence(job)) }),
+    el('td', { className: 'num', textContent: num(job.divergence_max) }),
     el('td', { textContent: ago(lastSeen(job)) }));
   tr.dataset.jobId = job.id;
   return tr;

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 
@@ -24,7 +23,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import TypeAdapter, ValidationError
 
 from avgctl.server import store as st
-from avgctl.server.deps import CommandsDep, HubDep, JobIdPath, SettingsDep, StoreDep, WorkersDep
+from avgctl.server.deps import AutopilotDep, CommandsDep, HubDep, JobIdPath, SettingsDep, StoreDep, WorkersDep
 from avgctl.server.hub import serve_client
 from avgctl.server.schemas import CommandAck, Hello, MetricsBatch, WorkerMessage
 from avgctl.server.workers import WorkerConnection
@@ -89,6 +88,7 @@ async def worker_ingest(
     commands: CommandsDep,
     workers: WorkersDep,
     settings: SettingsDep,
+    autopilot: AutopilotDep,
 ) -> None:
     """Ingest from one rank: ``hello`` first, then ``metrics`` batches and (rank 0) command ``ack``s."""
     await websocket.accept()
@@ -104,12 +104,14 @@ async def worker_ingest(
         if hello.rank >= hello.world_size:
             raise _Refuse(CLOSE_POLICY, f"rank {hello.rank} is not below world size {hello.world_size}")
         conn = await _register(websocket, hello, store, workers)
+        await autopilot.on_hello(hello)
         if hello.rank == 0:
             await commands.deliver_pending(hello.job_id)
         await commands.announce_job(hello.job_id)
         while True:
             msg = await _receive(websocket, settings.max_frame_bytes)
             if isinstance(msg, MetricsBatch):
+                autopilot.on_metrics(conn.job_id, conn.rank, msg)  # arithmetic; acts through tasks
                 await _ingest(msg, conn, store, hub, commands)
             elif isinstance(msg, CommandAck):
                 if conn.rank != 0:
@@ -163,7 +165,7 @@ async def _ingest(batch: MetricsBatch, conn: WorkerConnection, store: st.Store, 
 
 @router.websocket("/ws/jobs/{job_id}")
 async def dashboard(websocket: WebSocket, job_id: JobIdPath, store: StoreDep, hub: HubDep, settings: SettingsDep) -> None:
-    """A dashboard's stream: ``snapshot`` first, then live ``metrics``, ``job`` and ``command`` messages."""
+    """A dashboard's stream: ``snapshot`` first, then live ``metrics_batch``, ``job`` and ``command`` messages."""
     await websocket.accept()
     if await asyncio.to_thread(store.get_job, job_id) is None:
         await websocket.close(CLOSE_NO_JOB, _short(f"no job {job_id!r}"))
@@ -171,7 +173,7 @@ async def dashboard(websocket: WebSocket, job_id: JobIdPath, store: StoreDep, hu
 
     async def snapshot() -> str:
         def build() -> str:
-            return json.dumps(store.snapshot(job_id, settings.snapshot_records))
+            return store.snapshot_json(job_id, settings.snapshot_records) or "null"
 
         return await asyncio.to_thread(build)
 

@@ -68,6 +68,7 @@ class ServerThread:
             host="127.0.0.1",
             port=self.port,
             ws_max_size=self.settings.max_frame_bytes,
+            ws_per_message_deflate=False,  # as `avgctl serve`
             log_level="warning",
             lifespan="on",
         )

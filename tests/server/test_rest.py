@@ -57,13 +57,16 @@ def test_job_lifecycle_metrics_and_commands(client):
         r0.send_text(batch(1, 8))
         r1.send_text(batch(1, 9, rank_loss=2.0))
         def both_ranks_in():
-            j = client.get("/api/jobs/job-1").json()
-            return [r["step"] for r in j["ranks"]] == [8, 9] and j
+            j = client.get("/api/jobs/job-1").json()  # 404 until the first hello is stored
+            return [r["step"] for r in j.get("ranks", [])] == [8, 9] and j
 
         job = wait_for(both_ranks_in)
         assert job["step"] == 9 and job["status"] == "running" and job["world_size"] == 2
         assert [(r["rank"], r["connected"], r["dropped"]) for r in job["ranks"]] == [(0, True, 3), (1, True, 3)]
         assert job["control"]["period"] == 4 and job["control"]["autotune"] == {"enabled": False, "target_divergence": None}
+        listed = client.get("/api/jobs").json()[0]
+        assert (listed["divergence_mean"], listed["divergence_max"]) == (0.1, 0.3)  # the latest round's
+        assert listed["last_seen"] == max(r["last_seen"] for r in job["ranks"])
 
         # Rank 0 is connected: the command goes out at once.
         out = client.post("/api/jobs/job-1/commands", json={"type": "set_period", "period": 8})

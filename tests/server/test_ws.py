@@ -110,8 +110,9 @@ def test_dashboard_snapshot_then_live(client):
             assert snap["commands"] == [] and snap["control_events"] == []
             r0.send_text(batch(9, 4))
             msg = dash.receive_json()
-            assert msg["kind"] == "metrics" and msg["rank"] == 0
-            assert [s["step"] for s in msg["steps"]] == [9, 10, 11, 12] and [r["step"] for r in msg["rounds"]] == [12]
+            assert msg["kind"] == "metrics_batch" and [item["rank"] for item in msg["items"]] == [0]
+            item = msg["items"][0]
+            assert [s["step"] for s in item["steps"]] == [9, 10, 11, 12] and [r["step"] for r in item["rounds"]] == [12]
             client.post("/api/jobs/job-1/commands", json={"type": "average_now"})
             kinds = {}
             while "command" not in kinds:

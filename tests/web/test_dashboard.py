@@ -27,6 +27,9 @@ def test_pages_load_without_console_errors(server, fake_job, page):
     row = page.locator('#job-table tr[data-job-id="web-job"]')
     expect(row).to_contain_text("running")
     expect(row.locator("td").nth(2)).to_have_text("4")  # world size
+    expect(row.locator("td").nth(7)).to_have_text("0.1300")  # divergence of the latest round: mean
+    expect(row.locator("td").nth(8)).to_have_text("0.1600")  # and max
+    expect(row.locator("td").nth(9)).to_have_text(re.compile(r"^\d+ s ago$"))  # last seen
     row.get_by_role("link", name="web-job").click()
     expect(page).to_have_url(re.compile(r"#/jobs/web-job$"))
     expect(page.locator("#connection-state")).to_have_attribute("data-state", "connected")

@@ -1,0 +1,62 @@
+"""The dashboard hub and the metric writer without sockets: one frame per job per tick, batched writes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from avgctl.server import store as st
+from avgctl.server.hub import Hub
+from avgctl.server.schemas import Hello, MetricsBatch
+from tests.server.test_rest import batch, hello
+
+
+def test_one_frame_per_job_per_tick_shared_by_its_clients():
+    hub = Hub(interval=0.05, max_queue=8)
+    a, b = hub.subscribe("job-1", None), hub.subscribe("job-1", None)
+    other = hub.subscribe("job-2", None)
+    for rank in (2, 0, 1):
+        hub.publish_metrics("job-1", rank, MetricsBatch.model_validate_json(batch(1, 4)))
+    hub.publish_metrics("job-1", 0, MetricsBatch.model_validate_json(batch(5, 4)))
+    hub.publish_metrics("job-3", 0, MetricsBatch.model_validate_json(batch(1, 4)))  # nobody watches it
+    hub._flush()
+    assert len(a._queue) == len(b._queue) == 1 and not other._queue
+    (_, text_a), (_, text_b) = a._queue[0], b._queue[0]
+    assert text_a is text_b  # serialized once
+    frame = json.loads(text_a)
+    assert frame["kind"] == "metrics_batch" and [item["rank"] for item in frame["items"]] == [0, 1, 2]
+    first = frame["items"][0]
+    assert [s["step"] for s in first["steps"]] == list(range(1, 9)) and [r["step"] for r in first["rounds"]] == [4, 8]
+    assert first["control"] == [] and first["steps"][0]["scalars"] == {"lr": 0.1}
+    hub._flush()  # nothing new: nothing sent
+    assert len(a._queue) == 1
+
+
+def test_metric_batches_are_written_together(tmp_path):
+    store = st.Store(str(tmp_path / "s.db"))
+    store.start()
+    try:
+        for rank in (0, 1):
+            store.submit(lambda c, rank=rank: st.hello(c, Hello.model_validate_json(hello(rank=rank, pid=100 + rank)), time.time())).result()
+        entries = [
+            ("job-1", 1, MetricsBatch.model_validate_json(batch(1, 8)), 10.0),
+            ("job-1", 0, MetricsBatch.model_validate_json(batch(1, 12)), 11.0),
+            ("job-1", 1, MetricsBatch.model_validate_json(batch(9, 1)), 12.0),  # no round: keeps step 12's figures
+        ]
+        store.submit(lambda c: st.write_metric_batches(c, entries)).result()
+        job = store.get_job("job-1")
+        assert job.step == 12 and [(r.rank, r.step, r.dropped) for r in job.ranks] == [(0, 12, 3), (1, 9, 3)]
+        assert (job.divergence_mean, job.divergence_max) == (0.1, 0.3)
+        assert job.last_seen >= 12.0  # the hello was later than these made-up receive times
+        stored = store.metrics("job-1")
+        # The dashboard's snapshot text is spliced from the stored records, not re-encoded: same content.
+        assert json.loads(store.snapshot_json("job-1", 100)) == store.snapshot("job-1", 100)
+        assert store.snapshot_json("nope", 100) is None
+        assert len(stored["steps"]) == 21 and [r["step"] for r in stored["rounds"] if r["rank"] == 1] == [4, 8]
+        # Ingest's path: batches queued while the writer is busy go out together, none lost.
+        for first in range(13, 113):
+            assert store.add_metrics("job-1", 0, MetricsBatch.model_validate_json(batch(first, 1, rounds=False)))
+        store.submit(lambda c: None).result()  # queued after them: they are committed
+        assert store.get_job("job-1").ranks[0].step == 112 and store.dropped_batches == 0
+    finally:
+        store.close()
