@@ -305,7 +305,13 @@ class _LiveAverager(ModelAverager):
                     source.wait(self.poll_interval)
                 else:
                     time.sleep(self.poll_interval)  # nothing can resume us but a loaded checkpoint's caller
-            state = self._agree(self._state, step, layout)
+            try:
+                state = self._agree(self._state, step, layout)
+            except RuntimeError as err:
+                raise RuntimeError(
+                    f"avgctl: the process group failed while training was held at step {step} "
+                    f"(a rank probably died); restart the job from a checkpoint. Cause: {err}"
+                ) from err
             if state.average_now:
                 self._round(layout, top, step)
                 self._state = dataclasses.replace(state, average_now=False)
