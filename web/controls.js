@@ -2,7 +2,7 @@
 // command from pending to applied/rejected via websocket `command` messages, with polling as fallback.
 
 import { getCommand, sendCommand } from './rest.js';
-import { el, toSeconds } from './format.js';
+import { el, num, toSeconds } from './format.js';
 
 const $ = (sel) => document.querySelector(sel);
 const MAX_PERIOD = 1_000_000;
@@ -84,7 +84,7 @@ export class Controls {
     $('#pause-training').hidden = !!control.training_paused;
     $('#resume-training').hidden = !control.training_paused;
     $('#period-input').placeholder = String(control.period ?? '');
-    $('#autopilot-state').textContent = control.autotune?.enabled ? 'on' : 'off';
+    this.renderAutopilot(control.autotune || {});
     const sizes = Object.keys(control.hierarchy || {}).sort((a, b) => a - b);
     $('#hierarchy-controls').hidden = !sizes.length;
     const box = $('#hierarchy-inputs');
@@ -187,6 +187,25 @@ export class Controls {
     }
   }
 
+  // The autopilot's own report: its state, why, and its latest proposal (server/autotune.py).
+  renderAutopilot(a) {
+    const state = a.state ?? (a.enabled ? 'on' : 'off');
+    $('#autopilot-state').textContent = a.target_divergence || a.calibrated_target
+      ? `${state} (target ${num(a.target_divergence ?? a.calibrated_target)}${a.target_divergence ? '' : ', calibrated'})`
+      : state;
+    const box = $('#autopilot-proposal');
+    const p = a.last_proposal;
+    const lines = [];
+    if (a.note) lines.push(a.note);
+    if (p) {
+      lines.push(`Last proposal at step ${p.step}: period ${p.current} → ${p.period} (δ ${num(p.delta)}, growth ${num(p.growth)}/step)`);
+      if (p.communication_bound) lines.push(`Communication-bound: periods under ${p.tau_cost} spend more than the allowed share of time averaging.`);
+    }
+    box.hidden = !lines.length;
+    box.replaceChildren(...lines.map((t) => el('div', { textContent: t })));
+    if (p?.reason) box.title = p.reason;
+  }
+
   renderSoon() {
     if (this.renderTimer === null) this.renderTimer = setTimeout(() => { this.renderTimer = null; this.render(); }, 50);
   }
@@ -195,7 +214,7 @@ export class Controls {
     const rows = [...this.commands.values()].sort((a, b) => b.id - a.id).slice(0, LOG_ROWS).map((c) => {
       const tr = el('tr', {},
         el('td', { className: 'num', textContent: c.id }),
-        el('td', { textContent: describe(c) }),
+        el('td', { textContent: describe(c), title: c.note ?? '' }, ...(c.note ? [el('div', { className: 'note', textContent: c.note })] : [])),
         el('td', { textContent: c.author ?? '' }),
         el('td', { textContent: timeText(c.created_at) }),
         el('td', { className: `status status-${c.status}`, textContent: statusText(c) }));

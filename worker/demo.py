@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,9 @@ from avgctl.worker.averagers import HierarchicalAverager, PeriodicAverager, _Liv
 CLASSES = 10
 FEATURES = 32
 SEPARATION = 0.35  # class centers overlap: the best loss stays well above 0
+
+LrSchedule = Literal["constant", "cosine"]
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,6 +47,12 @@ class DemoConfig:
     hierarchy: dict[int, int] | None = None
     """``{group_size: period}`` for a HierarchicalAverager; the world's period is ``period``."""
     lr: float = 0.05
+    """Peak learning rate (SGD, momentum 0.9)."""
+    lr_schedule: LrSchedule = "constant"
+    """``constant``: ``lr`` throughout, so the loss settles at a noise floor set by the lr and the
+    local models keep pulling apart at the same pace: good for watching divergence live. ``cosine``:
+    ``lr`` decays to 0 over ``steps``, so the final figures are stable (no noise floor) and the
+    divergence gathered per step falls with the lr, the regime where a longer period costs little."""
     batch_size: int = 32
     skew: float = 0.9
     """Share of a rank's samples drawn from its own classes (0.1 would be IID for 10 classes)."""
@@ -67,6 +77,8 @@ class DemoConfig:
             raise ValueError("period must be a positive integer")
         if not 0.0 <= self.skew <= 1.0:
             raise ValueError("skew must be between 0 and 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 
 
 @dataclass(slots=True)
@@ -103,6 +115,19 @@ def rank_labels(rank: int, world: int, n: int, skew: float, gen: torch.Generator
 def make_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)  # the same initial weights on every rank
     return nn.Sequential(nn.Linear(FEATURES, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, CLASSES))
+
+
+def lr_at(cfg: DemoConfig, step: int) -> float:
+    """The learning rate for training step ``step`` (0-based): a pure function of the step, so a run
+    resumed from a checkpoint picks up the schedule where it left off."""
+    if cfg.lr_schedule == "cosine" and cfg.steps > 0:
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+    return cfg.lr
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def make_averager(cfg: DemoConfig, world: int) -> _LiveAverager:
@@ -185,6 +210,7 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
         while averager.step < cfg.steps:
             labels = rank_labels(rank, world, cfg.batch_size, cfg.skew, gen)
             x = sample(centers, labels, gen)
+            set_lr(opt, lr_at(cfg, averager.step))
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), labels)
             loss.backward()
@@ -248,7 +274,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, Path | None]:
     parser.add_argument("--period", type=int, default=8, help="averaging period (default 8)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="steps before the first average (default 0)")
     parser.add_argument("--hierarchy", type=_hierarchy, help="hierarchical averaging, e.g. 2:4 (groups of 2 average every 4 steps)")
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.05, help="(peak) learning rate (default 0.05)")
+    parser.add_argument(
+        "--lr-schedule", choices=LR_SCHEDULES, default="constant",
+        help="constant, or cosine decay to 0 over --steps (stable final figures) (default constant)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skew", type=float, default=0.9, help="share of a rank's data from its own classes (default 0.9)")
     parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep per step (to watch it live)")
@@ -264,6 +294,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, Path | None]:
             warmup_steps=args.warmup_steps,
             hierarchy=args.hierarchy,
             lr=args.lr,
+            lr_schedule=args.lr_schedule,
             seed=args.seed,
             skew=args.skew,
             step_delay=args.step_delay,

@@ -159,3 +159,21 @@ def test_connection_state_follows_the_server(server, fake_job, settings, page):
         expect(page.locator("#chart-loss")).to_have_attribute("data-points", SOME_POINTS)  # from the new snapshot
     finally:
         restarted.stop()
+
+
+def test_autopilot_shows_its_state_proposals_and_reasons(server, fake_job, rest, page):
+    # Relative divergence 0.01 per round of 4 steps: delta 1e-4, growth 2.5e-5/step. A budget of
+    # 2.5e-5 lasts one step, so the autopilot halves the period (its largest step) and says why;
+    # it keeps halving down to 1, where it reports that averaging dominates (communication-bound).
+    login(page, server, route=f"#/jobs/{fake_job.job_id}")
+    page.fill("#autopilot-target", "0.000025")
+    page.click("#autopilot-on")
+    expect(page.locator("#autopilot-state")).to_contain_text("target 0.000025")
+    expect(page.locator("#autopilot-proposal")).to_contain_text("Last proposal at step")
+    expect(page.locator("#autopilot-proposal")).to_contain_text(re.compile(r"period \d+ → \d+ \(δ"))
+    auto = [c for c in rest.get(f"/api/jobs/{fake_job.job_id}/commands").json() if c["author"] == "autopilot"]
+    assert auto and auto[0]["command"] == {"type": "set_period", "period": 2}
+    row = page.locator(f'#command-log tr[data-command-id="{auto[0]["id"]}"]')
+    expect(row).to_contain_text("delta*/g")  # the autopilot's reason, shown with its command
+    expect(row).to_contain_text("applied at step")
+    assert page.console.errors == []
