@@ -182,6 +182,38 @@ def _checkpoint_path(cfg: DemoConfig, rank: int) -> Path | None:
     return None if cfg.checkpoint is None else Path(f"{cfg.checkpoint}.rank{rank}.pt")
 
 
+def _previous(path: Path) -> Path:
+    return path.with_suffix(".prev.pt")
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Keep this rank's last two checkpoints: ranks save on their own, so a crash can leave them one apart."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    if path.exists():
+        os.replace(path, _previous(path))
+    os.replace(tmp, path)
+
+
+def _load_common_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, averager: _LiveAverager) -> Path | None:
+    """Load the newest checkpoint step that every rank has (ranks must resume at one step)."""
+    mine = {}
+    for candidate in (path, _previous(path)):
+        if candidate.exists():
+            state = torch.load(candidate, weights_only=False)
+            mine[state["averager"]["step"]] = (candidate, state)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(mine))
+    common = set.intersection(*(set(steps) for steps in everyone))
+    if not common:
+        return None
+    chosen, state = mine[max(common)]
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    averager.load_state_dict(state["averager"])
+    return chosen
+
+
 def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
     """Run the demo on an initialized process group; returns the final figures."""
     centers = class_centers(cfg.seed)
@@ -190,13 +222,10 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
     averager = make_averager(cfg, world)
     averager.name_parameters(model)
     ckpt = _checkpoint_path(cfg, rank)
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        averager.load_state_dict(state["averager"])
-        if rank == 0 and not cfg.quiet:
-            print(f"resumed from {ckpt} at step {averager.step}", flush=True)
+    if ckpt is not None:
+        resumed = _load_common_checkpoint(ckpt, model, opt, averager)
+        if resumed is not None and rank == 0 and not cfg.quiet:
+            print(f"resumed from {resumed} at step {averager.step}", flush=True)
     link = None
     if cfg.server:
         from avgctl.worker.link import connect
@@ -223,9 +252,7 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
             averager.average_parameters(model.parameters())
             table.maybe_print(averager, loss_value)
             if ckpt is not None and averager.step % cfg.checkpoint_every == 0:
-                state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "averager": averager.state_dict()}
-                torch.save(state, ckpt.with_suffix(".tmp"))
-                os.replace(ckpt.with_suffix(".tmp"), ckpt)
+                _save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "averager": averager.state_dict()})
             if cfg.step_delay:
                 time.sleep(cfg.step_delay)
         # One final average so every rank ends with the same model (a real job would too).
