@@ -342,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg.server = cfg.server or env.server
     cfg.token = env.token
     torch.set_num_threads(1)  # several ranks share a CPU
-    dist.init_process_group("gloo")
+    # Namespace the store by torchrun's restart count: after a restart, keys left by the dead
+    # attempt (a rank's old address) must not be read by the new one.
+    store, rank, world = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"avgctl/attempt-{env.restart_count}", store)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         result = train(cfg, dist.get_rank(), dist.get_world_size())
         if dist.get_rank() == 0:

@@ -30,9 +30,12 @@ REFUSED_IDS = [
     "%2e%2e%2f",
     "jöb",
     "a" * 129,
+    "..",  # dots only: browsers rewrite /api/jobs/.. so the dashboard could never open it
+    ".",
+    "-",
 ]
 # Odd but inside the JobId pattern: stored and returned verbatim.
-ACCEPTED_IDS = ["a..b", "index.html", "-", "+:@", "job.js", "x@y:z+1", "NULL", "0", "_"]
+ACCEPTED_IDS = ["a..b", "index.html", "-x", "+:@_", "job.js", "x@y:z+1", "NULL", "0", "_"]
 
 
 @pytest.fixture(scope="module")
