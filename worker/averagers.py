@@ -346,6 +346,17 @@ class _LiveAverager(ModelAverager):
                     log.exception("avgctl: metrics listener failed; training goes on")
 
 
+def _warn_period_one(when: str) -> None:
+    """torch's own warning, word for word, for a period that only duplicates DDP's all-reduce."""
+    warnings.warn(
+        f"{when} no need to use model averaging because the communication cost "
+        "of all-reducing parameters will be no less than the cost of all-reducing gradients "
+        "by DistributedDataParallel in the backward pass. Therefore, only "
+        "DistributedDataParallel should be used for this case.",
+        stacklevel=3,
+    )
+
+
 def _synchronize_accelerator() -> None:
     """torch synchronizes before its all-reduce so it cannot overlap other process groups' work."""
     accelerator = getattr(torch, "accelerator", None)
@@ -397,13 +408,7 @@ class PeriodicAverager(_LiveAverager):
         if period < 1:
             raise ValueError("Arg ``period`` must be a positive value.")
         if period == 1:
-            warnings.warn(
-                "When period is 1, no need to use model averaging because the communication cost "
-                "of all-reducing parameters will be no less than the cost of all-reducing gradients "
-                "by DistributedDataParallel in the backward pass. Therefore, only "
-                "DistributedDataParallel should be used for this case.",
-                stacklevel=2,
-            )
+            _warn_period_one("When period is 1,")
         group = process_group if process_group is not None else dist.group.WORLD
         super().__init__(
             cs.periodic_state(period, warmup_steps),
@@ -461,14 +466,7 @@ class HierarchicalAverager(_LiveAverager):
         if periods[0] <= 0:
             raise ValueError("The minimum period in arg ``period_group_size_dict`` must be a positive value.")
         if periods[-1] == 1:
-            warnings.warn(
-                "When the maximum period in arg ``period_group_size_dict`` is 1, "
-                "no need to use model averaging because the communication cost "
-                "of all-reducing parameters will be no less than the cost of all-reducing gradients "
-                "by DistributedDataParallel in the backward pass. Therefore, only "
-                "DistributedDataParallel should be used for this case.",
-                stacklevel=2,
-            )
+            _warn_period_one("When the maximum period in arg ``period_group_size_dict`` is 1,")
         group = process_group if process_group is not None else dist.group.WORLD
         overall = dist.get_world_size(group=group)
         if sizes[-1] != overall:
