@@ -18,6 +18,16 @@ from avgctl.worker import control_state as cs
 _REMEMBERED_ACKS = 4096
 
 
+def drain(inbox: queue.SimpleQueue) -> list:
+    """Everything in ``inbox`` now, in order, without blocking (for ``ControlSource.poll``)."""
+    out = []
+    while True:
+        try:
+            out.append(inbox.get_nowait())
+        except queue.Empty:
+            return out
+
+
 class ControlSource(Protocol):
     """Rank 0's inbox. Implementations must never block in ``poll`` or ``report``."""
 
@@ -47,12 +57,7 @@ class InProcessControlSource:
         return cid
 
     def poll(self) -> list[tuple[int, Command]]:
-        out = []
-        while True:
-            try:
-                out.append(self._inbox.get_nowait())
-            except queue.Empty:
-                return out
+        return drain(self._inbox)
 
     def wait(self, timeout: float) -> None:
         try:

@@ -41,6 +41,7 @@ from avgctl.server.schemas import (
     StepRecord,
 )
 from avgctl.worker import dist as wdist
+from avgctl.worker.control import drain
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +160,7 @@ class WorkerLink:
     def poll(self) -> list[tuple[int, Command]]:
         """Commands received since the last poll, in arrival order."""
         self._arrived.clear()
-        out = []
-        while True:
-            try:
-                out.append(self._inbox.get_nowait())
-            except queue.Empty:
-                return out
+        return drain(self._inbox)
 
     def wait(self, timeout: float) -> None:
         """Block up to ``timeout`` seconds, returning early when a command arrives."""
