@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # A job id is a torchrun run id or a name a person chose: keep it printable and short.
 # At least one letter, digit or underscore: ids of dots only ("..") would be rewritten by browsers.
-JobId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@+-]*[A-Za-z0-9_][A-Za-z0-9_.:@+-]*$")]
+JOB_ID_PATTERN = r"^[A-Za-z0-9_.:@+-]*[A-Za-z0-9_][A-Za-z0-9_.:@+-]*$"
+JobId = Annotated[str, Field(min_length=1, max_length=128, pattern=JOB_ID_PATTERN)]
 
 
 class _Message(BaseModel):

@@ -15,6 +15,7 @@ Worker close codes (the reason says more):
 from __future__ import annotations
 
 import asyncio
+import re
 import contextlib
 import logging
 import time
@@ -23,9 +24,9 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import TypeAdapter, ValidationError
 
 from avgctl.server import store as st
-from avgctl.server.deps import AutopilotDep, CommandsDep, HubDep, JobIdPath, SettingsDep, StoreDep, WorkersDep
+from avgctl.server.deps import AutopilotDep, CommandsDep, HubDep, SettingsDep, StoreDep, WorkersDep
 from avgctl.server.hub import serve_client
-from avgctl.server.schemas import CommandAck, Hello, MetricsBatch, WorkerMessage
+from avgctl.server.schemas import JOB_ID_PATTERN, CommandAck, Hello, MetricsBatch, WorkerMessage
 from avgctl.server.workers import WorkerConnection
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,13 @@ async def _ingest(batch: MetricsBatch, conn: WorkerConnection, store: st.Store, 
 
 
 @router.websocket("/ws/jobs/{job_id}")
-async def dashboard(websocket: WebSocket, job_id: JobIdPath, store: StoreDep, hub: HubDep, settings: SettingsDep) -> None:
+async def dashboard(websocket: WebSocket, job_id: str, store: StoreDep, hub: HubDep, settings: SettingsDep) -> None:
     """A dashboard's stream: ``snapshot`` first, then live ``metrics_batch``, ``job`` and ``command`` messages."""
     await websocket.accept()
+    # Checked here, not in the path, so a bad id gets a close code with a reason, not a bare 403.
+    if not re.fullmatch(JOB_ID_PATTERN, job_id) or len(job_id) > 128:
+        await websocket.close(1008, "invalid job id")
+        return
     if await asyncio.to_thread(store.get_job, job_id) is None:
         await websocket.close(CLOSE_NO_JOB, _short(f"no job {job_id!r}"))
         return
