@@ -131,6 +131,16 @@ def _wait_healthy(base: str, server: subprocess.Popen, timeout: float = 30.0) ->
     raise RuntimeError(f"the server did not answer on {base} within {timeout:.0f}s")
 
 
+def _final_job(url: str, token: str, timeout: float = 5.0) -> dict | None:
+    """The job once the server has stored the ranks' last records (they flush as the workers exit)."""
+    deadline = time.monotonic() + timeout
+    job = _get(url, token)
+    while job is not None and job.get("status") == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = _get(url, token)
+    return job
+
+
 class ProgressBar:
     """One line redrawn in place on a terminal; a plain line every few seconds otherwise."""
 
@@ -198,7 +208,7 @@ def run_demo(launch: DemoLaunch) -> int:
                 raise RuntimeError(f"the server exited with code {server.returncode}")
             bar.show(_get(f"{base}/api/jobs/{job_id}", control_token))
             time.sleep(0.5)
-        bar.show(_get(f"{base}/api/jobs/{job_id}", control_token))
+        bar.show(_final_job(f"{base}/api/jobs/{job_id}", control_token))
         bar.end()
         code = workers.returncode
         if code == 0:
