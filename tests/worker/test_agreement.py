@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import random
 import threading
 import time
@@ -75,18 +76,12 @@ def _agreement(rank, world, seed, steps, hierarchical):
         source = InProcessControlSource()
         avg.set_control_source(source)
         rng = random.Random(seed)
-        pauses: list[int] = []
-        done = threading.Event()
+        pauses: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # None: no more pauses
 
         def resume_each_pause():  # a person pressing "Resume training" once the pause took effect
-            handled = 0
-            while not done.is_set() or handled < len(pauses):
-                if handled < len(pauses):
-                    if source.result(pauses[handled], timeout=60).status == "applied":
-                        submitted.append((source.submit(s.ResumeTraining()), "resume_training"))
-                    handled += 1
-                else:
-                    time.sleep(0.002)
+            while (pause := pauses.get(timeout=120)) is not None:
+                if source.result(pause, timeout=60).status == "applied":
+                    submitted.append((source.submit(s.ResumeTraining()), "resume_training"))
 
         resumer = threading.Thread(target=resume_each_pause, daemon=True)
         resumer.start()
@@ -98,10 +93,10 @@ def _agreement(rank, world, seed, steps, hierarchical):
                 cid = source.submit(cmd)
                 submitted.append((cid, cmd.type))
                 if cmd.type == "pause_training":
-                    pauses.append(cid)
+                    pauses.put(cid)
         avg.average_parameters(model.parameters())
     if rank == 0:
-        done.set()
+        pauses.put(None)
         resumer.join(timeout=30)
     return {
         "rounds": log.rounds,
