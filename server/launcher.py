@@ -149,7 +149,8 @@ class ProgressBar:
         self.tty = stream.isatty()
         self.last_plain = 0.0
 
-    def show(self, job: dict | None) -> None:
+    def show(self, job: dict | None, *, final: bool = False) -> None:
+        """Redraw the bar; off a terminal print at most every few seconds, and always the final line."""
         if job is None:
             return
         step, control = job.get("step", 0) + 1, job.get("control", {})  # the server keeps the last step index
@@ -163,7 +164,7 @@ class ProgressBar:
         if self.tty:
             self.stream.write("\r" + line.ljust(79))
             self.stream.flush()
-        elif time.monotonic() - self.last_plain > 5.0:
+        elif final or time.monotonic() - self.last_plain > 5.0:
             self.last_plain = time.monotonic()
             print(line, file=self.stream, flush=True)
 
@@ -208,7 +209,7 @@ def run_demo(launch: DemoLaunch) -> int:
                 raise RuntimeError(f"the server exited with code {server.returncode}")
             bar.show(_get(f"{base}/api/jobs/{job_id}", control_token))
             time.sleep(0.5)
-        bar.show(_final_job(f"{base}/api/jobs/{job_id}", control_token))
+        bar.show(_final_job(f"{base}/api/jobs/{job_id}", control_token), final=True)
         bar.end()
         code = workers.returncode
         if code == 0:

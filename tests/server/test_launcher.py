@@ -1,0 +1,28 @@
+"""``avgctl demo``'s progress bar: off a terminal it prints sparsely, but never skips the final line."""
+
+from __future__ import annotations
+
+import io
+
+from avgctl.server.launcher import ProgressBar
+
+
+def _job(step: int) -> dict:
+    return {"step": step - 1, "control": {"period": 8}}  # the server keeps the last step index
+
+
+def test_plain_output_is_throttled_but_the_final_line_always_prints():
+    out = io.StringIO()
+    bar = ProgressBar(60, stream=out)
+    bar.show(_job(10))
+    bar.show(_job(20))  # within the throttle window: not printed
+    bar.show(_job(60), final=True)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "step 10/60" in lines[0] and "step 60/60" in lines[1] and "period 8" in lines[1]
+
+
+def test_a_missing_job_prints_nothing():
+    out = io.StringIO()
+    ProgressBar(60, stream=out).show(None, final=True)
+    assert out.getvalue() == ""
