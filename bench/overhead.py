@@ -5,9 +5,12 @@ ranks, one intra-op thread each, train the demo task (``avgctl.worker.demo``: th
 non-IID Gaussian mixture, SGD with momentum) twice side by side, each with its own model:
 
 - torch: ``PeriodicModelAverager(period)``;
-- ours: ``PeriodicAverager(period)`` with default metrics (sampled divergence, drift every step,
-  the loss recorded every step) and its control exchange live: an ``InProcessControlSource`` is
-  attached on rank 0 (no commands arrive, but it is polled at every exchange).
+- ours: ``PeriodicAverager(period)`` with default metrics (sampled divergence and its per-layer
+  breakdown every round, drift every 4th step, the loss recorded every step, kept in
+  ``averager.metrics``; no listener is attached) and its control exchange live: an
+  ``InProcessControlSource`` is attached on rank 0 (no commands arrive, but it is polled at every
+  exchange). With two ranks the exchange rides in the averaging buffer's tail and the all-reduce is
+  one point-to-point exchange (``avgctl.worker.pair``).
 
 Blocks of ``--steps`` steps alternate between the two (the first one alternates too), so machine
 noise hits both alike; a block lasts as long as its slower rank; the figures are medians over blocks.

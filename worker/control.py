@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import array
 import collections
 import itertools
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -82,48 +84,158 @@ class InProcessControlSource:
             return dict(self._acks)
 
 
-class ControlExchange:
-    """One small ``all_reduce(MAX)`` that broadcasts rank 0's new state and checks the others.
+@dataclass(slots=True)
+class ExchangeResult:
+    """What an exchange told every rank."""
 
-    Layout: ``[state (rank 0) or -1 ...] + [step, -step] + [fingerprint, -fingerprint]``. MAX of a pair
-    ``(x, -x)`` gives the largest and the negated smallest value, so any rank that disagrees on the step
-    or the parameter layout is found by every rank at once.
+    state: cs.ControlState
+    layout_changed: bool
+    """Some rank's parameter set changed since the agreed one (all ranks' new sets agree)."""
+    stats: list[float] | None
+    """Every rank's figures for the round the exchange follows: ``[squared...] + [mean_norm_squared...]``."""
+
+
+@dataclass(slots=True)
+class PendingExchange:
+    """An exchange in flight: started on every rank, finished later (``ControlExchange.finish``)."""
+
+    payload: torch.Tensor
+    work: dist.Work | None
+    proposed: cs.ControlState
+    applied: list[int]
+    carries_stats: bool
+    in_tail: bool = False
+    """The payload rides in the tail of the averaging all-reduce (SUM) instead of its own (MAX)."""
+
+
+_SPLIT = 1 << 20
+"""Integers travel in a tail as two parts below 2**20 each: exact in float32 up to 2**40."""
+
+
+def _split(values: list[float]) -> list[float]:
+    return [float(part) for v in values for part in divmod(int(v), _SPLIT)]
+
+
+def _join(parts: list[float]) -> list[float]:
+    return [hi * _SPLIT + lo for hi, lo in zip(parts[::2], parts[1::2])]
+
+
+class ControlExchange:
+    """Agreement on the control state, the step and the parameter layout, at chosen steps.
+
+    Two encodings of the same content:
+
+    - its own ``all_reduce(MAX)`` of float64s: ``[state (rank 0) or -1 ...] + [step, -step]``
+      ``+ [fingerprint, -fingerprint] + [changed] + [squared per rank] + [mean_norm_squared per rank]``.
+      MAX of a pair ``(x, -x)`` gives the largest and the negated smallest value, so any rank that
+      disagrees on the step or the layout is found by every rank at once; each rank writes its round
+      figures into its own slots (-1 elsewhere, figures are never negative). ``start`` can launch it
+      without waiting (``async_op``) so it overlaps the next step's compute; ``finish`` waits.
+    - a tail of the averaging all-reduce itself (SUM, in the parameters' float32/float64): rank 0
+      writes the state, every rank its step, fingerprint and changed flag into its own slots, zeros
+      elsewhere; integers are split into parts that stay exact. No collective of its own. Used only
+      for two-rank groups, where a sum has one order, so the longer buffer leaves the averaged values
+      bit-identical to torch's.
     """
 
     def __init__(self, process_group: dist.ProcessGroup, levels: int, source: ControlSource | None = None):
         self.process_group = process_group
         self.source = source
         self.is_leader = dist.get_rank(process_group) == 0
+        self._rank = dist.get_rank(process_group)
+        self._world = dist.get_world_size(process_group)
         self._state_len = cs.encoded_size(levels)
         self._acks: collections.OrderedDict[int, CommandAck] = collections.OrderedDict()
 
+    @property
+    def tail_size(self) -> int:
+        """Elements of an averaging buffer's tail that carries this exchange."""
+        return 2 * self._state_len + 5 * self._world
+
     def exchange(self, state: cs.ControlState, step: int, fingerprint: int) -> cs.ControlState:
-        """All ranks call this at the same step; returns the state every rank now holds."""
+        """All ranks call this at the same step and wait; returns the state every rank now holds."""
+        return self.finish(self.start(state, step, fingerprint, anchor=step, wait=True), state, step).state
+
+    def start(
+        self,
+        state: cs.ControlState,
+        step: int,
+        fingerprint: int,
+        *,
+        anchor: int,
+        changed: bool = False,
+        stats: tuple[float, float] | None = None,
+        wait: bool = False,
+        tail: torch.Tensor | None = None,
+    ) -> PendingExchange:
+        """Propose (rank 0: commands applied with ``anchor`` as their grid start) and launch the exchange.
+
+        With ``tail``, only fill it: the caller's all-reduce of the buffer it belongs to carries it.
+        """
         applied: list[int] = []
         proposed = state
         if self.is_leader:
-            proposed, applied = self._take_commands(state, step)
+            proposed, applied = self._take_commands(state, anchor)
+        if tail is not None:
+            values = array.array("d", self._tail_values(proposed, step, fingerprint, changed))
+            tail.copy_(torch.frombuffer(values, dtype=torch.float64))
+            return PendingExchange(tail, None, proposed, applied, carries_stats=False, in_tail=True)
         head = cs.encode(proposed) if self.is_leader else [-1.0] * self._state_len
-        payload = torch.tensor(head + [step, -step, fingerprint, -fingerprint], dtype=torch.float64)
-        dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=self.process_group)
-        values = payload.tolist()
-        tail = values[self._state_len :]
-        if tail[0] != -tail[1]:
+        figures = [-1.0] * (2 * self._world)
+        if stats is not None:
+            figures[self._rank], figures[self._world + self._rank] = stats
+        payload = torch.tensor(
+            head + [step, -step, fingerprint, -fingerprint, 1.0 if changed else 0.0] + figures, dtype=torch.float64
+        )
+        work = dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=self.process_group, async_op=not wait)
+        return PendingExchange(payload, work, proposed, applied, stats is not None)
+
+    def finish(self, pending: PendingExchange, state: cs.ControlState, applied_step: int) -> ExchangeResult:
+        """Wait for ``pending``; every rank adopts the result at ``applied_step`` (rank 0 acks with it)."""
+        if pending.work is not None:
+            pending.work.wait()
+        values = pending.payload.tolist()
+        if pending.in_tail:
+            head, steps, fingerprints, changed = self._read_tail(values)
+            stats = None
+        else:
+            head = values[: self._state_len]
+            tail = values[self._state_len : self._state_len + 5]
+            steps, fingerprints, changed = (tail[0], -tail[1]), (tail[2], -tail[3]), tail[4] > 0
+            stats = values[self._state_len + 5 :] if pending.carries_stats else None
+        if len(set(steps)) > 1:
             raise RuntimeError(
-                f"ranks disagree on the averager step (from {int(-tail[1])} to {int(tail[0])}): "
+                f"ranks disagree on the averager step (from {int(min(steps))} to {int(max(steps))}): "
                 "every rank must call average_parameters once per step"
             )
-        if tail[2] != -tail[3]:
+        if len(set(fingerprints)) > 1:
             raise RuntimeError(
                 "ranks disagree on the parameters to average (different shapes, dtypes, or a different "
                 "set of parameters with .grad): averaging them would mix unrelated values"
             )
-        new_state = cs.decode(values[: self._state_len], state)
-        if self.is_leader:
-            self._ack_applied(applied, step, new_state)
-        return new_state
+        new_state = state if head == cs.encode(state) else cs.decode(head, state)
+        if self.is_leader and pending.applied:
+            self._ack_applied(pending.applied, applied_step, new_state)
+        return ExchangeResult(new_state, changed, stats)
 
-    def _take_commands(self, state: cs.ControlState, step: int) -> tuple[cs.ControlState, list[int]]:
+    def _tail_values(self, proposed: cs.ControlState, step: int, fingerprint: int, changed: bool) -> list[float]:
+        head = _split(cs.encode(proposed)) if self.is_leader else [0.0] * (2 * self._state_len)
+        mine = [0.0] * (5 * self._world)
+        mine[5 * self._rank : 5 * self._rank + 5] = _split([step, fingerprint % (_SPLIT * _SPLIT)]) + [float(changed)]
+        return head + mine
+
+    def _read_tail(self, values: list[float]) -> tuple[list[float], list[float], list[float], bool]:
+        head = _join(values[: 2 * self._state_len])
+        ranks = values[2 * self._state_len :]
+        steps, fingerprints, changed = [], [], False
+        for r in range(self._world):
+            step, fingerprint = _join(ranks[5 * r : 5 * r + 4])
+            steps.append(step)
+            fingerprints.append(fingerprint)
+            changed = changed or ranks[5 * r + 4] > 0
+        return head, steps, fingerprints, changed
+
+    def _take_commands(self, state: cs.ControlState, anchor: int) -> tuple[cs.ControlState, list[int]]:
         if self.source is None:
             return state, []
         applied = []
@@ -132,7 +244,7 @@ class ControlExchange:
                 self.source.report(self._acks[command_id])
                 continue
             try:
-                state = cs.apply_command(state, command, step)
+                state = cs.apply_command(state, command, anchor)
             except cs.CommandRejected as err:
                 self._remember(CommandAck(command_id=command_id, status="rejected", reason=str(err)))
                 continue

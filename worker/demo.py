@@ -255,6 +255,7 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
                 _save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "averager": averager.state_dict()})
             if cfg.step_delay:
                 time.sleep(cfg.step_delay)
+        averager.flush()  # the last round's group figures and command acks
         # One final average so every rank ends with the same model (a real job would too).
         final = [p.detach().clone() for p in model.parameters()]
         for p in final:

@@ -15,6 +15,7 @@ budget, are measured exactly.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ class SamplePlan:
     """Which coordinates to read, and how to scale them back to full norms."""
 
     index: torch.Tensor  # int64 positions in the flattened parameters, sorted within each layer
-    layer_of: torch.Tensor  # int64 layer id of each sampled coordinate
+    lengths: torch.Tensor  # int64 samples per layer (layers are contiguous in ``index``)
     weight: torch.Tensor  # float64 per layer: numel_l / k_l
+    coord_weight: torch.Tensor  # float64 per sampled coordinate: its layer's weight
     layer_starts: list[int]  # offset of each layer in the flattened parameters
     sample_starts: list[int]  # where each layer's samples begin in ``index`` (plus the end)
     exact: bool
@@ -43,7 +45,7 @@ def make_plan(numels: list[int], budget: int | None, *, seed: int = 0, min_per_l
     total = sum(numels)
     exact = budget is None or total <= budget
     gen = torch.Generator().manual_seed(seed)
-    starts, pieces, owners, weights = [], [], [], []
+    starts, pieces, weights = [], [], []
     offset = 0
     for layer, n in enumerate(numels):
         starts.append(offset)
@@ -53,29 +55,37 @@ def make_plan(numels: list[int], budget: int | None, *, seed: int = 0, min_per_l
             k = min(n, max(min_per_layer, round(budget * n / total)))
             local = torch.randint(n, (k,), generator=gen).sort().values
         pieces.append(local + offset)
-        owners.append(torch.full((k,), layer, dtype=torch.int64))
         weights.append(n / k if k else 0.0)
         offset += n
+    lengths = torch.tensor([len(p) for p in pieces], dtype=torch.int64)
+    weight = torch.tensor(weights, dtype=torch.float64)
     return SamplePlan(
         index=torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64),
-        layer_of=torch.cat(owners) if owners else torch.empty(0, dtype=torch.int64),
-        weight=torch.tensor(weights, dtype=torch.float64),
+        lengths=lengths,
+        weight=weight,
+        coord_weight=weight.repeat_interleave(lengths),
         layer_starts=starts,
         sample_starts=[0] + list(itertools.accumulate(len(p) for p in pieces)),
         exact=exact,
     )
 
 
+def _working(values: torch.Tensor) -> torch.Tensor:
+    """float32 or float64 on the CPU: half types are widened so differences of nearby values stay exact."""
+    values = values.to("cpu")
+    return values if values.dtype in (torch.float32, torch.float64) else values.float()
+
+
 def gather(flat: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
-    """The sampled coordinates of a flat buffer, as float64 on the CPU."""
+    """The sampled coordinates of a flat buffer, on the CPU, in float32 (float64 buffers stay float64)."""
     if plan.exact and flat.numel() == plan.index.numel():
         # The exact plan's index is every position in order: a plain copy, without the index pass.
-        return flat.to(device="cpu", dtype=torch.float64, copy=True)
-    return flat.index_select(0, plan.index.to(flat.device)).to(device="cpu", dtype=torch.float64)
+        return _working(flat).clone() if flat.dtype in (torch.float32, torch.float64) else _working(flat)
+    return _working(flat.index_select(0, plan.index.to(flat.device)))
 
 
 def gather_params(params: list[torch.Tensor], plan: SamplePlan) -> torch.Tensor:
-    """The sampled coordinates of separate tensors (the fallback path without a flat buffer)."""
+    """The sampled coordinates of separate tensors (the fallback path without a flat buffer), in float64."""
     pieces = []
     for layer, p in enumerate(params):
         lo, hi = plan.sample_starts[layer], plan.sample_starts[layer + 1]
@@ -85,10 +95,9 @@ def gather_params(params: list[torch.Tensor], plan: SamplePlan) -> torch.Tensor:
 
 
 def layer_squares(values: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
-    """Estimated ``||values_l||^2`` per layer from sampled coordinates."""
-    sums = torch.zeros(plan.layers, dtype=torch.float64)
-    sums.index_add_(0, plan.layer_of, values * values)
-    return sums * plan.weight
+    """Estimated ``||values_l||^2`` per layer from sampled coordinates, summed in float64."""
+    values = values.double()
+    return torch.segment_reduce(values * values, "sum", lengths=plan.lengths) * plan.weight
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,31 +106,61 @@ class RankDivergence:
 
     squared: float  # ||theta_i - theta_bar||^2
     mean_norm_squared: float  # ||theta_bar||^2
-    per_layer: torch.Tensor  # squared contribution of each layer
+    per_layer: list[float]  # squared contribution of each layer
 
 
 def rank_divergence(before: torch.Tensor, after: torch.Tensor, plan: SamplePlan) -> RankDivergence:
-    """Divergence of this rank from the average, from samples taken before and after averaging."""
-    per_layer = layer_squares(before - after, plan)
-    return RankDivergence(
-        squared=float(per_layer.sum()),
-        mean_norm_squared=float(layer_squares(after, plan).sum()),
-        per_layer=per_layer,
-    )
+    """Divergence of this rank from the average, from samples taken before and after averaging.
+
+    The difference is taken first, in the samples' float32/float64 (exact for nearby values, and
+    within one rounding otherwise), and only then squared and summed in float64. Both sums per
+    layer come from one segmented reduction: a round costs a handful of tensor operations.
+    """
+    pairs = torch.stack((before - after, after), dim=1).double().square_()
+    sums = torch.segment_reduce(pairs, "sum", lengths=plan.lengths, axis=0).mul_(plan.weight[:, None])
+    per_layer, mean_per_layer = sums.t().tolist() if sums.numel() else ([], [])
+    return RankDivergence(squared=sum(per_layer), mean_norm_squared=sum(mean_per_layer), per_layer=per_layer)
 
 
-def drift(current: torch.Tensor, last_average: torch.Tensor, plan: SamplePlan) -> float:
-    """``||theta_i - theta_bar(last sync)||``: how far this rank moved since the last round."""
-    return math.sqrt(float(layer_squares(current - last_average, plan).sum()))
+@dataclass(frozen=True, slots=True)
+class DriftPlan:
+    """A uniform sample of the flattened parameters for the per-step drift: every coordinate weighs
+    the same, so the estimate is one scaled distance (the cheapest thing to do every step)."""
+
+    index: torch.Tensor | None  # sorted positions, drawn with replacement; None: every coordinate
+    scale: float  # sqrt(total / k): turns the sample's norm into an estimate of the full norm
 
 
-def top_layers(per_layer: torch.Tensor, names: list[str], k: int = 5) -> list[tuple[str, float]]:
+def make_drift_plan(total: int, budget: int, *, seed: int = 1) -> DriftPlan:
+    if total <= budget:
+        return DriftPlan(index=None, scale=1.0)
+    gen = torch.Generator().manual_seed(seed)
+    return DriftPlan(index=torch.randint(total, (budget,), generator=gen).sort().values, scale=math.sqrt(total / budget))
+
+
+def drift_sample(flat: torch.Tensor, plan: DriftPlan) -> torch.Tensor:
+    """The drift plan's coordinates of a flat buffer, in its own dtype and device."""
+    if plan.index is None:
+        return flat.detach().clone()
+    return flat.index_select(0, plan.index.to(flat.device))
+
+
+def drift(current: torch.Tensor, last_average: torch.Tensor, plan: DriftPlan) -> float:
+    """``||theta_i - theta_bar(last sync)||``: how far this rank moved since the last round.
+
+    The difference of two nearby floats is exact (Sterbenz), so working in the parameters' dtype
+    loses nothing that matters here; ``torch.dist`` sums the squares with pairwise accuracy.
+    """
+    return plan.scale * float(torch.dist(current, last_average))
+
+
+def top_layers(per_layer: list[float], names: list[str], k: int = 5) -> list[tuple[str, float]]:
     """The ``k`` layers contributing most to the squared divergence, as shares of the total."""
-    total = float(per_layer.sum())
-    if total <= 0.0 or per_layer.numel() == 0:
+    total = sum(per_layer)
+    if total <= 0.0:
         return []
-    values, order = per_layer.topk(min(k, per_layer.numel()))
-    return [(names[i], float(v) / total) for v, i in zip(values.tolist(), order.tolist())]
+    top = heapq.nlargest(k, range(len(per_layer)), key=per_layer.__getitem__)
+    return [(names[i], per_layer[i] / total) for i in top]
 
 
 @dataclass(frozen=True, slots=True)

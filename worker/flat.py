@@ -38,15 +38,23 @@ def layout_fingerprint(params: list[torch.nn.Parameter]) -> int:
 
 
 class FlatParams:
-    """Parameters re-pointed as views into one contiguous buffer."""
+    """Parameters re-pointed as views into one contiguous buffer, optionally followed by a tail.
 
-    def __init__(self, params: list[torch.nn.Parameter]):
+    The tail (``tail`` extra elements of the same dtype) lets a small message ride in the same
+    all-reduce as the parameters.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], tail: int = 0):
         reason = fallback_reason(params)
         if reason is not None:
             raise ValueError(f"cannot flatten parameters: {reason}")
         self.params = list(params)
         self.numels = [p.numel() for p in params]
-        self.buffer = torch.empty(sum(self.numels), dtype=params[0].dtype, device=params[0].device)
+        self.shapes = [p.shape for p in params]
+        total = sum(self.numels)
+        self.storage = torch.zeros(total + tail, dtype=params[0].dtype, device=params[0].device)
+        self.buffer = self.storage[:total]
+        self.tail = self.storage[total:] if tail else None
         offset = 0
         with torch.no_grad():
             for p, n in zip(params, self.numels):
@@ -65,10 +73,24 @@ class FlatParams:
         """False once anything re-pointed a parameter's ``.data`` away from the buffer."""
         return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._ptrs))
 
-    def serves(self, params: list[torch.nn.Parameter]) -> bool:
-        """True when ``params`` are exactly our parameters, still living in the buffer."""
-        return (
-            len(params) == len(self.params)
-            and all(a is b for a, b in zip(params, self.params))
-            and self.still_views()
-        )
+    def readopt(self) -> bool:
+        """Bring parameters re-pointed elsewhere (``p.data = t``) back into the buffer, with their values.
+
+        torch's own averager re-points ``.data`` every round, so this is no change of meaning. Returns
+        False when some parameter changed shape, dtype or device and cannot come back.
+        """
+        if self.still_views():
+            return True
+        whole = True
+        offset = 0
+        with torch.no_grad():
+            for i, (p, n, shape) in enumerate(zip(self.params, self.numels, self.shapes)):
+                if p.data_ptr() != self._ptrs[i]:
+                    if p.shape != shape or p.dtype != self.buffer.dtype or p.device != self.buffer.device:
+                        whole = False
+                    else:
+                        view = self.buffer[offset : offset + n]
+                        view.copy_(p.data.reshape(-1))
+                        p.data = view.view_as(p)
+                offset += n
+        return whole

@@ -37,6 +37,7 @@ try:
         optimizer.step()
         averager.record(loss=loss.item())
         averager.average_parameters(model.parameters())
+    averager.flush()  # collect the last round's figures and command acks
     if dist.get_rank() == 0:
         print(f"rounds {averager.metrics.rounds}, top layers {averager.metrics.last_round.top_layers[:2]}")
 finally:

@@ -28,6 +28,7 @@ try:
         loss.backward()
         averager.record(loss=loss.item())  # shown per rank on the dashboard
         optimizer.step()  # steps the optimizer, then averager.average_parameters(...)
+    averager.flush()  # collect the last round's figures and command acks
     if dist.get_rank() == 0:
         print(f"rounds {averager.metrics.rounds}, last divergence {averager.metrics.last_round.divergence_mean:.2e}")
 finally:

@@ -44,20 +44,22 @@ def _random_command(rng: random.Random, hierarchical: bool, world: int):
 
 
 class _Checksums:
-    """Parameter checksums right after each round, to compare across ranks."""
+    """Parameter checksums right after each round, to compare across ranks.
 
-    def __init__(self, model):
-        self.model = model
+    Taken in the training loop, not in ``on_round``: round records arrive one step later.
+    """
+
+    def __init__(self, model, avg):
+        self.model, self.avg = model, avg
         self.after_round: list[tuple[int, int, float]] = []
+        self.rounds = 0
 
-    def on_step(self, record):
-        pass
-
-    def on_control(self, event):
-        pass
-
-    def on_round(self, record):
-        self.after_round.append((record.step, record.group_size, float(flat_copy(self.model).sum())))
+    def after_step(self):
+        metrics = self.avg.metrics  # collects the round's record
+        if metrics.rounds > self.rounds:
+            self.rounds = metrics.rounds
+            record = metrics.last_round
+            self.after_round.append((record.step, record.group_size, float(flat_copy(self.model).sum())))
 
 
 def _agreement(rank, world, seed, steps, hierarchical):
@@ -67,9 +69,8 @@ def _agreement(rank, world, seed, steps, hierarchical):
         avg = HierarchicalAverager({2: 2, 4: world}, warmup_steps=3, control_interval=3, poll_interval=0.01)
     else:
         avg = PeriodicAverager(4, warmup_steps=3, control_interval=3, poll_interval=0.01)
-    log, sums = RoundLog(), _Checksums(model)
+    log, sums = RoundLog(), _Checksums(model, avg)
     avg.add_listener(log)
-    avg.add_listener(sums)
     submitted: list[tuple[int, str]] = []
     source = None
     if rank == 0:
@@ -95,6 +96,7 @@ def _agreement(rank, world, seed, steps, hierarchical):
                 if cmd.type == "pause_training":
                     pauses.put(cid)
         avg.average_parameters(model.parameters())
+        sums.after_step()
     if rank == 0:
         pauses.put(None)
         resumer.join(timeout=30)
@@ -182,8 +184,9 @@ def _long_pause(rank, world, hold_seconds):
 def test_pause_outlasts_process_group_timeout():
     results = run_ranks(_long_pause, 2, 5.0, pg_timeout=2.0, timeout=60)
     (held0, steps0, sum0), (held1, steps1, sum1) = results
-    assert held0 is not None and held0[0] == 4 and held0[1] >= 5.0  # paused at the next exchange (step 4)
-    assert held1 is not None and held1[0] == 4
+    # Taken by the exchange after the round at step 4, which settles (applies) at step 5.
+    assert held0 is not None and held0[0] == 5 and held0[1] >= 5.0
+    assert held1 is not None and held1[0] == 5
     assert steps0 == steps1 == 12
 
 
@@ -198,11 +201,12 @@ def _layout_mismatch(rank, world):
         avg.average_parameters(model.parameters())
 
 
-def test_ranks_with_different_parameter_sets_fail_clearly_not_hang():
+@pytest.mark.parametrize("world", [2, 3])  # the exchange in the buffer's tail, and on its own
+def test_ranks_with_different_parameter_sets_fail_clearly_not_hang(world):
     with pytest.raises(RuntimeError) as err:
-        run_ranks(_layout_mismatch, 2, timeout=60)
-    assert "rank 0 failed" in str(err.value) and "rank 1 failed" in str(err.value)
-    assert str(err.value).count("disagree on the parameters") == 2
+        run_ranks(_layout_mismatch, world, timeout=60)
+    assert all(f"rank {r} failed" in str(err.value) for r in range(world))
+    assert str(err.value).count("disagree on the parameters") == world
 
 
 def _changing_params(rank, world):

@@ -72,14 +72,27 @@ def test_gather_params_matches_gather_on_the_flat_buffer():
 
 
 def test_drift_and_group_summary():
-    plan = dv.make_plan([4], None)
+    plan = dv.make_drift_plan(4, 2048)
+    assert plan.index is None  # small models: every coordinate
     assert dv.drift(torch.tensor([3.0, 4, 0, 0], dtype=torch.float64), torch.zeros(4, dtype=torch.float64), plan) == 5.0
     group = dv.group_divergence([9.0, 16.0], [100.0, 100.0])
     assert (group.mean, group.max) == (3.5, 4.0)
     assert (group.relative_mean, group.relative_max) == (0.35, 0.4)
 
 
+def test_sampled_drift_estimates_the_full_norm_and_survives_tiny_moves_in_float32():
+    torch.manual_seed(4)
+    theta = torch.randn(200_000)  # float32, like the parameters it reads
+    moved = theta + 1e-4 * torch.randn(200_000)  # a small step: ~1e-4 relative
+    truth = float((moved.double() - theta.double()).norm())
+    plan = dv.make_drift_plan(theta.numel(), 2048)
+    got = dv.drift(dv.drift_sample(moved, plan), dv.drift_sample(theta, plan), plan)
+    assert abs(got / truth - 1) < 0.05  # standard error sqrt(1/(2k)) = 1.6% for Gaussian moves
+    exact = dv.make_drift_plan(theta.numel(), theta.numel())
+    assert math.isclose(dv.drift(moved, theta, exact), truth, rel_tol=1e-5)
+
+
 def test_top_layers_are_shares_of_the_total():
-    top = dv.top_layers(torch.tensor([1.0, 6.0, 3.0], dtype=torch.float64), ["a", "b", "c"], k=2)
+    top = dv.top_layers([1.0, 6.0, 3.0], ["a", "b", "c"], k=2)
     assert top == [("b", 0.6), ("c", 0.3)]
-    assert dv.top_layers(torch.zeros(2, dtype=torch.float64), ["a", "b"]) == []
+    assert dv.top_layers([0.0, 0.0], ["a", "b"]) == []

@@ -40,6 +40,8 @@ def _metrics(rank, world, exact, sample_size):
         sgd_step(model, opt, rank, step)
         direct = _direct_divergence(model, world) if step % 3 == 0 else None
         avg.average_parameters(model.parameters())
+        if step == 8:
+            drift_rec = avg.metrics.last_step  # drift is measured every 4th step by default
         if direct is not None:
             per_rank, mean_norm, kurtosis = direct
             rec = avg.metrics.last_round
@@ -53,10 +55,12 @@ def _metrics(rank, world, exact, sample_size):
                     kurtosis,
                 )
             )
-            assert rec.bytes == sum(p.numel() * 4 for p in model.parameters())
+            params_bytes = sum(p.numel() * 4 for p in model.parameters())
+            assert params_bytes <= rec.bytes <= params_bytes + 4 * 64  # two ranks: the exchange rides in a small tail
             assert rec.top_layers and abs(sum(share for _, share in rec.top_layers) - 1) < 1e-9
+    assert drift_rec.step == 8 and drift_rec.drift is not None and drift_rec.drift > 0
     step_rec = avg.metrics.last_step
-    assert step_rec.step == 10 and step_rec.drift is not None and step_rec.drift > 0
+    assert step_rec.step == 10 and step_rec.drift is None
     return checked
 
 
