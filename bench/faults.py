@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.e2e.procs import WORKER, ServerProcess, wait_for  # noqa: E402
+from tests.e2e.procs import WORKER, ServerProcess, stop_tree, wait_for  # noqa: E402
 
 # ------------------------------------------------------------------------------ the worker side
 
@@ -134,9 +134,7 @@ def start_workers(out: Path, steps: int, step_delay: float, server: str | None, 
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+    stop_tree(proc)
 
 
 def _figures(out: Path) -> list[RankFigures]:

@@ -24,6 +24,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (torchrun starts each rank in a session of its own, so
+    killing torchrun's process group does not reach them)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM a launcher (torchrun stops its ranks), then SIGKILL whatever is left below it."""
+    if proc.poll() is not None:
+        return
+    tree = descendants(proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [proc.pid, *tree]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(10)
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
     """Poll until ``condition()`` is truthy (and return it); AssertionError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -122,8 +159,6 @@ class Workers:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_tree(self.proc)
         if self.log is not subprocess.DEVNULL:
             self.log.close()

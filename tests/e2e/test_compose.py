@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.e2e.procs import WORKER, ServerProcess, free_port, wait_for
+from tests.e2e.procs import WORKER, ServerProcess, free_port, stop_tree, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 # Debian's docker-compose package ships the Compose specification's JSON schema (Makefile installs it).
@@ -92,8 +92,6 @@ def test_the_compose_worker_command_runs_as_two_nodes_against_a_real_server(tmp_
         assert sizes[4] == 2 and sizes[32] == 4 and sizes[64] == 4 and sizes[36] == 2  # within nodes often, across rarely
     finally:
         for proc, log in nodes:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait(10)
+            stop_tree(proc)
             log.close()
         server.stop()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.procs import ServerProcess, Workers, wait_for
+import os
+
+from tests.e2e.procs import ServerProcess, Workers, descendants, wait_for
 
 pytestmark = pytest.mark.dist
 
@@ -60,6 +62,26 @@ def test_rest_commands_apply_on_every_rank_at_one_step(server, tmp_path):
     assert [s for s in steps if s2 <= s < s3] == []
     assert [s for s in steps if s >= s3][:3] == [s3, s3 + 5, s3 + 10]
     assert api.get(f"/api/jobs/{job}")["status"] == "finished"
+
+
+def test_stopping_workers_leaves_no_rank_behind(server, tmp_path):
+    # torchrun puts each rank in a session of its own: killing torchrun's group alone orphans them.
+    workers = Workers(server.base, "e2e-stop", "--steps", "100000", "--step-delay", "0.01", log=tmp_path / "w.log")
+    try:
+        wait_for(lambda: _running(server.api, "e2e-stop"), 60, what="both ranks connected")
+        ranks = [pid for pid in descendants(workers.proc.pid) if b"avgctl.worker.demo" in _cmdline(pid)]
+        assert len(ranks) == 2
+    finally:
+        workers.stop()
+    assert [pid for pid in ranks if os.path.exists(f"/proc/{pid}")] == []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def test_server_killed_and_restarted_mid_run(server, tmp_path):
