@@ -111,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--period", type=int, default=8, help="averaging period for both averagers (default 8)")
     parser.add_argument("--steps", type=int, default=300, help="training steps per block (default 300)")
-    parser.add_argument("--blocks", type=int, default=15, help="timed blocks per averager (default 15)")
+    parser.add_argument("--blocks", type=int, default=25, help="timed blocks per averager (default 25)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed blocks per averager first (default 2)")
     parser.add_argument("--world", type=int, default=2, help="gloo ranks (default 2)")
     args = parser.parse_args()

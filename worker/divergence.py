@@ -113,13 +113,17 @@ def rank_divergence(before: torch.Tensor, after: torch.Tensor, plan: SamplePlan)
     """Divergence of this rank from the average, from samples taken before and after averaging.
 
     The difference is taken first, in the samples' float32/float64 (exact for nearby values, and
-    within one rounding otherwise), and only then squared and summed in float64. Both sums per
-    layer come from one segmented reduction: a round costs a handful of tensor operations.
+    within one rounding otherwise), and only then squared and summed in float64, per layer in one
+    segmented reduction: a round costs a handful of tensor operations.
     """
-    pairs = torch.stack((before - after, after), dim=1).double().square_()
-    sums = torch.segment_reduce(pairs, "sum", lengths=plan.lengths, axis=0).mul_(plan.weight[:, None])
-    per_layer, mean_per_layer = sums.t().tolist() if sums.numel() else ([], [])
-    return RankDivergence(squared=sum(per_layer), mean_norm_squared=sum(mean_per_layer), per_layer=per_layer)
+    squares = (before - after).double().square_()
+    per_layer = torch.segment_reduce(squares, "sum", lengths=plan.lengths).mul_(plan.weight).tolist()
+    mean = after.double()
+    return RankDivergence(
+        squared=sum(per_layer),
+        mean_norm_squared=float(torch.dot(mean * plan.coord_weight, mean)),
+        per_layer=per_layer,
+    )
 
 
 @dataclass(frozen=True, slots=True)
