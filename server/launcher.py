@@ -91,6 +91,15 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return run_demo(launch)
 
 
+def serve_args(launch: DemoLaunch, control_token: str, worker_token: str) -> list[str]:
+    """``avgctl serve`` arguments for the demo's server. Tokens go as ``--flag=value``: a generated
+    token may start with ``-``, which argparse would take for an option."""
+    return [
+        "serve", "--host", launch.host, "--port", str(launch.port), "--db", str(launch.db),
+        f"--control-token={control_token}", f"--worker-token={worker_token}", "--log-level", "warning",
+    ]
+
+
 def _spawn(argv: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen(argv, start_new_session=True, **kwargs)
 
@@ -184,11 +193,7 @@ def run_demo(launch: DemoLaunch) -> int:
     server = workers = None
     code = 0
     try:
-        server = _spawn(
-            [sys.executable, "-m", "avgctl.server.cli", "serve", "--host", launch.host, "--port", str(launch.port),
-             "--db", str(launch.db), "--control-token", control_token, "--worker-token", worker_token,
-             "--log-level", "warning"],
-        )
+        server = _spawn([sys.executable, "-m", "avgctl.server.cli", *serve_args(launch, control_token, worker_token)])
         _wait_healthy(base, server)
         print(f"avgctl demo: dashboard  {base}/?token={control_token}", flush=True)
         print(f"avgctl demo: job {job_id}, {launch.nproc} CPU ranks, {launch.steps} steps; worker log {log_path}", flush=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 
-from avgctl.server.launcher import ProgressBar
+from avgctl.server.cli import build_parser
+from avgctl.server.launcher import DemoLaunch, ProgressBar, serve_args
 
 
 def _job(step: int) -> dict:
@@ -26,3 +27,10 @@ def test_a_missing_job_prints_nothing():
     out = io.StringIO()
     ProgressBar(60, stream=out).show(None, final=True)
     assert out.getvalue() == ""
+
+
+def test_generated_tokens_that_start_with_a_dash_reach_the_server_intact():
+    # secrets.token_urlsafe() starts with "-" one time in 64; as a separate argument argparse
+    # would take it for an option and the demo's server would exit with a usage error.
+    args = build_parser().parse_args(serve_args(DemoLaunch(), "-ctl_token", "--wrk"))
+    assert (args.control_token, args.worker_token) == ("-ctl_token", "--wrk")
