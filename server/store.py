@@ -17,7 +17,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -285,13 +285,25 @@ class Store:
                 self._readers.append(conn)
         return conn
 
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every SELECT inside sees the same committed state (in autocommit
+        each would see its own, so a job's row and its ranks' rows could disagree)."""
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
     def list_jobs(self) -> list[JobOut]:
         rows = self._reader().execute("SELECT * FROM jobs ORDER BY updated_at DESC").fetchall()
         cols = _columns(self._reader(), "jobs")
         return [_job_out(dict(zip(cols, row))) for row in rows]
 
     def get_job(self, job_id: str) -> JobDetail | None:
-        return _job_detail(self._reader(), job_id)
+        with self._snapshot() as conn:
+            return _job_detail(conn, job_id)
 
     def list_commands(self, job_id: str, limit: int = 1000) -> list[CommandOut]:
         rows = self._reader().execute(
@@ -318,7 +330,13 @@ class Store:
         limit: int = 100_000,
     ) -> dict[str, list[dict]]:
         """Stored series from ``since_step`` on (at most ``limit`` records of each kind, oldest first)."""
-        conn = self._reader()
+        with self._snapshot() as conn:
+            return self._metrics_in(conn, job_id, since_step, ranks, names, limit)
+
+    @staticmethod
+    def _metrics_in(
+        conn: sqlite3.Connection, job_id: str, since_step: int, ranks: list[int] | None, names: list[str] | None, limit: int
+    ) -> dict[str, list[dict]]:
         rank_sql, rank_args = _rank_filter(ranks)
         out: dict[str, list[dict]] = {}
         for table in ("steps", "rounds"):
@@ -336,7 +354,8 @@ class Store:
 
     def snapshot(self, job_id: str, budget: int, commands: int = 200, events: int = 1000) -> dict[str, Any] | None:
         """What a dashboard needs on connect: the job, recent series (bounded, downsampled), commands."""
-        parts = self._snapshot_parts(job_id, budget, commands, events)
+        with self._snapshot():
+            parts = self._snapshot_parts(job_id, budget, commands, events)
         if parts is None:
             return None
         head, series = parts
@@ -344,7 +363,8 @@ class Store:
 
     def snapshot_json(self, job_id: str, budget: int, commands: int = 200, events: int = 1000) -> str | None:
         """``snapshot`` as JSON text, built without parsing the stored records (a snapshot holds thousands)."""
-        parts = self._snapshot_parts(job_id, budget, commands, events)
+        with self._snapshot():
+            parts = self._snapshot_parts(job_id, budget, commands, events)
         if parts is None:
             return None
         head, series = parts

@@ -60,3 +60,29 @@ def test_metric_batches_are_written_together(tmp_path):
         assert store.get_job("job-1").ranks[0].step == 112 and store.dropped_batches == 0
     finally:
         store.close()
+
+
+def test_a_job_read_is_one_snapshot_even_when_a_write_lands_between_its_queries(tmp_path):
+    store = st.Store(str(tmp_path / "s.db"))
+    store.start()
+    try:
+        for rank in (0, 1):
+            store.submit(lambda c, rank=rank: st.hello(c, Hello.model_validate_json(hello(rank=rank, pid=100 + rank)), time.time())).result()
+        reader = store._reader()
+        landed = []
+
+        def write_between(statement: str) -> None:
+            # After the job's row was read and before its ranks are, the writer commits a batch.
+            if not landed and statement.startswith("SELECT rank, host"):
+                landed.append(True)
+                entries = [("job-1", r, MetricsBatch.model_validate_json(batch(1, 8 + r)), 10.0) for r in (0, 1)]
+                store.submit(lambda c: st.write_metric_batches(c, entries)).result()
+
+        reader.set_trace_callback(write_between)
+        job = store.get_job("job-1")
+        reader.set_trace_callback(None)
+        assert landed
+        assert job.step == max(r.step for r in job.ranks)  # both from before the write, or both after
+        assert store.get_job("job-1").step == 9
+    finally:
+        store.close()
