@@ -32,12 +32,17 @@ def test_one_frame_per_job_per_tick_shared_by_its_clients():
     assert len(a._queue) == 1
 
 
-def test_metric_batches_are_written_together(tmp_path):
+def _store_with_two_ranks(tmp_path) -> st.Store:
     store = st.Store(str(tmp_path / "s.db"))
     store.start()
+    for rank in (0, 1):
+        store.submit(lambda c, rank=rank: st.hello(c, Hello.model_validate_json(hello(rank=rank, pid=100 + rank)), time.time())).result()
+    return store
+
+
+def test_metric_batches_are_written_together(tmp_path):
+    store = _store_with_two_ranks(tmp_path)
     try:
-        for rank in (0, 1):
-            store.submit(lambda c, rank=rank: st.hello(c, Hello.model_validate_json(hello(rank=rank, pid=100 + rank)), time.time())).result()
         entries = [
             ("job-1", 1, MetricsBatch.model_validate_json(batch(1, 8)), 10.0),
             ("job-1", 0, MetricsBatch.model_validate_json(batch(1, 12)), 11.0),
@@ -63,11 +68,8 @@ def test_metric_batches_are_written_together(tmp_path):
 
 
 def test_a_job_read_is_one_snapshot_even_when_a_write_lands_between_its_queries(tmp_path):
-    store = st.Store(str(tmp_path / "s.db"))
-    store.start()
+    store = _store_with_two_ranks(tmp_path)
     try:
-        for rank in (0, 1):
-            store.submit(lambda c, rank=rank: st.hello(c, Hello.model_validate_json(hello(rank=rank, pid=100 + rank)), time.time())).result()
         reader = store._reader()
         landed = []
 
