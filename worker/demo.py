@@ -359,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if result_path is not None:
                 result_path.write_text(json.dumps(dataclasses.asdict(result)))
+        dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()
     return 0
