@@ -10,7 +10,7 @@ from starlette.requests import HTTPConnection
 from avgctl.server.autopilot import Autopilot
 from avgctl.server.commands import CommandService
 from avgctl.server.hub import Hub
-from avgctl.server.schemas import JOB_ID_PATTERN
+from avgctl.server.schemas import JOB_ID_MAX_LENGTH, JOB_ID_PATTERN
 from avgctl.server.settings import Settings
 from avgctl.server.store import Store
 from avgctl.server.workers import WorkerRegistry
@@ -46,4 +46,4 @@ CommandsDep = Annotated[CommandService, Depends(_commands)]
 WorkersDep = Annotated[WorkerRegistry, Depends(_workers)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 AutopilotDep = Annotated[Autopilot, Depends(_autopilot)]
-JobIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=JOB_ID_PATTERN)]
+JobIdPath = Annotated[str, Path(min_length=1, max_length=JOB_ID_MAX_LENGTH, pattern=JOB_ID_PATTERN)]

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # A job id is a torchrun run id or a name a person chose: keep it printable and short.
 # At least one letter, digit or underscore: ids of dots only ("..") would be rewritten by browsers.
 JOB_ID_PATTERN = r"^[A-Za-z0-9_.:@+-]*[A-Za-z0-9_][A-Za-z0-9_.:@+-]*$"
-JobId = Annotated[str, Field(min_length=1, max_length=128, pattern=JOB_ID_PATTERN)]
+JOB_ID_MAX_LENGTH = 128
+JobId = Annotated[str, Field(min_length=1, max_length=JOB_ID_MAX_LENGTH, pattern=JOB_ID_PATTERN)]
 
 
 class _Message(BaseModel):

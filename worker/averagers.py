@@ -99,7 +99,6 @@ class _RoundDraft:
 
     step: int
     group_size: int
-    mine: dv.RankDivergence
     seconds: float
     moved: int
     exact: bool
@@ -397,7 +396,7 @@ class _LiveAverager(ModelAverager):
         metrics.rounds += 1
         metrics.bytes_moved += moved
         metrics.averaging_seconds += seconds
-        draft = _RoundDraft(step, size, mine, seconds, moved, layout.plan.exact, dv.top_layers(mine.per_layer, layout.names))
+        draft = _RoundDraft(step, size, seconds, moved, layout.plan.exact, dv.top_layers(mine.per_layer, layout.names))
         if pending is not None:
             pending.payload = pending.payload.clone()  # the tail as reduced; the buffer is reused next round
             self._report_round(draft, [mine.squared] * 2 + [mine.mean_norm_squared] * 2)

@@ -80,7 +80,8 @@ def gather(flat: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
     """The sampled coordinates of a flat buffer, on the CPU, in float32 (float64 buffers stay float64)."""
     if plan.exact and flat.numel() == plan.index.numel():
         # The exact plan's index is every position in order: a plain copy, without the index pass.
-        return _working(flat).clone() if flat.dtype in (torch.float32, torch.float64) else _working(flat)
+        values = _working(flat)
+        return values.clone() if values is flat else values  # never hand out the live buffer
     return _working(flat.index_select(0, plan.index.to(flat.device)))
 
 
@@ -116,8 +117,7 @@ def rank_divergence(before: torch.Tensor, after: torch.Tensor, plan: SamplePlan)
     within one rounding otherwise), and only then squared and summed in float64, per layer in one
     segmented reduction: a round costs a handful of tensor operations.
     """
-    squares = (before - after).double().square_()
-    per_layer = torch.segment_reduce(squares, "sum", lengths=plan.lengths).mul_(plan.weight).tolist()
+    per_layer = layer_squares(before - after, plan).tolist()
     mean = after.double()
     return RankDivergence(
         squared=sum(per_layer),

@@ -65,10 +65,6 @@ class FlatParams:
         self._ptrs = [p.data_ptr() for p in params]
         self.fingerprint = layout_fingerprint(params)
 
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
-
     def still_views(self) -> bool:
         """False once anything re-pointed a parameter's ``.data`` away from the buffer."""
         return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._ptrs))

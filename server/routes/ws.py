@@ -15,9 +15,9 @@ Worker close codes (the reason says more):
 from __future__ import annotations
 
 import asyncio
-import re
 import contextlib
 import logging
+import re
 import time
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -26,7 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from avgctl.server import store as st
 from avgctl.server.deps import AutopilotDep, CommandsDep, HubDep, SettingsDep, StoreDep, WorkersDep
 from avgctl.server.hub import serve_client
-from avgctl.server.schemas import JOB_ID_PATTERN, CommandAck, Hello, MetricsBatch, WorkerMessage
+from avgctl.server.schemas import JOB_ID_MAX_LENGTH, JOB_ID_PATTERN, CommandAck, Hello, MetricsBatch, WorkerMessage
 from avgctl.server.workers import WorkerConnection
 
 log = logging.getLogger(__name__)
@@ -169,8 +169,8 @@ async def dashboard(websocket: WebSocket, job_id: str, store: StoreDep, hub: Hub
     """A dashboard's stream: ``snapshot`` first, then live ``metrics_batch``, ``job`` and ``command`` messages."""
     await websocket.accept()
     # Checked here, not in the path, so a bad id gets a close code with a reason, not a bare 403.
-    if not re.fullmatch(JOB_ID_PATTERN, job_id) or len(job_id) > 128:
-        await websocket.close(1008, "invalid job id")
+    if len(job_id) > JOB_ID_MAX_LENGTH or not re.fullmatch(JOB_ID_PATTERN, job_id):
+        await websocket.close(CLOSE_POLICY, "invalid job id")
         return
     if await asyncio.to_thread(store.get_job, job_id) is None:
         await websocket.close(CLOSE_NO_JOB, _short(f"no job {job_id!r}"))
