@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await workers.close_all()
             await app.state.autopilot.close()
+            await app.state.commands.close()
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker

@@ -255,7 +255,7 @@ class Autopilot:
         except Exception:
             log.exception("autopilot: storing the status of job %s failed", job_id)
             return
-        await self.commands.announce_job(job_id)
+        self.commands.announce_job(job_id)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -14,6 +14,7 @@ from typing import Protocol
 from pydantic import TypeAdapter
 
 from avgctl.server import store as st
+from avgctl.server.announce import JobAnnouncer
 from avgctl.server.hub import Hub
 from avgctl.server.schemas import (
     WORKER_COMMAND_TYPES,
@@ -45,6 +46,7 @@ class CommandService:
         self.store = store
         self.workers = workers
         self.hub = hub
+        self.announcer = JobAnnouncer(store, hub)
         self._observers: list[CommandObserver] = []
 
     def add_observer(self, observer: CommandObserver) -> None:
@@ -83,7 +85,7 @@ class CommandService:
         applied = await self.store.write(apply)
         if applied is not None:
             self._announce(applied)
-            await self.announce_job(job_id)
+            self.announce_job(job_id)
             return applied
         return out
 
@@ -107,15 +109,14 @@ class CommandService:
             self._announce(out)
             for observer in self._observers:
                 await observer.on_resolved(out)
-            await self.announce_job(job_id)
+            self.announce_job(job_id)
 
     def _announce(self, out: CommandOut) -> None:
         self.hub.publish(out.job_id, {"kind": "command", "command": out.model_dump(mode="json")})
 
-    async def announce_job(self, job_id: str) -> None:
-        """Send the job's current state to its dashboards."""
-        if not self.hub.clients(job_id):
-            return
-        job = await asyncio.to_thread(self.store.get_job, job_id)
-        if job is not None:
-            self.hub.publish(job_id, {"kind": "job", "job": job.model_dump(mode="json")})
+    def announce_job(self, job_id: str) -> None:
+        """Have the job's dashboards get its current state (coalesced; never waits)."""
+        self.announcer.announce(job_id)
+
+    async def close(self) -> None:
+        await self.announcer.close()

@@ -108,7 +108,7 @@ async def worker_ingest(
         await autopilot.on_hello(hello)
         if hello.rank == 0:
             await commands.deliver_pending(hello.job_id)
-        await commands.announce_job(hello.job_id)
+        commands.announce_job(hello.job_id)
         while True:
             msg = await _receive(websocket, settings.max_frame_bytes)
             if isinstance(msg, MetricsBatch):
@@ -130,7 +130,7 @@ async def worker_ingest(
         if conn is not None and workers.remove(conn):
             job_id, rank = conn.job_id, conn.rank
             await store.write(lambda c: st.disconnect(c, job_id, rank, normal, time.time()))
-            await commands.announce_job(job_id)
+            commands.announce_job(job_id)
 
 
 async def _register(websocket: WebSocket, hello: Hello, store: st.Store, workers) -> WorkerConnection:
@@ -159,7 +159,7 @@ async def _ingest(batch: MetricsBatch, conn: WorkerConnection, store: st.Store, 
         # A control change is rare and changes the job: wait for it, then tell dashboards.
         now = time.time()
         await store.write(lambda c: st.write_metrics(c, conn.job_id, conn.rank, batch, now))
-        await commands.announce_job(conn.job_id)
+        commands.announce_job(conn.job_id)
     else:
         store.add_metrics(conn.job_id, conn.rank, batch)  # never waits; counted if dropped
 
