@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
-from avgctl.server.schemas import DashboardMetrics, MetricsBatch, RankMetrics
+from avgctl.server.records import EncodedBatch
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ _SEND_TIMEOUT = 5.0
 
 @dataclass(slots=True)
 class _Pending:
+    """One rank's records since the last tick, as JSON texts."""
+
     steps: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_MAX_PENDING_RECORDS))
     rounds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_MAX_PENDING_RECORDS))
     control: list = field(default_factory=list)
@@ -113,16 +115,16 @@ class Hub:
     def clients(self, job_id: str) -> int:
         return len(self._clients.get(job_id, ()))
 
-    def publish_metrics(self, job_id: str, rank: int, batch: MetricsBatch) -> None:
+    def publish_metrics(self, job_id: str, rank: int, batch: EncodedBatch) -> None:
         """Buffer a worker's batch for the next tick (only if someone is watching the job)."""
         if job_id not in self._clients:
             return
         pending = self._pending[job_id].get(rank)
         if pending is None:
             pending = self._pending[job_id][rank] = _Pending()
-        pending.steps.extend(batch.steps)
-        pending.rounds.extend(batch.rounds)
-        pending.control.extend(batch.control)
+        pending.steps.extend(body for _, body in batch.steps)
+        pending.rounds.extend(body for _, _, body in batch.rounds)
+        pending.control.extend(e.model_dump_json() for e in batch.control)
         self._wake.set()
 
     def publish(self, job_id: str, message: dict[str, Any]) -> None:
@@ -157,14 +159,13 @@ class Hub:
 
 
 def metrics_text(ranks: dict[int, _Pending]) -> str:
-    """One ``metrics_batch`` frame for a job: every rank's buffered records, in rank order."""
-    # The records were validated on ingest: build the envelope without validating them again and
-    # let pydantic serialize the whole frame in one call.
-    items = [
-        RankMetrics.model_construct(rank=rank, steps=list(p.steps), rounds=list(p.rounds), control=p.control)
-        for rank, p in sorted(ranks.items())
-    ]
-    return DashboardMetrics.model_construct(kind="metrics_batch", items=items).model_dump_json()
+    """One ``metrics_batch`` frame for a job (``DashboardMetrics``): every rank's buffered records,
+    in rank order, spliced from the texts encoded on ingest."""
+    items = []
+    for rank, p in sorted(ranks.items()):
+        steps, rounds, control = ",".join(p.steps), ",".join(p.rounds), ",".join(p.control)
+        items.append(f'{{"rank":{rank},"steps":[{steps}],"rounds":[{rounds}],"control":[{control}]}}')
+    return f'{{"kind":"metrics_batch","items":[{",".join(items)}]}}'
 
 
 async def serve_client(hub: Hub, job_id: str, websocket: WebSocket, snapshot: Callable[[], Awaitable[str]]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import queue
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from avgctl.server.records import EncodedBatch
 from avgctl.server.schemas import (
     AutotuneView,
     AveragerConfig,
@@ -30,7 +32,6 @@ from avgctl.server.schemas import (
     Hello,
     JobDetail,
     JobOut,
-    MetricsBatch,
     RankOut,
 )
 
@@ -147,7 +148,7 @@ class Store:
         self.dropped_batches = 0  # metric batches refused because the writer fell behind
         # Metric batches waiting for the writer: ingest appends here, and the first batch of a burst
         # queues the one op that writes the whole burst (so a non-empty list always has its op queued).
-        self._metrics: list[tuple[str, int, MetricsBatch, float]] = []
+        self._metrics: list[tuple[str, int, EncodedBatch, float]] = []
         self._metrics_lock = threading.Lock()
         self._queue: queue.Queue[_Op | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -251,7 +252,7 @@ class Store:
             raise ValueError("this store keeps every record (no retention_steps)")
         return self.submit(self.retention.prune)
 
-    def add_metrics(self, job_id: str, rank: int, batch: MetricsBatch) -> bool:
+    def add_metrics(self, job_id: str, rank: int, batch: EncodedBatch) -> bool:
         """Queue a metric batch without waiting; False (and counted) when the writer is too far behind.
 
         Batches that arrive while the writer is busy wait together and go to SQLite in one
@@ -529,12 +530,12 @@ def disconnect(conn: sqlite3.Connection, job_id: str, rank: int, normal: bool, n
     conn.execute("UPDATE jobs SET status = ?, updated_at = ? WHERE id = ?", (status, now, job_id))
 
 
-def write_metrics(conn: sqlite3.Connection, job_id: str, rank: int, batch: MetricsBatch, now: float) -> None:
+def write_metrics(conn: sqlite3.Connection, job_id: str, rank: int, batch: EncodedBatch, now: float) -> None:
     """Store one rank's batch (received at ``now``)."""
     write_metric_batches(conn, [(job_id, rank, batch, now)])
 
 
-def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int, MetricsBatch, float]]) -> None:
+def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int, EncodedBatch, float]]) -> None:
     """Store ``(job_id, rank, batch, received_at)`` entries in arrival order: one ``executemany`` per
     table, one update per rank and per job."""
     steps: list[tuple] = []
@@ -542,15 +543,8 @@ def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int,
     ranks: dict[tuple[str, int], list] = {}  # (job, rank) -> [max step, last seen, dropped]
     jobs: dict[str, list] = {}  # job -> [max step or None, last seen, latest round or None]
     for job_id, rank, batch, now in entries:
-        top = None
-        for r in batch.steps:
-            steps.append((job_id, rank, r.step, r.model_dump_json()))
-            top = r.step if top is None or r.step > top else top
-        latest = None
-        for r in batch.rounds:
-            rounds.append((job_id, rank, r.step, r.group_size, r.model_dump_json()))
-            top = r.step if top is None or r.step > top else top
-            latest = r if latest is None or r.step > latest.step else latest
+        steps.extend((job_id, rank, step, body) for step, body in batch.steps)
+        rounds.extend((job_id, rank, step, size, body) for step, size, body in batch.rounds)
         if batch.control:
             conn.executemany(
                 "INSERT INTO control_events (job_id, rank, step, control) VALUES (?, ?, ?, ?)",
@@ -558,7 +552,7 @@ def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int,
             )
             if rank == 0:
                 _set_control(conn, job_id, batch.control[-1].control, now)
-            top = max(top if top is not None else 0, max(e.step for e in batch.control))
+        top, latest = batch.top, batch.latest
         rank_row = ranks.setdefault((job_id, rank), [0, now, 0])
         rank_row[0] = max(rank_row[0], top or 0)
         rank_row[1], rank_row[2] = now, batch.dropped
@@ -568,12 +562,8 @@ def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int,
         job_row[1] = now
         if latest is not None and (job_row[2] is None or latest.step >= job_row[2].step):
             job_row[2] = latest
-    if steps:
-        conn.executemany("INSERT OR REPLACE INTO steps (job_id, rank, step, body) VALUES (?, ?, ?, ?)", steps)
-    if rounds:
-        conn.executemany(
-            "INSERT OR REPLACE INTO rounds (job_id, rank, step, group_size, body) VALUES (?, ?, ?, ?, ?)", rounds
-        )
+    _insert_rows(conn, "steps", ("job_id", "rank", "step", "body"), steps)
+    _insert_rows(conn, "rounds", ("job_id", "rank", "step", "group_size", "body"), rounds)
     conn.executemany(
         "UPDATE ranks SET step = MAX(step, ?), last_seen = ?, dropped = ? WHERE job_id = ? AND rank = ?",
         [(step, seen, dropped, job_id, rank) for (job_id, rank), (step, seen, dropped) in ranks.items()],
@@ -588,6 +578,25 @@ def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int,
         " WHERE id = ? AND COALESCE(divergence_step, -1) <= ?",
         [(r.divergence_mean, r.divergence_max, r.step, job_id, r.step) for job_id, (_, _, r) in jobs.items() if r is not None],
     )
+
+
+def _insert_rows(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+    """``INSERT OR REPLACE`` ``rows``, as many per statement as SQLite takes parameters (thousands).
+
+    Not ``executemany``: it releases the GIL around every row's ``sqlite3_step`` and must take it
+    back each time, which under ingest load means waiting on the event loop's thread per row (the
+    GIL convoy); the writer then fell far behind. One statement per few thousand rows waits once.
+    """
+    per_statement = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(columns)
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        conn.execute(_insert_sql(table, columns, len(chunk)), [value for row in chunk for value in row])
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_sql(table: str, columns: tuple[str, ...], count: int) -> str:
+    row = "(" + ", ".join("?" * len(columns)) + ")"
+    return f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row] * count)
 
 
 def _set_control(conn: sqlite3.Connection, job_id: str, control: ControlView, now: float) -> None:

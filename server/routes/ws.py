@@ -26,6 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from avgctl.server import store as st
 from avgctl.server.deps import AutopilotDep, CommandsDep, HubDep, SettingsDep, StoreDep, WorkersDep
 from avgctl.server.hub import serve_client
+from avgctl.server.records import encode
 from avgctl.server.schemas import JOB_ID_MAX_LENGTH, JOB_ID_PATTERN, CommandAck, Hello, MetricsBatch, WorkerMessage
 from avgctl.server.workers import WorkerConnection
 
@@ -153,7 +154,8 @@ async def _register(websocket: WebSocket, hello: Hello, store: st.Store, workers
     return conn
 
 
-async def _ingest(batch: MetricsBatch, conn: WorkerConnection, store: st.Store, hub, commands) -> None:
+async def _ingest(msg: MetricsBatch, conn: WorkerConnection, store: st.Store, hub, commands) -> None:
+    batch = encode(msg)  # once, for the store and the dashboards; the models go now
     hub.publish_metrics(conn.job_id, conn.rank, batch)
     if batch.control and conn.rank == 0:
         # A control change is rare and changes the job: wait for it, then tell dashboards.

@@ -7,8 +7,13 @@ import time
 
 from avgctl.server import store as st
 from avgctl.server.hub import Hub
-from avgctl.server.schemas import Hello, MetricsBatch
+from avgctl.server.records import EncodedBatch, encode
+from avgctl.server.schemas import ControlEvent, ControlView, DashboardMetrics, Hello, MetricsBatch
 from tests.server.test_rest import batch, hello
+
+
+def encoded(text: str) -> EncodedBatch:
+    return encode(MetricsBatch.model_validate_json(text))
 
 
 def test_one_frame_per_job_per_tick_shared_by_its_clients():
@@ -16,9 +21,9 @@ def test_one_frame_per_job_per_tick_shared_by_its_clients():
     a, b = hub.subscribe("job-1", None), hub.subscribe("job-1", None)
     other = hub.subscribe("job-2", None)
     for rank in (2, 0, 1):
-        hub.publish_metrics("job-1", rank, MetricsBatch.model_validate_json(batch(1, 4)))
-    hub.publish_metrics("job-1", 0, MetricsBatch.model_validate_json(batch(5, 4)))
-    hub.publish_metrics("job-3", 0, MetricsBatch.model_validate_json(batch(1, 4)))  # nobody watches it
+        hub.publish_metrics("job-1", rank, encoded(batch(1, 4)))
+    hub.publish_metrics("job-1", 0, encoded(batch(5, 4)))
+    hub.publish_metrics("job-3", 0, encoded(batch(1, 4)))  # nobody watches it
     hub._flush()
     assert len(a._queue) == len(b._queue) == 1 and not other._queue
     (_, text_a), (_, text_b) = a._queue[0], b._queue[0]
@@ -30,6 +35,19 @@ def test_one_frame_per_job_per_tick_shared_by_its_clients():
     assert first["control"] == [] and first["steps"][0]["scalars"] == {"lr": 0.1}
     hub._flush()  # nothing new: nothing sent
     assert len(a._queue) == 1
+
+
+def test_the_spliced_frame_is_what_its_schema_serializes():
+    hub = Hub()
+    client = hub.subscribe("job-1", None)
+    with_control = MetricsBatch.model_validate_json(batch(1, 4)).model_copy(
+        update={"control": [ControlEvent(step=3, control=ControlView(period=4, warmup_steps=0))]}
+    )
+    hub.publish_metrics("job-1", 1, encode(with_control))
+    hub.publish_metrics("job-1", 0, encoded(batch(1, 2, rounds=False)))
+    hub._flush()
+    (_, text), = client._queue
+    assert DashboardMetrics.model_validate_json(text).model_dump_json() == text
 
 
 def _store_with_two_ranks(tmp_path) -> st.Store:
@@ -44,9 +62,9 @@ def test_metric_batches_are_written_together(tmp_path):
     store = _store_with_two_ranks(tmp_path)
     try:
         entries = [
-            ("job-1", 1, MetricsBatch.model_validate_json(batch(1, 8)), 10.0),
-            ("job-1", 0, MetricsBatch.model_validate_json(batch(1, 12)), 11.0),
-            ("job-1", 1, MetricsBatch.model_validate_json(batch(9, 1)), 12.0),  # no round: keeps step 12's figures
+            ("job-1", 1, encoded(batch(1, 8)), 10.0),
+            ("job-1", 0, encoded(batch(1, 12)), 11.0),
+            ("job-1", 1, encoded(batch(9, 1)), 12.0),  # no round: keeps step 12's figures
         ]
         store.submit(lambda c: st.write_metric_batches(c, entries)).result()
         job = store.get_job("job-1")
@@ -60,7 +78,7 @@ def test_metric_batches_are_written_together(tmp_path):
         assert len(stored["steps"]) == 21 and [r["step"] for r in stored["rounds"] if r["rank"] == 1] == [4, 8]
         # Ingest's path: batches queued while the writer is busy go out together, none lost.
         for first in range(13, 113):
-            assert store.add_metrics("job-1", 0, MetricsBatch.model_validate_json(batch(first, 1, rounds=False)))
+            assert store.add_metrics("job-1", 0, encoded(batch(first, 1, rounds=False)))
         store.submit(lambda c: None).result()  # queued after them: they are committed
         assert store.get_job("job-1").ranks[0].step == 112 and store.dropped_batches == 0
     finally:
@@ -77,7 +95,7 @@ def test_a_job_read_is_one_snapshot_even_when_a_write_lands_between_its_queries(
             # After the job's row was read and before its ranks are, the writer commits a batch.
             if not landed and statement.startswith("SELECT rank, host"):
                 landed.append(True)
-                entries = [("job-1", r, MetricsBatch.model_validate_json(batch(1, 8 + r)), 10.0) for r in (0, 1)]
+                entries = [("job-1", r, encoded(batch(1, 8 + r)), 10.0) for r in (0, 1)]
                 store.submit(lambda c: st.write_metric_batches(c, entries)).result()
 
         reader.set_trace_callback(write_between)
@@ -88,3 +106,11 @@ def test_a_job_read_is_one_snapshot_even_when_a_write_lands_between_its_queries(
         assert store.get_job("job-1").step == 9
     finally:
         store.close()
+
+
+def test_encoding_keeps_each_record_as_its_model_serializes_it():
+    msg = MetricsBatch.model_validate_json(batch(1, 8))
+    enc = encode(msg)
+    assert enc.steps == [(r.step, r.model_dump_json()) for r in msg.steps]
+    assert enc.rounds == [(r.step, r.group_size, r.model_dump_json()) for r in msg.rounds]
+    assert (enc.top, enc.latest.step, enc.dropped) == (8, 8, 3)
