@@ -1,9 +1,10 @@
 """Ingest benchmark: 64 simulated ranks -> a real avgctl server -> 10 dashboard clients.
 
-Run: ``.venv/bin/python bench/ingest.py`` (about a minute). Three phases, same machine, same run:
+Run: ``.venv/bin/python bench/ingest.py`` (about a minute). Four measurements, same machine, same run:
 
 1. ceiling: the same senders against a bare ``websockets`` receive loop that parses each frame's
-   JSON (the least any server does with a frame);
+   JSON (the least any server does with a frame); then the same loop as a FastAPI route under
+   uvicorn (what the ASGI stack alone costs, before avgctl does anything);
 2. throughput: the senders as fast as they can against ``avgctl serve``; a batch counts once the
    server has stored it in SQLite, while 10 dashboards listen. Both phases time from the first
    frame sent (connections are open and have said hello) until the server has the last one;
@@ -30,7 +31,9 @@ import tempfile
 import time
 import urllib.request
 
+import uvicorn
 import websockets
+from fastapi import FastAPI, WebSocket
 
 from avgctl.server.schemas import AveragerConfig, ControlView, Hello, MetricsBatch, StepRecord
 
@@ -74,16 +77,48 @@ def bare_server_main(port: int, ready) -> None:
     asyncio.run(_bare_server(port, ready))
 
 
+# ------------------------------------------------------------------------------ uvicorn floor
+
+
+def floor_server_main(port: int) -> None:
+    """uvicorn serving a FastAPI websocket route that only parses each frame's JSON: what any
+    FastAPI server pays per frame here before doing anything with it."""
+    app = FastAPI()
+    received = 0
+
+    @app.get("/received")
+    def count() -> int:
+        return received
+
+    @app.websocket("/ws")
+    async def ingest(ws: WebSocket) -> None:
+        nonlocal received
+        await ws.accept()
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            json.loads(message["text"])
+            received += 1
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", ws_per_message_deflate=False)
+
+
 # ------------------------------------------------------------------------------ dashboards
 
 
-async def _dashboards(url: str, n: int, duration: float, out) -> None:
+async def _dashboards(url: str, n: int, duration: float, ready, out) -> None:
     latencies: list[float] = []
     messages = 0
+    waiting = n
 
     async def one() -> None:
-        nonlocal messages
+        nonlocal messages, waiting
         async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"}, max_size=2**26) as ws:
+            json.loads(await ws.recv())  # the snapshot: parsed before the clock starts
+            waiting -= 1
+            if not waiting:
+                ready.set()
             end = time.time() + duration
             while time.time() < end:
                 try:
@@ -104,8 +139,18 @@ async def _dashboards(url: str, n: int, duration: float, out) -> None:
     out.put((latencies, messages))
 
 
-def dashboards_main(url: str, n: int, duration: float, out) -> None:
-    asyncio.run(_dashboards(url, n, duration, out))
+def dashboards_main(url: str, n: int, duration: float, ready, out) -> None:
+    asyncio.run(_dashboards(url, n, duration, ready, out))
+
+
+def start_dashboards(ctx, url: str, n: int, duration: float, out):
+    """The dashboards' process, once every one of them has its snapshot."""
+    ready = ctx.Event()
+    dash = ctx.Process(target=dashboards_main, args=(url, n, duration, ready, out), daemon=True)
+    dash.start()
+    if not ready.wait(60):
+        raise RuntimeError("the dashboards did not get their snapshots within 60 s")
+    return dash
 
 
 # ------------------------------------------------------------------------------ senders
@@ -122,11 +167,13 @@ async def open_ranks(url: str, ranks: int, headers: dict) -> list:
     return conns
 
 
-async def send_flat_out(url: str, ranks: int, batches: int, headers: dict, bare: bool) -> tuple[float, float]:
+async def send_flat_out(
+    url: str, ranks: int, batches: int, headers: dict, bare: bool, first_step: int = 1
+) -> tuple[float, float]:
     """Every rank sends ``batches`` frames as fast as it can; returns (``perf_counter`` at the first
     frame, seconds until all were sent, and for ``bare`` read by the server)."""
     conns = await open_ranks(url, ranks, headers)
-    frames = [batch(1 + i * RECORDS_PER_BATCH, time.time()) for i in range(batches)]
+    frames = [batch(first_step + i * RECORDS_PER_BATCH, time.time()) for i in range(batches)]
     start = time.perf_counter()
 
     async def run(ws) -> None:
@@ -186,27 +233,49 @@ def wait_http(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"server did not answer at {url}")
 
 
+def median_rate(args, flood) -> float:
+    rates = [flood(repeat) for repeat in range(args.repeats)]
+    print(f"  rates: {', '.join(f'{r:.0f}' for r in rates)}", file=sys.stderr)
+    return statistics.median(rates)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=64)
     parser.add_argument("--dashboards", type=int, default=10)
     parser.add_argument("--batches", type=int, default=150, help="frames per rank in the throughput phases")
+    parser.add_argument("--repeats", type=int, default=3, help="floods per throughput figure (the median is shown)")
     parser.add_argument("--rate", type=float, default=10.0, help="batches/s per rank in the latency phase")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency phase")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     total = args.ranks * args.batches
 
-    # 1. the ceiling
+    # 1. the ceilings, each the median of --repeats floods
     port = free_port()
     ready = ctx.Event()
     bare = ctx.Process(target=bare_server_main, args=(port, ready), daemon=True)
     bare.start()
     ready.wait(30)
-    _, bare_s = asyncio.run(send_flat_out(f"ws://127.0.0.1:{port}", args.ranks, args.batches, {}, bare=True))
+    bare_rate = median_rate(args, lambda _: total / asyncio.run(
+        send_flat_out(f"ws://127.0.0.1:{port}", args.ranks, args.batches, {}, bare=True))[1])
     bare.terminate()
     bare.join()
-    bare_rate = total / bare_s
+
+    port = free_port()
+    floor = ctx.Process(target=floor_server_main, args=(port,), daemon=True)
+    floor.start()
+    wait_http(f"http://127.0.0.1:{port}/received")
+
+    def floor_flood(repeat: int) -> float:
+        start, _ = asyncio.run(send_flat_out(f"ws://127.0.0.1:{port}/ws", args.ranks, args.batches, {}, bare=False))
+        while int(urllib.request.urlopen(f"http://127.0.0.1:{port}/received").read()) < total * (repeat + 1):
+            time.sleep(0.01)
+        return total / (time.perf_counter() - start)
+
+    floor_rate = median_rate(args, floor_flood)
+    floor.terminate()
+    floor.join()
 
     with tempfile.TemporaryDirectory() as tmp:
         db = os.path.join(tmp, "bench.db")
@@ -219,30 +288,30 @@ def main() -> None:
             base = f"http://127.0.0.1:{port}"
             wait_http(base + "/api/health")
             ws_url = f"ws://127.0.0.1:{port}/ws/worker"
+            headers = {"Authorization": f"Bearer {TOKEN}"}
             # A first hello makes the job exist, so dashboards can subscribe before the flood.
             asyncio.run(send_paced(ws_url, args.ranks, 1.0, 0.1))
-            before = stored_steps(db)
             out = ctx.Queue()
             dash_url = f"ws://127.0.0.1:{port}/ws/jobs/{JOB}"
 
             # 2. throughput with dashboards listening
-            dash = ctx.Process(target=dashboards_main, args=(dash_url, args.dashboards, 60.0, out), daemon=True)
-            dash.start()
-            time.sleep(2.0)  # let the dashboards connect and take their snapshots
-            start, _ = asyncio.run(send_flat_out(ws_url, args.ranks, args.batches, {"Authorization": f"Bearer {TOKEN}"}, bare=False))
-            target = before + total * RECORDS_PER_BATCH
-            while stored_steps(db) < target and time.perf_counter() - start < 60:
-                time.sleep(0.05)
-            ours_s = time.perf_counter() - start
-            stored = stored_steps(db) - before
+            dash = start_dashboards(ctx, dash_url, args.dashboards, 600.0, out)
+
+            def ours_flood(repeat: int) -> float:
+                before = stored_steps(db)
+                first_step = 1 + repeat * args.batches * RECORDS_PER_BATCH  # new rows, not replaced ones
+                start, _ = asyncio.run(send_flat_out(ws_url, args.ranks, args.batches, headers, False, first_step))
+                target = before + total * RECORDS_PER_BATCH
+                while stored_steps(db) < target and time.perf_counter() - start < 60:
+                    time.sleep(0.05)
+                return (stored_steps(db) - before) / RECORDS_PER_BATCH / (time.perf_counter() - start)
+
+            ours_rate = median_rate(args, ours_flood)
             dash.terminate()
             dash.join()
-            ours_rate = stored / RECORDS_PER_BATCH / ours_s
 
             # 3. latency at a realistic rate
-            dash = ctx.Process(target=dashboards_main, args=(dash_url, args.dashboards, args.seconds + 4, out), daemon=True)
-            dash.start()
-            time.sleep(2.0)
+            dash = start_dashboards(ctx, dash_url, args.dashboards, args.seconds + 4, out)
             start = time.perf_counter()
             sent = asyncio.run(send_paced(ws_url, args.ranks, args.rate, args.seconds))
             paced_s = time.perf_counter() - start
@@ -256,6 +325,8 @@ def main() -> None:
     p50 = statistics.median(latencies) * 1000 if latencies else float("nan")
     p99 = latencies[int(0.99 * (len(latencies) - 1))] * 1000 if latencies else float("nan")
     print(f"bare websockets loop:    {bare_rate:8.0f} batches/s ({total} batches, {args.ranks} connections)")
+    print(f"uvicorn + FastAPI floor: {floor_rate:8.0f} batches/s ({floor_rate / bare_rate:.0%} of bare; a route that "
+          "only parses each frame)")
     print(f"avgctl ingest + SQLite:  {ours_rate:8.0f} batches/s ({ours_rate / bare_rate:.0%} of bare; "
           f"{args.dashboards} dashboards listening; {RECORDS_PER_BATCH} step records per batch)")
     print(f"paced {args.ranks} ranks x {args.rate:g}/s: {sent / paced_s:6.0f} batches/s sent; dashboards got "

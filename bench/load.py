@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.ingest import JOB, RECORDS_PER_BATCH, TOKEN, dashboards_main, free_port, send_paced, wait_http  # noqa: E402
+from bench.ingest import JOB, RECORDS_PER_BATCH, TOKEN, free_port, send_paced, start_dashboards, wait_http  # noqa: E402
 from bench.faults import rss_bytes  # noqa: E402
 from avgctl.server.settings import Settings  # noqa: E402
 
@@ -120,10 +120,7 @@ def run_load(tmp: Path, ranks: int = 64, rate: float = 10.0, seconds: float = 60
         # starts at the same steps and overwrites these records (stored once per step).
         asyncio.run(send_paced(ws_url, ranks, 1.0, 0.1))
         out = ctx.Queue()
-        dash = ctx.Process(target=dashboards_main, args=(f"ws://127.0.0.1:{port}/ws/jobs/{JOB}", dashboards, seconds + 4, out),
-                           daemon=True)
-        dash.start()
-        time.sleep(2.0)  # the dashboards connect and take their snapshots
+        dash = start_dashboards(ctx, f"ws://127.0.0.1:{port}/ws/jobs/{JOB}", dashboards, seconds + 4, out)
         run.rss.append(rss_bytes(server.pid))
         sampler.start()
         run.db_bytes_start = db_bytes(db)
