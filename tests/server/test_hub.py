@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 
 from avgctl.server import store as st
@@ -114,3 +115,18 @@ def test_encoding_keeps_each_record_as_its_model_serializes_it():
     assert enc.steps == [(r.step, r.model_dump_json()) for r in msg.steps]
     assert enc.rounds == [(r.step, r.group_size, r.model_dump_json()) for r in msg.rounds]
     assert (enc.top, enc.latest.step, enc.dropped) == (8, 8, 3)
+
+
+def test_rows_beyond_one_statements_parameter_limit_are_all_written(tmp_path):
+    store = _store_with_two_ranks(tmp_path)
+    store.close()
+    conn = st._connect(store.path)
+    try:
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 14)  # three step rows (4 values) per INSERT
+        conn.execute("BEGIN")
+        st.write_metric_batches(conn, [("job-1", 0, encoded(batch(1, 10)), 10.0)])  # 10 steps, 2 rounds
+        conn.execute("COMMIT")
+        assert [s for (s,) in conn.execute("SELECT step FROM steps ORDER BY step")] == list(range(1, 11))
+        assert [s for (s,) in conn.execute("SELECT step FROM rounds ORDER BY step")] == [4, 8]
+    finally:
+        conn.close()
