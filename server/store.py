@@ -581,19 +581,28 @@ def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int,
 
 
 def _insert_rows(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
-    """``INSERT OR REPLACE`` ``rows``, as many per statement as SQLite takes parameters (thousands).
+    """``INSERT OR REPLACE`` ``rows``, up to thousands per statement.
 
     Not ``executemany``: it releases the GIL around every row's ``sqlite3_step`` and must take it
     back each time, which under ingest load means waiting on the event loop's thread per row (the
-    GIL convoy); the writer then fell far behind. One statement per few thousand rows waits once.
+    GIL convoy); the writer then fell far behind. Statements hold a power-of-two number of rows (the
+    binary digits of the count), so a few sizes cover every count and stay in sqlite3's statement
+    cache, and a write of n rows waits for the GIL about log2(n) times.
     """
-    per_statement = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(columns)
-    for start in range(0, len(rows), per_statement):
-        chunk = rows[start : start + per_statement]
-        conn.execute(_insert_sql(table, columns, len(chunk)), [value for row in chunk for value in row])
+    largest = _power_of_two_floor(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(columns))
+    start = 0
+    while start < len(rows):
+        count = min(largest, _power_of_two_floor(len(rows) - start))
+        chunk = rows[start : start + count]
+        conn.execute(_insert_sql(table, columns, count), [value for row in chunk for value in row])
+        start += count
 
 
-@functools.lru_cache(maxsize=16)
+def _power_of_two_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+@functools.lru_cache(maxsize=64)
 def _insert_sql(table: str, columns: tuple[str, ...], count: int) -> str:
     row = "(" + ", ".join("?" * len(columns)) + ")"
     return f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row] * count)

@@ -122,7 +122,7 @@ def test_rows_beyond_one_statements_parameter_limit_are_all_written(tmp_path):
     store.close()
     conn = st._connect(store.path)
     try:
-        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 14)  # three step rows (4 values) per INSERT
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 14)  # at most two step rows (4 values) per INSERT
         conn.execute("BEGIN")
         st.write_metric_batches(conn, [("job-1", 0, encoded(batch(1, 10)), 10.0)])  # 10 steps, 2 rounds
         conn.execute("COMMIT")
