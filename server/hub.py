@@ -1,8 +1,9 @@
 """Fan-out of live updates to dashboard websockets.
 
-Ingest only appends to per-job buffers (O(1), no awaiting); a ticker coalesces them every
-``interval`` seconds into one ``metrics_batch`` message per job (every rank's records since the
-last tick), serializes it once, and puts the same text in every client's bounded queue. Each
+Ingest only appends records' JSON texts (encoded once, ``records.py``) to per-job buffers (O(1),
+no awaiting); a ticker coalesces them every ``interval`` seconds into one ``metrics_batch``
+message per job (every rank's records since the last tick), spliced once, and puts the same text
+in every client's bounded queue. Each
 client has its own sender task, so a slow client skips messages (oldest metrics first) or is
 dropped; it never slows ingest or other clients.
 """
