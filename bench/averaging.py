@@ -20,11 +20,8 @@ Goal (from the issue), at the largest size: ours <= 1.25x raw and ours <= 0.6x t
 from __future__ import annotations
 
 import argparse
-import datetime
-import multiprocessing as mp
 import os
 import statistics
-import tempfile
 import time
 import warnings
 
@@ -33,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.model_averaging.utils import average_parameters_or_parameter_groups
 
 from avgctl.worker.averagers import PeriodicAverager
+from gloo_ranks import gloo_rank, run_ranks  # bench/ is first on sys.path when this runs as a script
 
 LAYERS = 16
 VARIANTS = ("raw", "torch", "ours", "ours exact")
@@ -62,10 +60,7 @@ def make_params(total: int, rank: int) -> list[torch.nn.Parameter]:
 
 
 def run_rank(rank: int, world: int, store_path: str, sizes: list[int], reps: list[int], warmup: int, exact: bool, out) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
-    try:
+    with gloo_rank(rank, world, store_path):
         rows = []
         variants = VARIANTS if exact else VARIANTS[:3]
         for total, n_reps in zip(sizes, reps):
@@ -103,8 +98,6 @@ def run_rank(rank: int, world: int, store_path: str, sizes: list[int], reps: lis
             del torch_params, ours_params, raw, exact_params, ours, ours_exact, calls
         if rank == 0:
             out.put(rows)
-    finally:
-        dist.destroy_process_group()
 
 
 def parse_size(text: str) -> int:
@@ -129,20 +122,8 @@ def main() -> None:
         parser.error("--reps needs one value, or one per size")
 
     print(f"machine: {os.cpu_count()} cores; torch {torch.__version__}; {args.world} gloo ranks, 1 thread each", flush=True)
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [
-            ctx.Process(target=run_rank, args=(r, args.world, store, sizes, reps, args.warmup, not args.no_exact, out))
-            for r in range(args.world)
-        ]
-        for p in procs:
-            p.start()
-        rows = out.get(timeout=900)
-        for p in procs:
-            p.join()
+    rows = run_ranks(run_rank, args.world, (sizes, reps, args.warmup, not args.no_exact), timeout=900)
     wall = time.perf_counter() - started
 
     variants = VARIANTS if not args.no_exact else VARIANTS[:3]

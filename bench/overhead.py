@@ -21,11 +21,8 @@ Goal (from the issue): ours/torch steps/s >= 1.0.
 from __future__ import annotations
 
 import argparse
-import datetime
-import multiprocessing as mp
 import os
 import statistics
-import tempfile
 import time
 
 import torch
@@ -36,6 +33,7 @@ from torch.distributed.algorithms.model_averaging.averagers import PeriodicModel
 from avgctl.worker.averagers import PeriodicAverager
 from avgctl.worker.control import InProcessControlSource
 from avgctl.worker.demo import class_centers, make_model, rank_labels, sample
+from gloo_ranks import gloo_rank, run_ranks  # bench/ is first on sys.path when this runs as a script
 
 VARIANTS = ("torch", "ours")
 GOAL = 1.0
@@ -73,10 +71,7 @@ class Trainer:
 
 
 def run_rank(rank: int, world: int, store_path: str, period: int, steps: int, blocks: int, warmup: int, out) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
-    try:
+    with gloo_rank(rank, world, store_path):
         ours = PeriodicAverager(period)
         if rank == 0:
             ours.set_control_source(InProcessControlSource())
@@ -103,8 +98,6 @@ def run_rank(rank: int, world: int, store_path: str, period: int, steps: int, bl
                 "rounds": ours.metrics.rounds,
                 "avg_ms": 1e3 * ours.metrics.averaging_seconds / max(ours.metrics.rounds, 1),
             })
-    finally:
-        dist.destroy_process_group()
 
 
 def main() -> None:
@@ -117,20 +110,8 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"machine: {os.cpu_count()} cores; torch {torch.__version__}; {args.world} gloo ranks, 1 thread each", flush=True)
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [
-            ctx.Process(target=run_rank, args=(r, args.world, store, args.period, args.steps, args.blocks, args.warmup, out))
-            for r in range(args.world)
-        ]
-        for p in procs:
-            p.start()
-        result = out.get(timeout=600)
-        for p in procs:
-            p.join()
+    result = run_ranks(run_rank, args.world, (args.period, args.steps, args.blocks, args.warmup), timeout=600)
     wall = time.perf_counter() - started
 
     rate = result["steps_per_s"]
