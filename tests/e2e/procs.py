@@ -8,12 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tests import polling
 
 CONTROL, WORKER = "e2e-control-token", "e2e-worker-token"
 
@@ -62,15 +63,8 @@ def stop_tree(proc: subprocess.Popen, grace: float = 20.0) -> None:
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
-    """Poll until ``condition()`` is truthy (and return it); AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        time.sleep(interval)
+    """``tests.polling.wait_for`` with slower defaults: these are whole processes starting up."""
+    return polling.wait_for(condition, timeout, interval, what)
 
 
 class Api:

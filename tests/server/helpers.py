@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -21,6 +21,7 @@ from avgctl.server.schemas import (
 )
 from avgctl.server.settings import Settings
 from avgctl.worker import control_state as cs
+from tests.polling import wait_for  # noqa: F401  (the server tests import it from here)
 
 CONTROL, READ, WORKER = "control-secret", "read-secret", "worker-secret"
 
@@ -35,18 +36,6 @@ def make_settings(tmp_path, **overrides: Any) -> Settings:
 
 def auth(token: str = CONTROL) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll ``condition`` until it is truthy (returned) or ``timeout`` passes (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 class ServerThread:
