@@ -256,7 +256,7 @@ class Store:
         """Queue a metric batch without waiting; False (and counted) when the writer is too far behind.
 
         Batches that arrive while the writer is busy wait together and go to SQLite in one
-        ``executemany`` per table. Each connection's batches keep their order relative to its
+        transaction (``write_metric_batches``). Each connection's batches keep their order relative to its
         awaited writes (hello, control changes, disconnect), since those come before or after them.
         """
         entry = (job_id, rank, batch, time.time())
@@ -536,8 +536,8 @@ def write_metrics(conn: sqlite3.Connection, job_id: str, rank: int, batch: Encod
 
 
 def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int, EncodedBatch, float]]) -> None:
-    """Store ``(job_id, rank, batch, received_at)`` entries in arrival order: one ``executemany`` per
-    table, one update per rank and per job."""
+    """Store ``(job_id, rank, batch, received_at)`` entries in arrival order: multi-row inserts per
+    table (``_insert_rows``), one update per rank and per job."""
     steps: list[tuple] = []
     rounds: list[tuple] = []
     ranks: dict[tuple[str, int], list] = {}  # (job, rank) -> [max step, last seen, dropped]

@@ -290,7 +290,7 @@ class _LiveAverager(ModelAverager):
             params=list(params),
             flat=flat,
             plan=dv.make_plan(numels, None if self.exact_divergence else self.sample_size),
-            drift_plan=dv.make_drift_plan(sum(numels), min(self.sample_size, DRIFT_SAMPLE_SIZE)),
+            drift_plan=dv.make_drift_plan(numels, min(self.sample_size, DRIFT_SAMPLE_SIZE)),
             names=[self._names_by_id.get(id(p), f"param{i}{list(p.shape)}") for i, p in enumerate(params)],
             fingerprint=flat.fingerprint if flat else layout_fingerprint(params),
             ids=ids,
@@ -359,7 +359,7 @@ class _LiveAverager(ModelAverager):
     def _drift_sample(self, layout: _Layout) -> torch.Tensor:
         if layout.flat is not None:
             return dv.drift_sample(layout.flat.buffer, layout.drift_plan)
-        return dv.drift_sample(torch.cat([p.detach().reshape(-1) for p in layout.params]), layout.drift_plan)
+        return dv.drift_sample_params(layout.params, layout.drift_plan)
 
     def _round(self, layout: _Layout, level: int, step: int, changed_to: int | None = None) -> None:
         """Average over the level's group; the exchange that follows carries commands, checks, figures.

@@ -85,7 +85,7 @@ def gather(flat: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
     return _working(flat.index_select(0, plan.index.to(flat.device)))
 
 
-def gather_params(params: list[torch.Tensor], plan: SamplePlan) -> torch.Tensor:
+def gather_params(params: list[torch.Tensor], plan: SamplePlan | DriftPlan) -> torch.Tensor:
     """The sampled coordinates of separate tensors (the fallback path without a flat buffer), in float64."""
     pieces = []
     for layer, p in enumerate(params):
@@ -133,13 +133,23 @@ class DriftPlan:
 
     index: torch.Tensor | None  # sorted positions, drawn with replacement; None: every coordinate
     scale: float  # sqrt(total / k): turns the sample's norm into an estimate of the full norm
+    layer_starts: list[int]  # offset of each layer in the flattened parameters
+    sample_starts: list[int]  # where each layer's samples begin in ``index`` (plus the end)
 
 
-def make_drift_plan(total: int, budget: int, *, seed: int = 1) -> DriftPlan:
+def make_drift_plan(numels: list[int], budget: int, *, seed: int = 1) -> DriftPlan:
+    total = sum(numels)
+    layer_starts = list(itertools.accumulate(numels, initial=0))
     if total <= budget:
-        return DriftPlan(index=None, scale=1.0)
+        return DriftPlan(index=None, scale=1.0, layer_starts=layer_starts[:-1], sample_starts=[])
     gen = torch.Generator().manual_seed(seed)
-    return DriftPlan(index=torch.randint(total, (budget,), generator=gen).sort().values, scale=math.sqrt(total / budget))
+    index = torch.randint(total, (budget,), generator=gen).sort().values
+    return DriftPlan(
+        index=index,
+        scale=math.sqrt(total / budget),
+        layer_starts=layer_starts[:-1],
+        sample_starts=torch.searchsorted(index, torch.tensor(layer_starts)).tolist(),
+    )
 
 
 def drift_sample(flat: torch.Tensor, plan: DriftPlan) -> torch.Tensor:
@@ -147,6 +157,14 @@ def drift_sample(flat: torch.Tensor, plan: DriftPlan) -> torch.Tensor:
     if plan.index is None:
         return flat.detach().clone()
     return flat.index_select(0, plan.index.to(flat.device))
+
+
+def drift_sample_params(params: list[torch.Tensor], plan: DriftPlan) -> torch.Tensor:
+    """``drift_sample`` of separate tensors (the fallback path): only the sampled coordinates are
+    read, never a copy of the whole model; in float64 on the CPU."""
+    if plan.index is None:
+        return torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params])
+    return gather_params(params, plan)
 
 
 def drift(current: torch.Tensor, last_average: torch.Tensor, plan: DriftPlan) -> float:

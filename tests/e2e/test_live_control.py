@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 import os
+
+import pytest
 
 from tests.e2e.procs import ServerProcess, Workers, descendants, wait_for
 

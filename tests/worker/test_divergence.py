@@ -72,7 +72,7 @@ def test_gather_params_matches_gather_on_the_flat_buffer():
 
 
 def test_drift_and_group_summary():
-    plan = dv.make_drift_plan(4, 2048)
+    plan = dv.make_drift_plan([4], 2048)
     assert plan.index is None  # small models: every coordinate
     assert dv.drift(torch.tensor([3.0, 4, 0, 0], dtype=torch.float64), torch.zeros(4, dtype=torch.float64), plan) == 5.0
     group = dv.group_divergence([9.0, 16.0], [100.0, 100.0])
@@ -85,11 +85,20 @@ def test_sampled_drift_estimates_the_full_norm_and_survives_tiny_moves_in_float3
     theta = torch.randn(200_000)  # float32, like the parameters it reads
     moved = theta + 1e-4 * torch.randn(200_000)  # a small step: ~1e-4 relative
     truth = float((moved.double() - theta.double()).norm())
-    plan = dv.make_drift_plan(theta.numel(), 2048)
+    plan = dv.make_drift_plan([theta.numel()], 2048)
     got = dv.drift(dv.drift_sample(moved, plan), dv.drift_sample(theta, plan), plan)
     assert abs(got / truth - 1) < 0.05  # standard error sqrt(1/(2k)) = 1.6% for Gaussian moves
-    exact = dv.make_drift_plan(theta.numel(), theta.numel())
+    exact = dv.make_drift_plan([theta.numel()], theta.numel())
     assert math.isclose(dv.drift(moved, theta, exact), truth, rel_tol=1e-5)
+
+
+def test_drift_sample_of_separate_tensors_reads_the_same_coordinates_as_the_flat_buffer():
+    torch.manual_seed(5)
+    params = [torch.randn(300, 7), torch.randn(11), torch.randn(5000)]
+    flat = torch.cat([p.reshape(-1) for p in params])
+    for budget in (64, 10_000):  # sampled, and every coordinate
+        plan = dv.make_drift_plan([p.numel() for p in params], budget)
+        assert torch.equal(dv.drift_sample_params(params, plan), dv.drift_sample(flat, plan).double())
 
 
 def test_top_layers_are_shares_of_the_total():
