@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = Store(settings.db, settings.metrics_queue, settings.retention_steps, settings.history_records)
         await asyncio.to_thread(store.start)
-        hub = Hub(settings.dashboard_interval, settings.dashboard_queue)
+        hub = Hub(settings.dashboard_interval, settings.dashboard_queue, settings.live_steps)
         workers = WorkerRegistry()
         app.state.store = store
         app.state.hub = hub

@@ -6,6 +6,11 @@ message per job (every rank's records since the last tick), spliced once, and pu
 in every client's bounded queue. Each
 client has its own sender task, so a slow client skips messages (oldest metrics first) or is
 dropped; it never slows ingest or other clients.
+
+A rank's step records are thinned evenly beyond ``live_steps`` per second, its newest always kept
+(the store keeps them all): a chart gains nothing from more points than it has pixels, and without a bound a fast job
+would send every dashboard megabytes a second, which the browser has to parse and the server's
+one core has to send, once per client.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +37,51 @@ _MAX_PENDING_RECORDS = 5000
 _SEND_TIMEOUT = 5.0
 
 
+class Thinned:
+    """At most ``cap`` of the items offered, evenly spaced from the first, and the newest one
+    (a live view's most important point: where the rank is now).
+
+    Keeps every ``stride``-th item offered; when that would exceed ``cap`` it drops every other
+    kept item and doubles the stride, so the cost per item stays O(1) however many arrive.
+    """
+
+    __slots__ = ("cap", "items", "offered", "stride", "newest")
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.items: list[str] = []
+        self.offered = 0
+        self.stride = 1
+        self.newest: str | None = None  # the newest item offered, when it was not kept
+
+    def extend(self, texts: list[str]) -> None:
+        if not texts:
+            return
+        if self.stride == 1 and len(self.items) + len(texts) <= self.cap:  # the common case
+            self.items.extend(texts)
+            self.offered += len(texts)
+            self.newest = None
+            return
+        for text in texts:
+            self.newest = text
+            if self.offered % self.stride == 0:
+                if len(self.items) == self.cap:
+                    del self.items[1::2]
+                    self.stride *= 2
+                if self.offered % self.stride == 0:
+                    self.items.append(text)
+                    self.newest = None
+            self.offered += 1
+
+    def kept(self) -> list[str]:
+        return self.items if self.newest is None else [*self.items, self.newest]
+
+
 @dataclass(slots=True)
 class _Pending:
     """One rank's records since the last tick, as JSON texts."""
 
-    steps: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_MAX_PENDING_RECORDS))
+    steps: Thinned
     rounds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_MAX_PENDING_RECORDS))
     control: list = field(default_factory=list)
 
@@ -94,9 +140,11 @@ class DashboardClient:
 class Hub:
     """Per-job subscriptions of dashboard clients, fed by ingest and the command service."""
 
-    def __init__(self, interval: float = 0.05, max_queue: int = 100):
+    def __init__(self, interval: float = 0.05, max_queue: int = 100, live_steps: int = 200):
         self.interval = interval
         self.max_queue = max_queue
+        # Step records per rank per tick; at least one, so every rank's progress shows.
+        self.steps_per_tick = max(1, math.ceil(live_steps * interval - 1e-9))
         self._clients: dict[str, set[DashboardClient]] = collections.defaultdict(set)
         self._pending: dict[str, dict[int, _Pending]] = collections.defaultdict(dict)
         self._wake = asyncio.Event()
@@ -122,8 +170,8 @@ class Hub:
             return
         pending = self._pending[job_id].get(rank)
         if pending is None:
-            pending = self._pending[job_id][rank] = _Pending()
-        pending.steps.extend(body for _, body in batch.steps)
+            pending = self._pending[job_id][rank] = _Pending(Thinned(self.steps_per_tick))
+        pending.steps.extend([body for _, body in batch.steps])
         pending.rounds.extend(body for _, _, body in batch.rounds)
         pending.control.extend(e.model_dump_json() for e in batch.control)
         self._wake.set()
@@ -164,7 +212,7 @@ def metrics_text(ranks: dict[int, _Pending]) -> str:
     in rank order, spliced from the texts encoded on ingest."""
     items = []
     for rank, p in sorted(ranks.items()):
-        steps, rounds, control = ",".join(p.steps), ",".join(p.rounds), ",".join(p.control)
+        steps, rounds, control = ",".join(p.steps.kept()), ",".join(p.rounds), ",".join(p.control)
         items.append(f'{{"rank":{rank},"steps":[{steps}],"rounds":[{rounds}],"control":[{control}]}}')
     return f'{{"kind":"metrics_batch","items":[{",".join(items)}]}}'
 

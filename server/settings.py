@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     """Messages waiting per dashboard client; a client that falls further behind skips messages
     (oldest metrics first). Live metrics are one message per job per ``dashboard_interval``, so the
     default holds about 5 s of them."""
+    live_steps: int = Field(default=200, ge=1)
+    """Step records per rank per second a dashboard gets live; a faster rank's are thinned evenly
+    (the store keeps every one, and snapshots and the REST API read from it)."""
     retention_steps: int | None = Field(default=20_000, ge=1)
     """Each rank's latest steps kept at full resolution; older step and round records are thinned to
     at most ``history_records`` per rank, so the SQLite file stays bounded. None keeps everything."""

@@ -7,7 +7,7 @@ import sqlite3
 import time
 
 from avgctl.server import store as st
-from avgctl.server.hub import Hub
+from avgctl.server.hub import Hub, Thinned
 from avgctl.server.records import EncodedBatch, encode
 from avgctl.server.schemas import ControlEvent, ControlView, DashboardMetrics, Hello, MetricsBatch
 from tests.server.test_rest import batch, hello
@@ -130,3 +130,35 @@ def test_rows_beyond_one_statements_parameter_limit_are_all_written(tmp_path):
         assert [s for (s,) in conn.execute("SELECT step FROM rounds ORDER BY step")] == [4, 8]
     finally:
         conn.close()
+
+
+def test_thinned_keeps_at_most_its_cap_evenly_spaced_from_the_first_and_the_newest():
+    for cap in (1, 2, 5, 8):
+        for offered in (0, 1, cap, cap + 1, 3 * cap + 2, 1000):
+            thinned = Thinned(cap)
+            items = [str(i) for i in range(offered)]
+            for start in range(0, offered, 3):  # in batches, as ranks send them
+                thinned.extend(items[start : start + 3])
+            kept = [int(x) for x in thinned.kept()]
+            if offered <= cap:
+                assert kept == list(range(offered))
+                continue
+            spaced = [int(x) for x in thinned.items]
+            assert spaced[0] == 0 and len(spaced) <= cap
+            assert len({b - a for a, b in zip(spaced, spaced[1:])}) <= 1  # even spacing: one stride
+            # Never thinner than needed: the stride is the least power of two that fits the cap.
+            assert len(spaced) > cap // 2
+            assert kept == (spaced if spaced[-1] == offered - 1 else [*spaced, offered - 1])
+
+
+def test_a_fast_rank_is_thinned_for_dashboards_and_a_slow_one_is_not():
+    hub = Hub(interval=0.05, live_steps=100)  # 5 step records per rank per tick
+    client = hub.subscribe("job-1", None)
+    hub.publish_metrics("job-1", 0, encoded(batch(1, 8, rounds=False)))  # steps 1-8
+    hub.publish_metrics("job-1", 0, encoded(batch(9, 8, rounds=False)))  # steps 9-16
+    hub.publish_metrics("job-1", 1, encoded(batch(1, 4, rounds=False)))  # steps 1-4
+    hub._flush()
+    (_, text), = client._queue
+    fast, slow = json.loads(text)["items"]
+    assert [s["step"] for s in fast["steps"]] == [1, 5, 9, 13, 16]  # every 4th, and the newest
+    assert [s["step"] for s in slow["steps"]] == [1, 2, 3, 4]

@@ -120,3 +120,26 @@ def test_dashboard_snapshot_then_live(client):
                 kinds[m["kind"]] = m
             assert kinds["command"]["command"]["type"] == "average_now"
             assert json.loads(r0.receive_text())["kind"] == "command"
+
+
+def test_live_steps_thins_what_dashboards_get_and_the_store_keeps_all(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from avgctl.server.app import create_app
+    from tests.server.helpers import CONTROL, make_settings
+
+    # 40 steps/s per rank at 20 ticks/s: two step records per rank per tick.
+    settings = make_settings(tmp_path, live_steps=40, dashboard_interval=0.05)
+    with TestClient(create_app(settings), headers=auth(CONTROL)) as client:
+        with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r0:
+            r0.send_text(hello(rank=0, world_size=1))
+            wait_for(lambda: client.get("/api/jobs/job-1").status_code == 200)
+            with client.websocket_connect("/ws/jobs/job-1") as dash:
+                assert dash.receive_json()["kind"] == "snapshot"
+                r0.send_text(batch(1, 8))
+                msg = dash.receive_json()
+                while msg["kind"] != "metrics_batch":
+                    msg = dash.receive_json()
+                # Two evenly spaced from the first (every 4th of 8), then the newest.
+                assert [s["step"] for s in msg["items"][0]["steps"]] == [1, 5, 8]
+                wait_for(lambda: len(client.get("/api/jobs/job-1/metrics").json()["steps"]) == 8)
