@@ -1,17 +1,19 @@
 """Ingest benchmark: 64 simulated ranks -> a real avgctl server -> 10 dashboard clients.
 
-Run: ``.venv/bin/python bench/ingest.py`` (about a minute). Four measurements, same machine, same run:
+Run: ``.venv/bin/python bench/ingest.py`` (about a minute). Same machine, same run:
 
-1. ceiling: the same senders against a bare ``websockets`` receive loop that parses each frame's
-   JSON (the least any server does with a frame); then the same loop as a FastAPI route under
-   uvicorn (what the ASGI stack alone costs, before avgctl does anything);
-2. throughput: the senders as fast as they can against ``avgctl serve``; a batch counts once the
-   server has stored it in SQLite, while 10 dashboards listen. Both phases time from the first
-   frame sent (connections are open and have said hello) until the server has the last one;
-3. latency: 64 ranks x 10 batches/s; each record carries its send time, the dashboards measure
+1. throughput: the same senders flood, in turn, a bare ``websockets`` receive loop that parses each
+   frame's JSON (the least any server does with a frame; the ceiling), the same loop as a FastAPI
+   route under uvicorn (what the ASGI stack alone costs), and ``avgctl serve`` with 10 dashboards
+   listening, where a batch counts once it is stored in SQLite. ``--repeats`` rounds of one flood
+   each; every ratio is taken within a round, since this machine's speed drifts by 2x between
+   minutes. Each rank's connection stays open across the floods (a job's does: this is the
+   sustained rate); a flood is timed from its first frame until the server has the last one.
+   Per-process CPU per batch shows where the time went;
+2. latency: 64 ranks x 10 batches/s; each record carries its send time, the dashboards measure
    send-to-receive latency (p50/p99).
 
-The server and the dashboards run in their own processes, so the numbers include real sockets
+The servers and the dashboards run in their own processes, so the numbers include real sockets
 and the event-loop hops a deployment would have.
 """
 
@@ -30,6 +32,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 
 import uvicorn
 import websockets
@@ -167,26 +171,82 @@ async def open_ranks(url: str, ranks: int, headers: dict) -> list:
     return conns
 
 
-async def send_flat_out(
-    url: str, ranks: int, batches: int, headers: dict, bare: bool, first_step: int = 1
-) -> tuple[float, float]:
-    """Every rank sends ``batches`` frames as fast as it can; returns (``perf_counter`` at the first
-    frame, seconds until all were sent, and for ``bare`` read by the server)."""
-    conns = await open_ranks(url, ranks, headers)
-    frames = [batch(first_step + i * RECORDS_PER_BATCH, time.time()) for i in range(batches)]
-    start = time.perf_counter()
+@dataclass
+class Target:
+    """A server the senders flood: its ranks' connections stay open across the floods, as a
+    training job's do, so what is measured is the sustained rate, not connection set-up (a hello
+    costs the server a registration and a job update once per rank, not per batch)."""
 
-    async def run(ws) -> None:
-        for text in frames:
-            await ws.send(text)
-        if bare:
-            await (await ws.ping())  # the pong follows every frame we sent
+    name: str
+    url: str
+    meter: "CpuMeter"
+    arrived: Callable[[int], Awaitable[int]] | None
+    """Returns once flood ``repeat`` is all in, with how many batches arrived; None (the bare
+    loop): every rank's ping is answered, which its server does after reading every frame before it."""
+    headers: dict = field(default_factory=dict)
+    registered: Callable[[], Awaitable[None]] | None = None
+    """Returns once the server has taken every rank's hello."""
+    conns: list = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
 
-    await asyncio.gather(*(run(ws) for ws in conns))
-    elapsed = time.perf_counter() - start
-    for ws in conns:
-        await ws.close()
-    return start, elapsed
+    async def open(self, ranks: int) -> None:
+        self.conns = await open_ranks(self.url, ranks, self.headers)
+        if self.registered is not None:
+            await self.registered()
+
+    async def flood(self, args, repeat: int) -> None:
+        """Every rank sends ``args.batches`` frames as fast as it can; timed from the first frame
+        until the server has them all."""
+        first_step = 1 + repeat * args.batches * RECORDS_PER_BATCH  # new rows, not replaced ones
+        frames = [batch(first_step + i * RECORDS_PER_BATCH, time.time()) for i in range(args.batches)]
+
+        async def run(ws) -> None:
+            for text in frames:
+                await ws.send(text)
+            if self.arrived is None:
+                await (await ws.ping())
+
+        with self.meter:
+            start = time.perf_counter()
+            await asyncio.gather(*(run(ws) for ws in self.conns))
+            count = len(self.conns) * args.batches if self.arrived is None else await self.arrived(repeat)
+            self.rates.append(count / (time.perf_counter() - start))
+
+    async def close(self) -> None:
+        for ws in self.conns:
+            await ws.close()
+
+
+async def compare(targets: list[Target], args) -> None:
+    """``args.repeats`` rounds of one flood per target, in turn: each ratio is taken between
+    floods seconds apart, so a machine whose speed drifts (shared cores, clock changes) skews
+    every target alike."""
+    try:
+        for target in targets:
+            await target.open(args.ranks)
+        for repeat in range(args.repeats):
+            for target in targets:
+                await target.flood(args, repeat)
+    finally:
+        for target in targets:
+            await target.close()
+    for target in targets:
+        print(f"  {target.name} rates: {', '.join(f'{r:.0f}' for r in target.rates)}", file=sys.stderr)
+
+
+def ratios(target: Target, ceiling: Target) -> list[float]:
+    return sorted(a / b for a, b in zip(target.rates, ceiling.rates))
+
+
+async def poll(read: Callable[[], int], target: int, timeout: float = 60.0) -> int:
+    """Poll ``read()`` (blocking, so run in a thread) until it reaches ``target`` or ``timeout``
+    seconds pass; returns its last value."""
+    deadline = time.perf_counter() + timeout
+    value = await asyncio.to_thread(read)
+    while value < target and time.perf_counter() < deadline:
+        await asyncio.sleep(0.01)
+        value = await asyncio.to_thread(read)
+    return value
 
 
 async def send_paced(url: str, ranks: int, rate: float, duration: float) -> int:
@@ -214,12 +274,26 @@ async def send_paced(url: str, ranks: int, rate: float, duration: float) -> int:
     return sent
 
 
-def stored_steps(db: str) -> int:
+def count_rows(db: str, sql: str) -> int:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return conn.execute("SELECT COUNT(*) FROM steps WHERE job_id = ?", (JOB,)).fetchone()[0]
+        return conn.execute(sql, (JOB,)).fetchone()[0]
     finally:
         conn.close()
+
+
+def stored_steps(db: str) -> int:
+    return count_rows(db, "SELECT COUNT(*) FROM steps WHERE job_id = ?")
+
+
+def connected_ranks(db: str) -> int:
+    return count_rows(db, "SELECT COUNT(*) FROM ranks WHERE job_id = ? AND connected = 1")
+
+
+def ranks_at(db: str, step: int) -> int:
+    """Ranks whose stored step has reached ``step``: a rank's batches are written in order, so by
+    then all of its batches are in (a read of 64 rows; counting the steps table would scan it)."""
+    return count_rows(db, f"SELECT COUNT(*) FROM ranks WHERE job_id = ? AND step >= {int(step)}")
 
 
 def wait_http(url: str, timeout: float = 30) -> None:
@@ -233,10 +307,31 @@ def wait_http(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"server did not answer at {url}")
 
 
-def median_rate(args, flood) -> float:
-    rates = [flood(repeat) for repeat in range(args.repeats)]
-    print(f"  rates: {', '.join(f'{r:.0f}' for r in rates)}", file=sys.stderr)
-    return statistics.median(rates)
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds per process over the floods, to say where a flood's time went."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+        self.used = dict.fromkeys(pids, 0.0)
+        self._start: dict[str, float] = {}
+
+    def __enter__(self) -> "CpuMeter":
+        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, pid in self.pids.items():
+            self.used[name] += cpu_seconds(pid) - self._start[name]
+
+    def per_batch(self, batches: int) -> str:
+        return ", ".join(f"{name} {self.used[name] / batches * 1e6:.0f} us" for name in self.pids)
 
 
 def main() -> None:
@@ -244,38 +339,29 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=64)
     parser.add_argument("--dashboards", type=int, default=10)
     parser.add_argument("--batches", type=int, default=150, help="frames per rank in the throughput phases")
-    parser.add_argument("--repeats", type=int, default=3, help="floods per throughput figure (the median is shown)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of floods (medians are shown)")
     parser.add_argument("--rate", type=float, default=10.0, help="batches/s per rank in the latency phase")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency phase")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     total = args.ranks * args.batches
 
-    # 1. the ceilings, each the median of --repeats floods
-    port = free_port()
+    # 1. throughput: the bare loop, the uvicorn floor and avgctl (dashboards listening), flooded in turn
+    bare_port = free_port()
     ready = ctx.Event()
-    bare = ctx.Process(target=bare_server_main, args=(port, ready), daemon=True)
+    bare = ctx.Process(target=bare_server_main, args=(bare_port, ready), daemon=True)
     bare.start()
-    ready.wait(30)
-    bare_rate = median_rate(args, lambda _: total / asyncio.run(
-        send_flat_out(f"ws://127.0.0.1:{port}", args.ranks, args.batches, {}, bare=True))[1])
-    bare.terminate()
-    bare.join()
-
-    port = free_port()
-    floor = ctx.Process(target=floor_server_main, args=(port,), daemon=True)
+    floor_port = free_port()
+    floor = ctx.Process(target=floor_server_main, args=(floor_port,), daemon=True)
     floor.start()
-    wait_http(f"http://127.0.0.1:{port}/received")
+    ready.wait(30)
+    wait_http(f"http://127.0.0.1:{floor_port}/received")
 
-    def floor_flood(repeat: int) -> float:
-        start, _ = asyncio.run(send_flat_out(f"ws://127.0.0.1:{port}/ws", args.ranks, args.batches, {}, bare=False))
-        while int(urllib.request.urlopen(f"http://127.0.0.1:{port}/received").read()) < total * (repeat + 1):
-            time.sleep(0.01)
-        return total / (time.perf_counter() - start)
+    def floor_received() -> int:
+        return int(urllib.request.urlopen(f"http://127.0.0.1:{floor_port}/received").read())
 
-    floor_rate = median_rate(args, floor_flood)
-    floor.terminate()
-    floor.join()
+    async def floor_arrived(repeat: int) -> int:
+        return await poll(floor_received, total * (repeat + 1)) - total * repeat
 
     with tempfile.TemporaryDirectory() as tmp:
         db = os.path.join(tmp, "bench.db")
@@ -293,22 +379,35 @@ def main() -> None:
             asyncio.run(send_paced(ws_url, args.ranks, 1.0, 0.1))
             out = ctx.Queue()
             dash_url = f"ws://127.0.0.1:{port}/ws/jobs/{JOB}"
-
-            # 2. throughput with dashboards listening
             dash = start_dashboards(ctx, dash_url, args.dashboards, 600.0, out)
+            initial = stored_steps(db)
 
-            def ours_flood(repeat: int) -> float:
-                before = stored_steps(db)
-                first_step = 1 + repeat * args.batches * RECORDS_PER_BATCH  # new rows, not replaced ones
-                start, _ = asyncio.run(send_flat_out(ws_url, args.ranks, args.batches, headers, False, first_step))
-                target = before + total * RECORDS_PER_BATCH
-                while stored_steps(db) < target and time.perf_counter() - start < 60:
-                    time.sleep(0.05)
-                return (stored_steps(db) - before) / RECORDS_PER_BATCH / (time.perf_counter() - start)
+            async def registered() -> None:
+                if await poll(lambda: connected_ranks(db), args.ranks) < args.ranks:
+                    raise RuntimeError("the server did not register every rank's hello within 60 s")
 
-            ours_rate = median_rate(args, ours_flood)
+            async def stored(repeat: int) -> int:  # a batch counts once it is in SQLite
+                last = (repeat + 1) * args.batches * RECORDS_PER_BATCH
+                if await poll(lambda: ranks_at(db, last), args.ranks) < args.ranks:
+                    raise RuntimeError("the server did not store every batch within 60 s")
+                return total
+
+            senders = os.getpid()
+            bare_t = Target("bare", f"ws://127.0.0.1:{bare_port}", CpuMeter({"server": bare.pid, "senders": senders}), None)
+            floor_t = Target("floor", f"ws://127.0.0.1:{floor_port}/ws", CpuMeter({"server": floor.pid, "senders": senders}), floor_arrived)
+            ours_t = Target(
+                "avgctl", ws_url, CpuMeter({"server": server.pid, "dashboards": dash.pid, "senders": senders}),
+                stored, headers, registered,
+            )
+            asyncio.run(compare([bare_t, floor_t, ours_t], args))
+            missing = initial + total * args.repeats * RECORDS_PER_BATCH - stored_steps(db)
+            if missing:  # the server's bounded queue shed them under the flood
+                print(f"  note: {missing} step records were dropped; the rates count them", file=sys.stderr)
             dash.terminate()
             dash.join()
+            for proc in (bare, floor):
+                proc.terminate()
+                proc.join()
 
             # 3. latency at a realistic rate
             dash = start_dashboards(ctx, dash_url, args.dashboards, args.seconds + 4, out)
@@ -324,11 +423,17 @@ def main() -> None:
     latencies.sort()
     p50 = statistics.median(latencies) * 1000 if latencies else float("nan")
     p99 = latencies[int(0.99 * (len(latencies) - 1))] * 1000 if latencies else float("nan")
-    print(f"bare websockets loop:    {bare_rate:8.0f} batches/s ({total} batches, {args.ranks} connections)")
-    print(f"uvicorn + FastAPI floor: {floor_rate:8.0f} batches/s ({floor_rate / bare_rate:.0%} of bare; a route that "
-          "only parses each frame)")
-    print(f"avgctl ingest + SQLite:  {ours_rate:8.0f} batches/s ({ours_rate / bare_rate:.0%} of bare; "
+    flooded = total * args.repeats
+    ours, floor_r = ratios(ours_t, bare_t), ratios(floor_t, bare_t)
+    print(f"{args.repeats} rounds of floods, {total} batches each ({args.ranks} connections x {args.batches}); medians:")
+    print(f"bare websockets loop:    {statistics.median(bare_t.rates):8.0f} batches/s")
+    print(f"uvicorn + FastAPI floor: {statistics.median(floor_t.rates):8.0f} batches/s "
+          f"({statistics.median(floor_r):.0%} of bare, {floor_r[0]:.0%}-{floor_r[-1]:.0%} by round; a route that only parses each frame)")
+    print(f"avgctl ingest + SQLite:  {statistics.median(ours_t.rates):8.0f} batches/s "
+          f"({statistics.median(ours):.0%} of bare, {ours[0]:.0%}-{ours[-1]:.0%} by round; "
           f"{args.dashboards} dashboards listening; {RECORDS_PER_BATCH} step records per batch)")
+    print(f"CPU per batch in the floods (processes share the cores): bare: {bare_t.meter.per_batch(flooded)}; "
+          f"floor: {floor_t.meter.per_batch(flooded)}; avgctl: {ours_t.meter.per_batch(flooded)}")
     print(f"paced {args.ranks} ranks x {args.rate:g}/s: {sent / paced_s:6.0f} batches/s sent; dashboards got "
           f"{messages} metrics messages; latency p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(latencies)} samples)")
 
