@@ -76,6 +76,11 @@ class Thinned:
     def kept(self) -> list[str]:
         return self.items if self.newest is None else [*self.items, self.newest]
 
+    def weight(self) -> float:
+        """How many items offered each kept one stands for."""
+        kept = len(self.items) + (self.newest is not None)
+        return self.offered / kept if kept else 1.0
+
 
 @dataclass(slots=True)
 class _Pending:
@@ -213,7 +218,10 @@ def metrics_text(ranks: dict[int, _Pending]) -> str:
     items = []
     for rank, p in sorted(ranks.items()):
         steps, rounds, control = ",".join(p.steps.kept()), ",".join(p.rounds), ",".join(p.control)
-        items.append(f'{{"rank":{rank},"steps":[{steps}],"rounds":[{rounds}],"control":[{control}]}}')
+        weight = repr(p.steps.weight())  # a float's repr is its JSON
+        items.append(
+            f'{{"rank":{rank},"steps":[{steps}],"step_weight":{weight},"rounds":[{rounds}],"control":[{control}]}}'
+        )
     return f'{{"kind":"metrics_batch","items":[{",".join(items)}]}}'
 
 

@@ -332,6 +332,9 @@ class RankMetrics(BaseModel):
 
     rank: int
     steps: list[StepRecord] = Field(default_factory=list)
+    step_weight: float = 1.0
+    """How many of the rank's steps each of ``steps`` stands for: above ``live_steps`` per second
+    the live stream is thinned, and sums over steps (time spent) must count each record this often."""
     rounds: list[RoundRecord] = Field(default_factory=list)
     control: list[ControlEvent] = Field(default_factory=list)
 

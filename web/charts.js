@@ -25,6 +25,12 @@ export const ratio = (num, den) => ({ num, den });
 /** The latest value in a bucket (for state such as the period). */
 export const latest = (value) => ({ latest: value });
 
+/** The median of the non-null values, or null. */
+const median = (ys) => {
+  const v = ys.filter((y) => y !== null).sort((a, b) => a - b);
+  return v.length ? (v.length % 2 ? v[(v.length - 1) / 2] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2) : null;
+};
+
 const defined = (obj) => Object.fromEntries(Object.entries(obj).filter(([, v]) => v !== undefined));
 
 /**
@@ -175,6 +181,8 @@ export class LiveChart {
     else this.plot.setData(data);
     this.el.dataset.points = String(points);
     this.el.dataset.series = String(all.length);
+    // What each series shows, in one number per series (its median point), for scripts and tests.
+    this.el.dataset.medians = JSON.stringify(Object.fromEntries(all.map((s, i) => [s.label, median(data[i + 1])])));
   }
 
   build(all, data, shape) {

@@ -28,9 +28,11 @@ function makeCharts(isRelative, markers) {
   throughput.define('rate', {
     label: 'steps/s', stroke: '#1565c0', width: 1.5, reduce: ratio((r) => (r.step_time > 0 ? 1 : null), (r) => r.step_time),
   });
+  // A step record of a thinned live stream stands for `w` steps (the frame's step_weight): the
+  // time they took counts w times, or the share would grow with the thinning.
   throughput.define('share', {
     label: 'averaging share', stroke: '#e65100', width: 1.5, scale: 'share', max: 1,
-    reduce: ratio((r) => r.seconds ?? 0, (r) => (r.seconds === undefined ? r.step_time : 0)),
+    reduce: ratio((r) => r.seconds ?? 0, (r) => (r.seconds === undefined ? r.step_time * (r.w ?? 1) : 0)),
   });
   return {
     loss: new LiveChart($('#chart-loss'), { axes: [{ label: 'loss' }] }),
@@ -70,7 +72,8 @@ export function openJobPage(jobId, { showError, setConnection }) {
     return key;
   }
 
-  function feedStep(rank, s) {
+  function feedStep(rank, s, weight = 1) {
+    if (weight !== 1) s.w = weight;
     const key = ensureRank(rank);
     if (!charts.loss.series.has(key)) return;
     if (s.loss !== null && s.loss !== undefined) charts.loss.push(key, s.step, s);
@@ -104,8 +107,8 @@ export function openJobPage(jobId, { showError, setConnection }) {
     }
   }
 
-  function feedMetrics({ rank, steps, rounds, control }) {
-    for (const s of steps || []) if (fresh('steps', rank, s.step)) feedStep(rank, s);
+  function feedMetrics({ rank, steps, step_weight: weight = 1, rounds, control }) {
+    for (const s of steps || []) if (fresh('steps', rank, s.step)) feedStep(rank, s, weight);
     for (const r of rounds || []) if (fresh('rounds', rank, r.step)) feedRound(rank, r);
     for (const ev of control || []) feedControl(ev);
   }

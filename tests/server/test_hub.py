@@ -161,4 +161,6 @@ def test_a_fast_rank_is_thinned_for_dashboards_and_a_slow_one_is_not():
     (_, text), = client._queue
     fast, slow = json.loads(text)["items"]
     assert [s["step"] for s in fast["steps"]] == [1, 5, 9, 13, 16]  # every 4th, and the newest
-    assert [s["step"] for s in slow["steps"]] == [1, 2, 3, 4]
+    assert fast["step_weight"] == 16 / 5  # each stands for this many steps, for sums of step time
+    assert [s["step"] for s in slow["steps"]] == [1, 2, 3, 4] and slow["step_weight"] == 1.0
+    assert DashboardMetrics.model_validate_json(text).model_dump_json() == text

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 from playwright.sync_api import expect
 
 from avgctl.worker import control_state as cs
-from tests.server.helpers import READ, ServerThread
+from tests.polling import wait_for
+from tests.server.helpers import READ, ServerThread, make_settings
 from tests.web.helpers import FakeJob, login
 
 pytestmark = pytest.mark.browser
@@ -60,6 +62,30 @@ def test_charts_receive_live_data(server, page):
         assert page.console.errors == []
     finally:
         job.stop()
+    assert job.error is None
+
+
+@pytest.mark.parametrize("live_steps", [20, 200])  # thinned to 1 step record per rank per tick / not thinned
+def test_averaging_share_does_not_depend_on_thinning(tmp_path, live_steps, page):
+    # Fake ranks: 100 steps/s each, 10 ms a step, a 2-ms round every 4 steps: a share of 5%.
+    (tmp_path / "thin").mkdir()
+    srv = ServerThread(make_settings(tmp_path / "thin", port=0, live_steps=live_steps)).start()
+    job = FakeJob(srv.url).start(streaming=False)
+    try:
+        open_job(page, srv)
+        job.streaming.set()
+        chart = page.locator("#chart-throughput")
+        expect(chart).to_have_attribute("data-points", SOME_POINTS)
+
+        def share() -> float | None:
+            return json.loads(chart.get_attribute("data-medians") or "{}").get("averaging share")
+
+        wait_for(lambda: (share() or 0) > 0 and job.step >= 200, 20, what="a share over 200 steps")
+        assert share() == pytest.approx(0.05, rel=0.2)  # without the step weight, 2.5x that when thinned
+        assert page.console.errors == []
+    finally:
+        job.stop()
+        srv.stop()
     assert job.error is None
 
 
