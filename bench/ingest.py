@@ -393,8 +393,13 @@ def main() -> None:
                 return total
 
             senders = os.getpid()
-            bare_t = Target("bare", f"ws://127.0.0.1:{bare_port}", CpuMeter({"server": bare.pid, "senders": senders}), None)
-            floor_t = Target("floor", f"ws://127.0.0.1:{floor_port}/ws", CpuMeter({"server": floor.pid, "senders": senders}), floor_arrived)
+            bare_t = Target(
+                "bare", f"ws://127.0.0.1:{bare_port}", CpuMeter({"server": bare.pid, "senders": senders}), None
+            )
+            floor_t = Target(
+                "floor", f"ws://127.0.0.1:{floor_port}/ws", CpuMeter({"server": floor.pid, "senders": senders}),
+                floor_arrived,
+            )
             ours_t = Target(
                 "avgctl", ws_url, CpuMeter({"server": server.pid, "dashboards": dash.pid, "senders": senders}),
                 stored, headers, registered,

@@ -8,9 +8,10 @@ client has its own sender task, so a slow client skips messages (oldest metrics 
 dropped; it never slows ingest or other clients.
 
 A rank's step records are thinned evenly beyond ``live_steps`` per second, its newest always kept
-(the store keeps them all): a chart gains nothing from more points than it has pixels, and without a bound a fast job
-would send every dashboard megabytes a second, which the browser has to parse and the server's
-one core has to send, once per client.
+and its frame item saying how many steps each stands for (the store keeps them all): a chart gains
+nothing from more points than it has pixels, and without a bound a fast job would send every
+dashboard megabytes a second, which the browser has to parse and the server's one core has to
+send, once per client.
 """
 
 from __future__ import annotations
