@@ -360,7 +360,10 @@ class Store:
         if parts is None:
             return None
         head, series = parts
-        return {**head, **{table: [_record(rank, body, None) for rank, body in rows] for table, rows in series.items()}}
+        return {
+            **head,
+            **{table: [_weighted(_record(rank, body, None), w) for rank, body, w in rows] for table, rows in series.items()},
+        }
 
     def snapshot_json(self, job_id: str, budget: int, commands: int = 200, events: int = 1000) -> str | None:
         """``snapshot`` as JSON text, built without parsing the stored records (a snapshot holds thousands)."""
@@ -371,7 +374,7 @@ class Store:
         head, series = parts
         text = json.dumps(head)[:-1]
         for table, rows in series.items():
-            text += f',"{table}":[' + ",".join(_record_json(rank, body) for rank, body in rows) + "]"
+            text += f',"{table}":[' + ",".join(_record_json(rank, body, w) for rank, body, w in rows) + "]"
         return text + "}"
 
     def _snapshot_parts(
@@ -749,20 +752,29 @@ def _record(rank: int, body: str, names: list[str] | None) -> dict:
     return {"rank": rank, **record}
 
 
-def _record_json(rank: int, body: str) -> str:
-    # ``_record(rank, body, None)`` as text: a stored body is a JSON object that starts with "{".
-    return f'{{"rank":{rank},{body[1:]}' if body != "{}" else f'{{"rank":{rank}}}'
+def _weighted(record: dict, weight: int) -> dict:
+    return {"rank": record["rank"], "w": weight, **{k: v for k, v in record.items() if k != "rank"}} if weight > 1 else record
 
 
-def _downsampled(conn: sqlite3.Connection, table: str, job_id: str, recent_from: int, older: int) -> list[tuple[int, str]]:
-    """Records from ``recent_from`` on in full, plus at most ``older`` evenly spaced older ones per rank."""
+def _record_json(rank: int, body: str, weight: int = 1) -> str:
+    # ``_weighted(_record(rank, body, None), weight)`` as text: a stored body is a JSON object that starts with "{".
+    head = f'"rank":{rank},"w":{weight}' if weight > 1 else f'"rank":{rank}'
+    return f"{{{head},{body[1:]}" if body != "{}" else f"{{{head}}}"
+
+
+def _downsampled(
+    conn: sqlite3.Connection, table: str, job_id: str, recent_from: int, older: int
+) -> list[tuple[int, str, int]]:
+    """``(rank, body, weight)``: records from ``recent_from`` on in full, plus at most ``older``
+    evenly spaced older ones per rank, each with how many records it stands for (every k-th of a
+    rank's is kept: sums over them, such as time spent, must count each k times)."""
     recent = conn.execute(
-        f"SELECT rank, body FROM {table} WHERE job_id = ? AND step >= ? ORDER BY step, rank", (job_id, recent_from)
+        f"SELECT rank, body, 1 FROM {table} WHERE job_id = ? AND step >= ? ORDER BY step, rank", (job_id, recent_from)
     ).fetchall()
     old = conn.execute(
-        f"SELECT rank, body FROM (SELECT rank, step, body, ROW_NUMBER() OVER (PARTITION BY rank ORDER BY step) AS rn,"
-        f" COUNT(*) OVER (PARTITION BY rank) AS n FROM {table} WHERE job_id = ? AND step < ?)"
-        " WHERE (rn - 1) % MAX(1, n / ?) = 0 ORDER BY step, rank",
-        (job_id, recent_from, older),
+        f"SELECT rank, body, k FROM (SELECT rank, step, body, ROW_NUMBER() OVER (PARTITION BY rank ORDER BY step) AS rn,"
+        f" (COUNT(*) OVER (PARTITION BY rank) + ? - 1) / ? AS k FROM {table} WHERE job_id = ? AND step < ?)"
+        " WHERE (rn - 1) % k = 0 ORDER BY step, rank",
+        (older, older, job_id, recent_from),
     ).fetchall()
     return old + recent

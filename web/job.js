@@ -28,11 +28,11 @@ function makeCharts(isRelative, markers) {
   throughput.define('rate', {
     label: 'steps/s', stroke: '#1565c0', width: 1.5, reduce: ratio((r) => (r.step_time > 0 ? 1 : null), (r) => r.step_time),
   });
-  // A step record of a thinned live stream stands for `w` steps (the frame's step_weight): the
-  // time they took counts w times, or the share would grow with the thinning.
+  // A record of a thinned series stands for `w` records (a live frame's step_weight, a snapshot's
+  // older records' w): sums of time count it w times, or the share would move with the thinning.
   throughput.define('share', {
     label: 'averaging share', stroke: '#e65100', width: 1.5, scale: 'share', max: 1,
-    reduce: ratio((r) => r.seconds ?? 0, (r) => (r.seconds === undefined ? r.step_time * (r.w ?? 1) : 0)),
+    reduce: ratio((r) => (r.seconds ?? 0) * (r.w ?? 1), (r) => (r.seconds === undefined ? r.step_time * (r.w ?? 1) : 0)),
   });
   return {
     loss: new LiveChart($('#chart-loss'), { axes: [{ label: 'loss' }] }),

@@ -86,6 +86,24 @@ def test_metric_batches_are_written_together(tmp_path):
         store.close()
 
 
+def test_a_snapshots_older_records_say_how_many_each_stands_for(tmp_path):
+    store = _store_with_two_ranks(tmp_path)
+    try:
+        entries = [("job-1", rank, encoded(batch(1, 1000)), 10.0) for rank in (0, 1)]  # rounds every 4 steps
+        store.submit(lambda c: st.write_metric_batches(c, entries)).result()
+        snap = store.snapshot("job-1", 200)  # 100 records per rank: steps from 950 in full, 50 older ones
+        assert json.loads(store.snapshot_json("job-1", 200)) == snap
+        for table, total in (("steps", 949), ("rounds", 237)):  # of each rank's, below step 950
+            old = [r for r in snap[table] if r["rank"] == 0 and r["step"] < 950]
+            recent = [r for r in snap[table] if r["rank"] == 0 and r["step"] >= 950]
+            assert all("w" not in r for r in recent) and len(old) <= 50
+            weights = {r["w"] for r in old}
+            assert weights == {-(-total // 50)}  # every k-th kept, k the least that keeps at most 50
+            assert abs(len(old) * weights.pop() - total) < -(-total // 50)
+    finally:
+        store.close()
+
+
 def test_a_job_read_is_one_snapshot_even_when_a_write_lands_between_its_queries(tmp_path):
     store = _store_with_two_ranks(tmp_path)
     try:

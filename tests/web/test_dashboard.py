@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import re
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 
 from avgctl.worker import control_state as cs
 from tests.polling import wait_for
-from tests.server.helpers import READ, ServerThread, make_settings
+from tests.server.helpers import READ, ServerThread, auth, make_settings
 from tests.web.helpers import FakeJob, login
 
 pytestmark = pytest.mark.browser
@@ -65,15 +66,24 @@ def test_charts_receive_live_data(server, page):
     assert job.error is None
 
 
-@pytest.mark.parametrize("live_steps", [20, 200])  # thinned to 1 step record per rank per tick / not thinned
-def test_averaging_share_does_not_depend_on_thinning(tmp_path, live_steps, page):
+@pytest.mark.parametrize("thinning", ["none", "live", "snapshot"])
+def test_averaging_share_does_not_depend_on_thinning(tmp_path, thinning, page):
     # Fake ranks: 100 steps/s each, 10 ms a step, a 2-ms round every 4 steps: a share of 5%.
+    # "live": 1 step record per rank per tick instead of 5; "snapshot": the page opens on a
+    # history of 400 steps with only the last 50 in full.
     (tmp_path / "thin").mkdir()
-    srv = ServerThread(make_settings(tmp_path / "thin", port=0, live_steps=live_steps)).start()
-    job = FakeJob(srv.url).start(streaming=False)
+    overrides = {"live": dict(live_steps=20), "snapshot": dict(snapshot_records=100)}.get(thinning, {})
+    srv = ServerThread(make_settings(tmp_path / "thin", port=0, **overrides)).start()
+    job = FakeJob(srv.url).start(streaming=thinning == "snapshot")
     try:
+        if thinning == "snapshot":
+            wait_for(lambda: job.step >= 400, 30, what="400 steps")
+            job.streaming.clear()
+            stored = lambda: httpx.get(f"{srv.url}/api/jobs/web-job", headers=auth()).json()["step"]  # noqa: E731
+            wait_for(lambda: stored() >= job.step, 10, what="the steps stored")
         open_job(page, srv)
-        job.streaming.set()
+        if thinning != "snapshot":  # there, the chart shows the snapshot alone
+            job.streaming.set()
         chart = page.locator("#chart-throughput")
         expect(chart).to_have_attribute("data-points", SOME_POINTS)
 
@@ -81,7 +91,7 @@ def test_averaging_share_does_not_depend_on_thinning(tmp_path, live_steps, page)
             return json.loads(chart.get_attribute("data-medians") or "{}").get("averaging share")
 
         wait_for(lambda: (share() or 0) > 0 and job.step >= 200, 20, what="a share over 200 steps")
-        assert share() == pytest.approx(0.05, rel=0.2)  # without the step weight, 2.5x that when thinned
+        assert share() == pytest.approx(0.05, rel=0.2)  # unweighted, thinning multiplies it (2.5x live)
         assert page.console.errors == []
     finally:
         job.stop()
