@@ -38,12 +38,8 @@ delta_r against steps, and the autopilot's period."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import multiprocessing as mp
 import os
-import queue
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -56,6 +52,7 @@ from avgctl.server import autotune as at
 from avgctl.server.schemas import ControlEvent, RoundRecord, SetPeriod, StepRecord
 from avgctl.worker import InProcessControlSource
 from avgctl.worker import demo
+from gloo_ranks import gloo_rank, spawned_ranks  # bench/ is first on sys.path when this runs as a script
 
 GOAL_LOSS = 0.01  # within 1% of the best fixed final loss
 GOAL_ROUNDS = 0.5  # with at most half the rounds
@@ -222,33 +219,13 @@ def run(spec: Spec, rank: int, world: int, args: argparse.Namespace) -> dict | N
     }
 
 
-def next_result(results, procs, timeout: float = 900.0) -> dict:
-    """Rank 0's next run, or an error as soon as a rank has died (its traceback is above)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            return results.get(timeout=1.0)
-        except queue.Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"a rank exited with code {dead[0]}") from None
-    raise RuntimeError(f"no result within {timeout:.0f}s")
-
-
 def _rank_main(rank: int, world: int, store_path: str, specs: list[Spec], args, results) -> None:
-    torch.set_num_threads(1)  # 4 ranks share 2 cores
     warnings.filterwarnings("ignore", message="When period is 1")  # torch's hint for period 1
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=300),
-    )
-    try:
+    with gloo_rank(rank, world, store_path):
         for spec in specs:
             out = run(spec, rank, world, args)
             if out is not None:
                 results.put(out)
-    finally:
-        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------ report
@@ -375,35 +352,23 @@ def main(argv: list[str] | None = None) -> int:
     specs += [parse_schedule(text) for text in args.schedules.split(",") if text]
     specs.append(Spec(f"autopilot ({args.start_period})", args.start_period, True))
 
-    ctx = mp.get_context("spawn")
-    results_q = ctx.Queue()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [
-            ctx.Process(target=_rank_main, args=(r, args.world, os.path.join(tmp, "store"), specs, args, results_q))
-            for r in range(args.world)
-        ]
-        for p in procs:
-            p.start()
-        results = []
-        try:
-            for spec in specs:
-                out = next_result(results_q, procs)
-                results.append(out)
-                print(f"  {out['name']}: {out['wall']:.0f}s", flush=True)
-        finally:
-            for p in procs:
-                p.join(60)
-                if p.is_alive():  # a rank stuck in a collective after another one failed
-                    p.kill()
-                    p.join()
+    results = []
+    with spawned_ranks(_rank_main, args.world, (specs, args)) as next_result:
+        for spec in specs:
+            out = next_result(900)
+            results.append(out)
+            print(f"  {out['name']}: {out['wall']:.0f}s", flush=True)
     print(f"\n{args.world} ranks x {args.steps} steps, lr {args.lr:g} {args.lr_schedule}, skew {args.skew:g}, seed {args.seed}; "
           f"total {time.perf_counter() - started:.0f}s\n")
     print(table(results))
     auto = next(r for r in results if r["autopilot"])
     how = "set by --target" if args.target is not None else f"calibrated at period {args.start_period}"
-    print(f"\nautopilot: target {auto['target']:.3g} ({how}; {auto['final_target']:.3g} after the loss guard's halvings); "
-          f"{len(auto['changes'])} set_period commands:")
+    if auto["target"] is None:  # a run too short to calibrate
+        budget = f"no target (still calibrating at period {args.start_period} when the run ended)"
+    else:
+        budget = f"target {auto['target']:.3g} ({how}; {auto['final_target']:.3g} after the loss guard's halvings)"
+    print(f"\nautopilot: {budget}; {len(auto['changes'])} set_period commands:")
     for step, old, new, reason in auto["changes"]:
         print(f"  step {step:>5}: {old} -> {new}: {reason}")
     print()
