@@ -753,7 +753,7 @@ def _record(rank: int, body: str, names: list[str] | None) -> dict:
 
 
 def _weighted(record: dict, weight: int) -> dict:
-    return {"rank": record["rank"], "w": weight, **{k: v for k, v in record.items() if k != "rank"}} if weight > 1 else record
+    return {**record, "w": weight} if weight > 1 else record
 
 
 def _record_json(rank: int, body: str, weight: int = 1) -> str:

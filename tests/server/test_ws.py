@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from tests.server.helpers import WORKER, auth, wait_for
+from avgctl.server.app import create_app
+from tests.server.helpers import CONTROL, WORKER, auth, make_settings, wait_for
 from tests.server.test_rest import batch, hello
 
 
@@ -123,11 +125,6 @@ def test_dashboard_snapshot_then_live(client):
 
 
 def test_live_steps_thins_what_dashboards_get_and_the_store_keeps_all(tmp_path):
-    from fastapi.testclient import TestClient
-
-    from avgctl.server.app import create_app
-    from tests.server.helpers import CONTROL, make_settings
-
     # 40 steps/s per rank at 20 ticks/s: two step records per rank per tick.
     settings = make_settings(tmp_path, live_steps=40, dashboard_interval=0.05)
     with TestClient(create_app(settings), headers=auth(CONTROL)) as client:
