@@ -75,6 +75,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(store.start)
         hub = Hub(settings.dashboard_interval, settings.dashboard_queue, settings.live_steps)
         workers = WorkerRegistry()
+        loop = asyncio.get_running_loop()
+
+        def on_stored(receipts: list) -> None:  # on the writer thread
+            with contextlib.suppress(RuntimeError):  # the loop already closed (shutdown)
+                loop.call_soon_threadsafe(workers.stored, receipts)
+
+        store.on_stored = on_stored
         app.state.store = store
         app.state.hub = hub
         app.state.workers = workers

@@ -198,6 +198,9 @@ class Hello(_Message):
     config: AveragerConfig
     control: ControlView
     step: int = Field(default=0, ge=0)
+    # A random id of the sending link, the same on each of its connections: with it the server knows
+    # a batch ``seq`` it already had from this link as one sent again (see ``MetricsBatch.seq``).
+    link: str | None = Field(default=None, max_length=64)
 
 
 class StepRecord(_Message):
@@ -241,6 +244,9 @@ class MetricsBatch(_Message):
     rounds: list[RoundRecord] = Field(default_factory=list, max_length=10_000)
     control: list[ControlEvent] = Field(default_factory=list, max_length=10_000)
     dropped: int = Field(default=0, ge=0)  # metric records this rank dropped so far (bounded buffer)
+    # The link's batch number, rising by one per batch over the link's life. With it the server
+    # answers ``stored`` and the link sends the batch again after a reconnect until then.
+    seq: int | None = Field(default=None, ge=0)
 
 
 class CommandAck(_Message):
@@ -268,6 +274,17 @@ class CommandDelivery(_Message):
     kind: Literal["command"] = "command"
     id: int
     command: Command
+
+
+class MetricsStored(_Message):
+    """Every batch of this connection up to ``seq`` is committed (or was counted as dropped by the
+    server): the link may forget them. Sent to every rank, at most every ``ACK_INTERVAL``."""
+
+    kind: Literal["stored"] = "stored"
+    seq: int
+
+
+ServerMessage = Annotated[Union[CommandDelivery, MetricsStored], Field(discriminator="kind")]
 
 
 # --------------------------------------------------------------------------------------------

@@ -111,7 +111,6 @@ class Conflict(ValueError):
 class _Op:
     fn: Callable[[sqlite3.Connection], Any]
     future: concurrent.futures.Future | None
-    is_metrics: bool = False
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -146,9 +145,12 @@ class Store:
         self.prune_interval = prune_interval
         self._next_prune = 0.0
         self.dropped_batches = 0  # metric batches refused because the writer fell behind
+        self.on_stored: Callable[[list[Any]], None] | None = None
+        """Called on the writer thread after each commit of metric batches, with their receipts."""
         # Metric batches waiting for the writer: ingest appends here, and the first batch of a burst
         # queues the one op that writes the whole burst (so a non-empty list always has its op queued).
         self._metrics: list[tuple[str, int, EncodedBatch, float]] = []
+        self._receipts: list[Any] = []  # what add_metrics was given, for on_stored
         self._metrics_lock = threading.Lock()
         self._queue: queue.Queue[_Op | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -252,12 +254,13 @@ class Store:
             raise ValueError("this store keeps every record (no retention_steps)")
         return self.submit(self.retention.prune)
 
-    def add_metrics(self, job_id: str, rank: int, batch: EncodedBatch) -> bool:
+    def add_metrics(self, job_id: str, rank: int, batch: EncodedBatch, receipt: Any = None) -> bool:
         """Queue a metric batch without waiting; False (and counted) when the writer is too far behind.
 
         Batches that arrive while the writer is busy wait together and go to SQLite in one
         transaction (``write_metric_batches``). Each connection's batches keep their order relative to its
         awaited writes (hello, control changes, disconnect), since those come before or after them.
+        A ``receipt`` (not None) goes to ``on_stored`` once the batch is committed.
         """
         entry = (job_id, rank, batch, time.time())
         with self._metrics_lock:
@@ -265,15 +268,28 @@ class Store:
                 self.dropped_batches += 1
                 return False
             self._metrics.append(entry)
+            if receipt is not None:
+                self._receipts.append(receipt)
             first = len(self._metrics) == 1
         if first:  # the op queued for earlier batches takes this one too
-            self._queue.put(_Op(self._write_queued_metrics, None, True))
+            future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
+            future.add_done_callback(self._committed)
+            self._queue.put(_Op(self._write_queued_metrics, future))
         return True
 
-    def _write_queued_metrics(self, conn: sqlite3.Connection) -> None:
+    def _write_queued_metrics(self, conn: sqlite3.Connection) -> list[Any]:
         with self._metrics_lock:
             entries, self._metrics = self._metrics, []
+            receipts, self._receipts = self._receipts, []
         write_metric_batches(conn, entries)
+        return receipts
+
+    def _committed(self, future: concurrent.futures.Future[list[Any]]) -> None:
+        # The metric op's future resolves after COMMIT (on the writer thread).
+        if future.exception() is not None:
+            log.error("storing metric batches failed", exc_info=future.exception())
+        elif future.result() and self.on_stored is not None:
+            self.on_stored(future.result())
 
     # ---------------------------------------------------------------- reads
 
@@ -549,9 +565,12 @@ def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int,
         steps.extend((job_id, rank, step, body) for step, body in batch.steps)
         rounds.extend((job_id, rank, step, size, body) for step, size, body in batch.rounds)
         if batch.control:
+            # A link sends a batch again when it could not learn it was stored: keep one copy.
             conn.executemany(
-                "INSERT INTO control_events (job_id, rank, step, control) VALUES (?, ?, ?, ?)",
-                [(job_id, rank, e.step, e.control.model_dump_json()) for e in batch.control],
+                "INSERT INTO control_events (job_id, rank, step, control) SELECT ?, ?, ?, ? WHERE NOT EXISTS"
+                " (SELECT 1 FROM control_events WHERE job_id = ? AND step = ? AND rank = ? AND control = ?)",
+                [(job_id, rank, e.step, body, job_id, e.step, rank, body)
+                 for e in batch.control for body in [e.control.model_dump_json()]],
             )
             if rank == 0:
                 _set_control(conn, job_id, batch.control[-1].control, now)
@@ -612,9 +631,13 @@ def _insert_sql(table: str, columns: tuple[str, ...], count: int) -> str:
 
 
 def _set_control(conn: sqlite3.Connection, job_id: str, control: ControlView, now: float) -> None:
-    # The autopilot settings belong to the server: a worker's view never overwrites them.
+    # The autopilot settings belong to the server: a worker's view never overwrites them. An event
+    # sent again after a reconnect may be older than the state rank 0's hello brought: keep the newer.
     body = control.model_copy(update={"autotune": AutotuneView()}).model_dump_json()
-    conn.execute("UPDATE jobs SET control = ?, updated_at = ? WHERE id = ?", (body, now, job_id))
+    conn.execute(
+        "UPDATE jobs SET control = ?, updated_at = ? WHERE id = ? AND json_extract(control, '$.version') <= ?",
+        (body, now, job_id, control.version),
+    )
 
 
 def _update_job_step(conn: sqlite3.Connection, job_id: str) -> None:

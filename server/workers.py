@@ -1,4 +1,4 @@
-"""Which worker sockets are connected, and sending to a job's rank 0."""
+"""Which worker sockets are connected, sending to a job's rank 0, and telling each rank what is stored."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ from dataclasses import dataclass
 
 from starlette.websockets import WebSocket
 
+from avgctl.server.schemas import MetricsStored
+
 log = logging.getLogger(__name__)
 
 # A command send that takes longer than this means rank 0's link is frozen: give up on this
 # delivery; the command stays pending and goes out again on the next hello.
 SEND_TIMEOUT = 5.0
+# At most one ``stored`` message per connection this often: the link keeps a batch until then.
+ACK_INTERVAL = 0.1
 
 
 @dataclass(slots=True, eq=False)
@@ -22,6 +26,10 @@ class WorkerConnection:
     host: str
     pid: int
     websocket: WebSocket
+    link: str | None = None  # the link's id from its hello
+    stored_seq: int = -1  # the highest batch number committed
+    acked_seq: int = -1  # the highest one told to the link
+    acker: asyncio.Task | None = None
 
 
 class WorkerRegistry:
@@ -30,6 +38,9 @@ class WorkerRegistry:
     def __init__(self) -> None:
         self._by_rank: dict[tuple[str, int], WorkerConnection] = {}
         self._tasks: set[asyncio.Task] = set()
+        # (job, rank) -> (link id, highest batch number seen): kept across connections, so a batch a
+        # link sends again after a reconnect to this same server is known as a repeat.
+        self._seen: dict[tuple[str, int], tuple[str, int]] = {}
 
     def get(self, job_id: str, rank: int) -> WorkerConnection | None:
         return self._by_rank.get((job_id, rank))
@@ -47,15 +58,52 @@ class WorkerRegistry:
             return True
         return False
 
+    def first_sight(self, conn: WorkerConnection, seq: int | None) -> bool:
+        """False for a batch this server already had from the same link (sent again after a
+        reconnect, its ``stored`` lost): store it again (idempotent), but show and count it once."""
+        if seq is None or conn.link is None:
+            return True
+        key = (conn.job_id, conn.rank)
+        seen = self._seen.get(key)
+        if seen is not None and seen[0] == conn.link and seq <= seen[1]:
+            return False
+        self._seen[key] = (conn.link, seq)
+        return True
+
+    def stored(self, receipts: list[tuple[WorkerConnection, int]]) -> None:
+        """Batches committed: tell their links (at most every ``ACK_INTERVAL`` per connection)."""
+        for conn, seq in receipts:
+            if seq > conn.stored_seq:
+                conn.stored_seq = seq
+            if conn.acker is None and conn.stored_seq > conn.acked_seq:
+                conn.acker = self._spawn(self._acknowledge(conn))
+
+    @staticmethod
+    async def _acknowledge(conn: WorkerConnection) -> None:
+        try:
+            while conn.stored_seq > conn.acked_seq:
+                seq = conn.stored_seq
+                await asyncio.wait_for(conn.websocket.send_text(MetricsStored(seq=seq).model_dump_json()), SEND_TIMEOUT)
+                conn.acked_seq = seq
+                await asyncio.sleep(ACK_INTERVAL)  # what commits meanwhile goes in the next one
+        except Exception as err:  # closed: the link sends the batches again on its next connection
+            log.debug("stored %s rank %d not told: %r", conn.job_id, conn.rank, err)
+        finally:
+            conn.acker = None
+
     def send_to_leader(self, job_id: str, text: str) -> bool:
         """Send ``text`` to the job's rank 0 in the background; False if rank 0 is not connected."""
         conn = self._by_rank.get((job_id, 0))
         if conn is None:
             return False
-        task = asyncio.create_task(self._send(conn, text))
+        self._spawn(self._send(conn, text))
+        return True
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)  # keep a reference until done, or the task may be collected
         task.add_done_callback(self._tasks.discard)
-        return True
+        return task
 
     @staticmethod
     async def _send(conn: WorkerConnection, text: str) -> None:

@@ -3,8 +3,11 @@
 The link runs on its own daemon thread with its own event loop. The training thread only appends
 records to bounded deques (the oldest go first when the server is away, and are counted), so
 training never waits on the network: not when the server is down at start, killed, restarted or
-frozen. Rank 0's link is also the averager's ``ControlSource``: commands from the server are
-queued for it, and its acks are sent back from their own queue, never dropped with metrics.
+frozen. Each batch is numbered and kept until the server says it is ``stored``; batches sent on a
+connection that broke before then are sent again on the next one, so a server killed with
+batches in its socket or its writer's queue loses none (the store keeps one copy). Rank 0's link
+is also the averager's ``ControlSource``: commands from the server are queued for it, and its acks
+are sent back from their own queue, never dropped with metrics.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import queue
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import websockets
@@ -37,7 +42,9 @@ from avgctl.server.schemas import (
     Hello,
     JobId,
     MetricsBatch,
+    MetricsStored,
     RoundRecord,
+    ServerMessage,
     StepRecord,
 )
 from avgctl.worker import dist as wdist
@@ -46,10 +53,13 @@ from avgctl.worker.control import drain
 log = logging.getLogger(__name__)
 
 _JOB_ID = TypeAdapter(JobId)
+_SERVER_MESSAGE = TypeAdapter(ServerMessage)
 # Close codes after which reconnecting would only be refused again (see server/routes/ws.py).
 _FATAL_CLOSE_CODES = frozenset({1008, 1009, 4401, 4403, 4409})
 _MAX_FRAME = 1024 * 1024  # the server's default max_frame_bytes
 _REMEMBERED_IDS = 4096
+# On close, how long to wait for the server to confirm the last batches (within close's timeout).
+_CLOSE_STORED_WAIT = 1.0
 
 
 class Averager(Protocol):
@@ -83,7 +93,8 @@ class WorkerLink:
         server: the server URL, e.g. ``http://127.0.0.1:8000``.
         job_id: the job this rank belongs to (the same on every rank).
         token: a worker (or control) token, sent as ``Authorization: Bearer``.
-        max_records: step records kept while the server is away; the oldest go first.
+        max_records: step records kept while the server is away; the oldest go first. Sent batches
+            the server has not confirmed are kept too, up to twice as many records.
         send_interval: seconds between metric batches (acks go out at once).
         reconnect_delays: the ``websockets`` backoff generator factory (default: 0.5 s up to 10 s).
     """
@@ -118,7 +129,16 @@ class WorkerLink:
         self._rounds: collections.deque[RoundRecord] = collections.deque(maxlen=max(100, max_records // 10))
         self._control: collections.deque[ControlEvent] = collections.deque(maxlen=1000)
         self.dropped = 0
-        """Metric records dropped so far (buffer full, or lost in a failed send); sent as ``dropped``."""
+        """Metric records dropped so far: a buffer was full, or a batch the server never confirmed
+        was pushed out of the resend buffer (it may have been stored). Sent as ``dropped``."""
+        # Batches sent (or to send) that the server has not confirmed, oldest first; only the link
+        # thread touches them.
+        self._unconfirmed: collections.deque[_Batch] = collections.deque()
+        self._unconfirmed_records = 0
+        self._max_unconfirmed = 2 * max_records
+        self._seq = -1
+        self._id = uuid.uuid4().hex  # tells the server which batch numbers it may already have
+        self._all_stored = asyncio.Event()
         # Rank 0's control source.
         self._inbox: queue.SimpleQueue[tuple[int, Command]] = queue.SimpleQueue()
         self._arrived = threading.Event()
@@ -138,6 +158,11 @@ class WorkerLink:
         if self.rank == 0:
             averager.set_control_source(self)
         self._thread.start()
+
+    @property
+    def unconfirmed(self) -> int:
+        """Metric records sent (or about to be) that the server has not yet confirmed as stored."""
+        return self._unconfirmed_records
 
     # ------------------------------------------------------------ listener (training thread, O(1))
 
@@ -261,11 +286,13 @@ class WorkerLink:
             config=self.averager.hello_config(),
             control=self.averager.control_view(),
             step=self.averager.step,
+            link=self._id,
         )
         await ws.send(hello.model_dump_json())
         self.connected.set()
         receiver = asyncio.create_task(self._receive(ws))
         last_metrics = 0.0
+        sent_through = -1  # the last batch sent on this connection: a new one sends every unconfirmed batch
         try:
             while True:
                 await self._send_acks(ws)
@@ -273,9 +300,10 @@ class WorkerLink:
                 now = time.monotonic()
                 if stopping or now - last_metrics >= self.send_interval:
                     last_metrics = now
-                    await self._send_metrics(ws)
+                    sent_through = await self._send_metrics(ws, sent_through)
                 if stopping:
                     await self._send_acks(ws)
+                    await self._await_stored(receiver)
                     await ws.close(1000, "done")
                     return
                 wake = asyncio.create_task(self._wake.wait())
@@ -301,33 +329,68 @@ class WorkerLink:
             self._acks_out.popleft()  # only once sent: a failed send leaves it for the next session
             self._remember(self._acked, ack.command_id, ack)
 
-    async def _send_metrics(self, ws: Any) -> None:
+    async def _send_metrics(self, ws: Any, sent_through: int) -> int:
+        """Batch what the buffers hold, then send every unconfirmed batch after ``sent_through``."""
         steps, rounds, control = _drain(self._steps), _drain(self._rounds), _drain(self._control)
-        if not (steps or rounds or control):
+        if steps or rounds or control:
+            for text, records in _frames(steps, rounds, control, self._encoder):
+                self._seq += 1
+                self._keep(_Batch(self._seq, text, records))
+        for batch in list(self._unconfirmed):
+            if batch.seq > sent_through:
+                await ws.send(batch.text)
+                sent_through = batch.seq
+        return sent_through
+
+    def _encoder(self, steps: list, rounds: list, control: list) -> str:
+        # Numbered as the next batch: _frames asks for a text only once the previous one is kept.
+        return MetricsBatch(steps=steps, rounds=rounds, control=control, dropped=self.dropped, seq=self._seq + 1).model_dump_json()
+
+    def _keep(self, batch: _Batch) -> None:
+        self._unconfirmed.append(batch)
+        self._unconfirmed_records += batch.records
+        self._all_stored.clear()
+        while self._unconfirmed_records > self._max_unconfirmed and len(self._unconfirmed) > 1:
+            oldest = self._unconfirmed.popleft()
+            self._unconfirmed_records -= oldest.records
+            self.dropped += oldest.records
+
+    def _confirm(self, stored: MetricsStored) -> None:
+        while self._unconfirmed and self._unconfirmed[0].seq <= stored.seq:
+            self._unconfirmed_records -= self._unconfirmed.popleft().records
+        if not self._unconfirmed:
+            self._all_stored.set()
+
+    async def _await_stored(self, receiver: asyncio.Task) -> None:
+        """On close: wait (briefly) until the server confirms every batch, so none is in flight."""
+        if not self._unconfirmed:
             return
-        try:
-            for text in _frames(steps, rounds, control, lambda: self.dropped):
-                await ws.send(text)
-        except ConnectionClosed:
-            self.dropped += len(steps) + len(rounds) + len(control)
-            raise
+        stored = asyncio.create_task(self._all_stored.wait())
+        await asyncio.wait({stored, receiver}, timeout=_CLOSE_STORED_WAIT, return_when=asyncio.FIRST_COMPLETED)
+        stored.cancel()
+        if self._unconfirmed:
+            log.info("avgctl link of rank %d closes with %d records unconfirmed", self.rank, self._unconfirmed_records)
 
     async def _receive(self, ws: Any) -> None:
         async for text in ws:
             try:
-                delivery = CommandDelivery.model_validate_json(text)
+                message = _SERVER_MESSAGE.validate_json(text)
             except ValidationError as err:
                 log.warning("avgctl: ignoring a message the link does not understand: %s", err)
                 continue
-            if self.rank != 0:
-                continue
-            if delivery.id in self._acked:  # re-delivered after a reconnect: answer, never re-queue
-                self._acks_out.append(self._acked[delivery.id])
-                self._wake.set()
-            elif delivery.id not in self._queued:  # also queued once only while the averager is busy
-                self._remember(self._queued, delivery.id, None)
-                self._inbox.put((delivery.id, delivery.command))
-                self._arrived.set()
+            if isinstance(message, MetricsStored):
+                self._confirm(message)
+            elif self.rank == 0:
+                self._deliver(message)
+
+    def _deliver(self, delivery: CommandDelivery) -> None:
+        if delivery.id in self._acked:  # re-delivered after a reconnect: answer, never re-queue
+            self._acks_out.append(self._acked[delivery.id])
+            self._wake.set()
+        elif delivery.id not in self._queued:  # also queued once only while the averager is busy
+            self._remember(self._queued, delivery.id, None)
+            self._inbox.put((delivery.id, delivery.command))
+            self._arrived.set()
 
     @staticmethod
     def _remember(memory: collections.OrderedDict, key: int, value: Any) -> None:
@@ -344,15 +407,22 @@ def _drain(buffer: collections.deque) -> list:
     return out
 
 
-def _frames(steps: list, rounds: list, control: list, dropped: Callable[[], int]) -> Iterator[str]:
-    """``MetricsBatch`` texts under the frame limit: a batch too large is split in halves."""
-    text = MetricsBatch(steps=steps[:10_000], rounds=rounds[:10_000], control=control[:10_000], dropped=dropped()).model_dump_json()
+@dataclass(slots=True)
+class _Batch:
+    seq: int
+    text: str  # the MetricsBatch frame, sent again as it is after a reconnect
+    records: int
+
+
+def _frames(steps: list, rounds: list, control: list, encode: Callable[[list, list, list], str]) -> Iterator[tuple[str, int]]:
+    """``(text, records)`` of ``encode``d batches under the frame limit: one too large is split in halves."""
+    text = encode(steps[:10_000], rounds[:10_000], control[:10_000])
     total = len(steps) + len(rounds) + len(control)
     if (len(text) <= _MAX_FRAME and max(len(steps), len(rounds), len(control)) <= 10_000) or total <= 1:
-        yield text
+        yield text, total
         return
-    yield from _frames(steps[: len(steps) // 2], rounds[: len(rounds) // 2], control[: len(control) // 2], dropped)
-    yield from _frames(steps[len(steps) // 2 :], rounds[len(rounds) // 2 :], control[len(control) // 2 :], dropped)
+    yield from _frames(steps[: len(steps) // 2], rounds[: len(rounds) // 2], control[: len(control) // 2], encode)
+    yield from _frames(steps[len(steps) // 2 :], rounds[len(rounds) // 2 :], control[len(control) // 2 :], encode)
 
 
 def connect(

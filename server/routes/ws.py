@@ -10,6 +10,8 @@ Worker close codes (the reason says more):
 - 4409 conflict: a *different* process claims a (job, rank) that is connected; the newcomer is
   refused, so two jobs mistakenly sharing an id cannot knock each other off in turn;
 - 1012 service restart: the server is shutting down.
+
+Batches that carry a ``seq`` are answered with ``stored`` once committed (see ``workers.py``).
 """
 
 from __future__ import annotations
@@ -113,8 +115,10 @@ async def worker_ingest(
         while True:
             msg = await _receive(websocket, settings.max_frame_bytes)
             if isinstance(msg, MetricsBatch):
-                autopilot.on_metrics(conn.job_id, conn.rank, msg)  # arithmetic; acts through tasks
-                await _ingest(msg, conn, store, hub, commands)
+                first = workers.first_sight(conn, msg.seq)
+                if first:
+                    autopilot.on_metrics(conn.job_id, conn.rank, msg)  # arithmetic; acts through tasks
+                await _ingest(msg, conn, store, hub if first else None, commands, workers)
             elif isinstance(msg, CommandAck):
                 if conn.rank != 0:
                     raise _Refuse(CLOSE_POLICY, "only rank 0 acknowledges commands")
@@ -146,7 +150,7 @@ async def _register(websocket: WebSocket, hello: Hello, store: st.Store, workers
         await store.write(lambda c: st.hello(c, hello, now))
     except st.Conflict as err:
         raise _Refuse(CLOSE_POLICY, str(err)) from None
-    conn = WorkerConnection(hello.job_id, hello.rank, hello.host, hello.pid, websocket)
+    conn = WorkerConnection(hello.job_id, hello.rank, hello.host, hello.pid, websocket, hello.link)
     old = workers.add(conn)
     if old is not None:
         with contextlib.suppress(Exception):
@@ -154,16 +158,22 @@ async def _register(websocket: WebSocket, hello: Hello, store: st.Store, workers
     return conn
 
 
-async def _ingest(msg: MetricsBatch, conn: WorkerConnection, store: st.Store, hub, commands) -> None:
+async def _ingest(msg: MetricsBatch, conn: WorkerConnection, store: st.Store, hub, commands, workers) -> None:
+    """Store a batch (and show it live, unless ``hub`` is None: a repeat); its ``seq`` is
+    acknowledged once committed."""
     batch = encode(msg)  # once, for the store and the dashboards; the models go now
-    hub.publish_metrics(conn.job_id, conn.rank, batch)
+    if hub is not None:
+        hub.publish_metrics(conn.job_id, conn.rank, batch)
     if batch.control and conn.rank == 0:
         # A control change is rare and changes the job: wait for it, then tell dashboards.
         now = time.time()
         await store.write(lambda c: st.write_metrics(c, conn.job_id, conn.rank, batch, now))
         commands.announce_job(conn.job_id)
+        if msg.seq is not None:
+            workers.stored([(conn, msg.seq)])
     else:
-        store.add_metrics(conn.job_id, conn.rank, batch)  # never waits; counted if dropped
+        # Never waits; counted if dropped. The receipt comes back through store.on_stored.
+        store.add_metrics(conn.job_id, conn.rank, batch, None if msg.seq is None else (conn, msg.seq))
 
 
 @router.websocket("/ws/jobs/{job_id}")

@@ -58,6 +58,20 @@ def test_metrics_and_commands_through_the_link(tmp_path):
         assert job["step"] >= 12
 
 
+def test_close_returns_once_the_server_stored_everything(tmp_path):
+    with running_server(make_settings(tmp_path)) as server:
+        averager = FakeAverager(world_size=1)
+        link = connect(averager, server=server.url, job_id="job-l", token=WORKER, send_interval=60.0)
+        try:
+            wait_for(link.connected.is_set)
+            for _ in range(20):
+                averager.train_step()
+        finally:
+            link.close()  # the first send since the hello: all 20 steps, then wait for `stored`
+        assert link.unconfirmed == 0
+        assert steps_stored(server) == list(range(1, 21))  # no polling: close waited for the commit
+
+
 def test_server_down_at_start_then_up(tmp_path):
     # Find a free port by starting and stopping a server, then leave it down.
     probe = ServerThread(make_settings(tmp_path).model_copy(update={"port": 0})).start()

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from avgctl.server.app import create_app
+from avgctl.server.schemas import ControlEvent, ControlView
 from tests.server.helpers import CONTROL, WORKER, auth, make_settings, wait_for
 from tests.server.test_rest import batch, hello
 
@@ -140,3 +141,51 @@ def test_live_steps_thins_what_dashboards_get_and_the_store_keeps_all(tmp_path):
                 # Two evenly spaced from the first (every 4th of 8), then the newest.
                 assert [s["step"] for s in msg["items"][0]["steps"]] == [1, 5, 8]
                 wait_for(lambda: len(client.get("/api/jobs/job-1/metrics").json()["steps"]) == 8)
+
+
+def _live_steps(dash, until: int) -> list[int]:
+    """Step numbers of the dashboard's live metrics frames, up to the one holding step ``until``."""
+    steps: list[int] = []
+    while until not in steps:
+        msg = dash.receive_json()
+        if msg["kind"] == "metrics_batch":
+            steps += [s["step"] for item in msg["items"] for s in item["steps"]]
+    return steps
+
+
+def test_numbered_batches_are_confirmed_once_stored_and_a_repeat_counts_once(client):
+    period_2 = ControlEvent(step=6, control=ControlView(period=2, warmup_steps=0, version=1))
+    with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r0:
+        r0.send_text(hello(world_size=1, link="L1"))
+        wait_for(lambda: client.get("/api/jobs/job-1").status_code == 200)
+        with client.websocket_connect("/ws/jobs/job-1") as dash:
+            assert dash.receive_json()["kind"] == "snapshot"
+            r0.send_text(batch(1, 4, seq=0))
+            r0.send_text(batch(5, 4, seq=1, control=[period_2]))
+            stored = json.loads(r0.receive_text())
+            while stored["seq"] < 1:  # seq 0 may be confirmed on its own first
+                stored = json.loads(r0.receive_text())
+            assert stored == {"kind": "stored", "seq": 1}
+            # Confirmed means committed: readable at once.
+            assert [s["step"] for s in client.get("/api/jobs/job-1/metrics").json()["steps"]] == list(range(1, 9))
+            assert _live_steps(dash, until=8) == list(range(1, 9))
+            # The same link again, its `stored` lost: it repeats seq 1 after a hello whose control
+            # is newer than that batch's event (version 2), then goes on with seq 2.
+            r0.close()
+            with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as again:
+                again.send_text(hello(world_size=1, control=ControlView(period=3, warmup_steps=0, version=2), link="L1"))
+                again.send_text(batch(5, 4, seq=1, control=[period_2]))
+                again.send_text(batch(9, 4, seq=2))
+                stored = json.loads(again.receive_text())
+                while stored["seq"] < 2:
+                    stored = json.loads(again.receive_text())
+                assert _live_steps(dash, until=12) == [9, 10, 11, 12]  # the repeat is not shown twice
+            # A new link of the same process (training run again in a notebook) counts from 0 again.
+            with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as new:
+                new.send_text(hello(world_size=1, control=ControlView(period=3, warmup_steps=0, version=2), link="L2"))
+                new.send_text(batch(13, 4, seq=0))
+                assert _live_steps(dash, until=16) == [13, 14, 15, 16]
+    metrics = client.get("/api/jobs/job-1/metrics").json()
+    assert [s["step"] for s in metrics["steps"]] == list(range(1, 17))
+    assert [e["step"] for e in metrics["control_events"]] == [6]  # stored once
+    assert client.get("/api/jobs/job-1").json()["control"]["version"] == 2  # the older event did not win
