@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
 
@@ -52,16 +54,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def hello(rank: int, world: int) -> str:
+def hello(rank: int, world: int, link: str) -> str:
     return Hello(
-        job_id=JOB, rank=rank, world_size=world, host="bench", pid=10_000 + rank,
+        job_id=JOB, rank=rank, world_size=world, host="bench", pid=10_000 + rank, link=link,
         config=AveragerConfig(kind="periodic", period=8, warmup_steps=0), control=ControlView(period=8, warmup_steps=0),
     ).model_dump_json()
 
 
-def batch(first_step: int, sent_at: float) -> str:
+def batch(first_step: int, sent_at: float, seq: int) -> str:
+    """A numbered batch, as a worker link sends it (avgctl answers ``stored`` for it)."""
     steps = [StepRecord(step=first_step + i, time=sent_at, step_time=0.02, drift=0.1, loss=2.0) for i in range(RECORDS_PER_BATCH)]
-    return MetricsBatch(steps=steps).model_dump_json()
+    return MetricsBatch(steps=steps, seq=seq).model_dump_json()
 
 
 # ------------------------------------------------------------------------------ bare ceiling
@@ -160,12 +163,21 @@ def start_dashboards(ctx, url: str, n: int, duration: float, out):
 # ------------------------------------------------------------------------------ senders
 
 
+async def _read_all(ws) -> None:
+    # A link reads what the server says (avgctl's ``stored``); unread, it would pile up here.
+    with contextlib.suppress(websockets.ConnectionClosed):
+        async for _ in ws:
+            pass
+
+
 async def open_ranks(url: str, ranks: int, headers: dict) -> list:
     t0 = time.perf_counter()
     conns = []
+    link = uuid.uuid4().hex  # one sender's id: its batch numbers start again at 0
     for rank in range(ranks):
         ws = await websockets.connect(url, additional_headers=headers, max_size=2**20, compression=None)
-        await ws.send(hello(rank, ranks))
+        await ws.send(hello(rank, ranks, link))
+        ws.reader = asyncio.create_task(_read_all(ws))
         conns.append(ws)
     print(f"  opened {ranks} connections in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     return conns
@@ -198,7 +210,7 @@ class Target:
         """Every rank sends ``args.batches`` frames as fast as it can; timed from the first frame
         until the server has them all."""
         first_step = 1 + repeat * args.batches * RECORDS_PER_BATCH  # new rows, not replaced ones
-        frames = [batch(first_step + i * RECORDS_PER_BATCH, time.time()) for i in range(args.batches)]
+        frames = [batch(first_step + i * RECORDS_PER_BATCH, time.time(), repeat * args.batches + i) for i in range(args.batches)]
 
         async def run(ws) -> None:
             for text in frames:
@@ -257,14 +269,16 @@ async def send_paced(url: str, ranks: int, rate: float, duration: float) -> int:
     async def run(rank: int, ws) -> None:
         nonlocal sent
         step = 10_000_000
+        sent_by_rank = 0
         # Spread the ranks over the interval, as real ranks would be.
         await asyncio.sleep(rank / ranks / rate)
         next_at = time.perf_counter()
         end = next_at + duration
         while next_at < end:
-            await ws.send(batch(step, time.time()))
+            await ws.send(batch(step, time.time(), sent_by_rank))
             step += RECORDS_PER_BATCH
             sent += 1
+            sent_by_rank += 1
             next_at += 1 / rate
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
 
