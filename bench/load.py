@@ -14,7 +14,6 @@ import asyncio
 import multiprocessing as mp
 import os
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
