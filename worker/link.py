@@ -199,7 +199,8 @@ class WorkerLink:
     # ------------------------------------------------------------ lifecycle
 
     def close(self, timeout: float = 2.0) -> None:
-        """Send what is buffered if connected (within ``timeout`` seconds), then close the link."""
+        """Send what is buffered if connected and wait (up to 1 s) for the server to confirm it is
+        stored, all within ``timeout`` seconds; then close the link."""
         if self._closed:
             return
         self._closed = True
