@@ -177,7 +177,7 @@ async def open_ranks(url: str, ranks: int, headers: dict) -> list:
     for rank in range(ranks):
         ws = await websockets.connect(url, additional_headers=headers, max_size=2**20, compression=None)
         await ws.send(hello(rank, ranks, link))
-        ws.reader = asyncio.create_task(_read_all(ws))
+        ws.reader = asyncio.create_task(_read_all(ws))  # held by its connection, so it is not collected
         conns.append(ws)
     print(f"  opened {ranks} connections in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     return conns

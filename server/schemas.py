@@ -277,7 +277,7 @@ class CommandDelivery(_Message):
 
 
 class MetricsStored(_Message):
-    """Every batch of this connection up to ``seq`` is committed (or was counted as dropped by the
+    """Every batch of this link up to ``seq`` is committed (or was counted as dropped by the
     server): the link may forget them. Sent to every rank, at most every ``ACK_INTERVAL``."""
 
     kind: Literal["stored"] = "stored"

@@ -28,7 +28,7 @@ from pydantic import TypeAdapter, ValidationError
 from avgctl.server import store as st
 from avgctl.server.deps import AutopilotDep, CommandsDep, HubDep, SettingsDep, StoreDep, WorkersDep
 from avgctl.server.hub import serve_client
-from avgctl.server.records import encode
+from avgctl.server.records import EncodedBatch, encode
 from avgctl.server.schemas import JOB_ID_MAX_LENGTH, JOB_ID_PATTERN, CommandAck, Hello, MetricsBatch, WorkerMessage
 from avgctl.server.workers import WorkerConnection
 
@@ -115,10 +115,11 @@ async def worker_ingest(
         while True:
             msg = await _receive(websocket, settings.max_frame_bytes)
             if isinstance(msg, MetricsBatch):
-                first = workers.first_sight(conn, msg.seq)
-                if first:
+                batch = encode(msg)  # once, for the store and the dashboards; the models go now
+                if workers.first_sight(conn, msg.seq):  # a repeat is stored again, shown and counted once
                     autopilot.on_metrics(conn.job_id, conn.rank, msg)  # arithmetic; acts through tasks
-                await _ingest(msg, conn, store, hub if first else None, commands, workers)
+                    hub.publish_metrics(conn.job_id, conn.rank, batch)
+                await _store(batch, msg.seq, conn, store, commands, workers)
             elif isinstance(msg, CommandAck):
                 if conn.rank != 0:
                     raise _Refuse(CLOSE_POLICY, "only rank 0 acknowledges commands")
@@ -158,22 +159,18 @@ async def _register(websocket: WebSocket, hello: Hello, store: st.Store, workers
     return conn
 
 
-async def _ingest(msg: MetricsBatch, conn: WorkerConnection, store: st.Store, hub, commands, workers) -> None:
-    """Store a batch (and show it live, unless ``hub`` is None: a repeat); its ``seq`` is
-    acknowledged once committed."""
-    batch = encode(msg)  # once, for the store and the dashboards; the models go now
-    if hub is not None:
-        hub.publish_metrics(conn.job_id, conn.rank, batch)
+async def _store(batch: EncodedBatch, seq: int | None, conn: WorkerConnection, store: st.Store, commands, workers) -> None:
+    """Store a batch; its ``seq`` (if any) is acknowledged once committed."""
     if batch.control and conn.rank == 0:
         # A control change is rare and changes the job: wait for it, then tell dashboards.
         now = time.time()
         await store.write(lambda c: st.write_metrics(c, conn.job_id, conn.rank, batch, now))
         commands.announce_job(conn.job_id)
-        if msg.seq is not None:
-            workers.stored([(conn, msg.seq)])
+        if seq is not None:
+            workers.stored([(conn, seq)])
     else:
         # Never waits; counted if dropped. The receipt comes back through store.on_stored.
-        store.add_metrics(conn.job_id, conn.rank, batch, None if msg.seq is None else (conn, msg.seq))
+        store.add_metrics(conn.job_id, conn.rank, batch, None if seq is None else (conn, seq))
 
 
 @router.websocket("/ws/jobs/{job_id}")

@@ -51,7 +51,7 @@ def test_batches_a_killed_server_never_stored_are_sent_again(tmp_path):
         return [s["step"] for s in data["steps"]] if data else []
 
     try:
-        wait_for(link.connected.is_set)
+        assert link.connected.wait(10)
         for _ in range(5):
             averager.train_step()
         wait_for(lambda: stored() == [1, 2, 3, 4, 5] and link.unconfirmed == 0)

@@ -63,7 +63,7 @@ def test_close_returns_once_the_server_stored_everything(tmp_path):
         averager = FakeAverager(world_size=1)
         link = connect(averager, server=server.url, job_id="job-l", token=WORKER, send_interval=60.0)
         try:
-            wait_for(link.connected.is_set)
+            assert link.connected.wait(10)
             for _ in range(20):
                 averager.train_step()
         finally:
