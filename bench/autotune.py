@@ -25,10 +25,14 @@ the loss guard reads rank 0's loss. It starts at ``--start-period`` (the person'
 calibrates its target there, after the first rounds' transient (``calibration_skip``): it keeps that
 period's divergence, so it cannot be expected to beat that fixed period's loss, only its rounds.
 
-Two-phase schedules (``--schedules``, default ``16:750:4,4:750:16``: one period for the first half,
-another for the second, the same rounds either way) show where rounds pay on this task: late. Period
-16 then 4 ends +1.02% from the best fixed loss, 4 then 16 ends +1.30%. A divergence budget moves
-the other way: as the lr decays, the divergence a period gathers falls and the period grows.
+Phased schedules (``--schedules``, ``A:S:B[:S2:C...]``: period A until step S, then B...) show where
+rounds pay on this task. The defaults: 16 then 4 from step 750 against 4 then 16 (the same rounds
+either way; late rounds pay: +1.02% against +1.30% from the best fixed loss at seed 0), and 16 with
+period 4 only for steps 1125-1400 (144 rounds), the best of the hand-made schedules tried: +1.14%,
++0.72% and +1.42% at seeds 0, 1 and 2, the only one of them within the goal at any seed (seed 1).
+Early rounds are forgotten and the last ones, at an lr near 0, have little left to fix. A divergence
+budget moves the other way: as the lr decays, the divergence a period gathers falls and the period
+grows; the loss guard's halvings are what shorten it late.
 
 Goal (from the issue): no fixed period better on both final loss and rounds; the autopilot within 1%
 of the best fixed final loss with at most half the rounds of the fixed period that gets there.
@@ -63,14 +67,18 @@ class Spec:
     name: str
     period: int
     autopilot: bool = False
-    switch: tuple[int, int] | None = None
-    """A two-phase schedule: (step, period) to switch to once that step is reached."""
+    switches: tuple[tuple[int, int], ...] = ()
+    """A phased schedule: (step, period) pairs, each switched to once its step is reached."""
 
 
 def parse_schedule(text: str) -> Spec:
-    """``A:S:B``: period A until step S, then period B."""
-    first, step, then = (int(x) for x in text.split(":"))
-    return Spec(f"{first} then {then} @{step}", first, switch=(step, then))
+    """``A:S:B[:S2:C...]``: period A until step S, then period B (until step S2, then C...)."""
+    first, *rest = (int(x) for x in text.split(":"))
+    if len(rest) % 2 or not rest:
+        raise ValueError(f"a schedule is A:S:B[:S2:C...], got {text!r}")
+    switches = tuple(zip(rest[0::2], rest[1::2]))
+    name = " then ".join([str(first)] + [f"{period} @{step}" for step, period in switches])
+    return Spec(name, first, switches=switches)
 
 
 class Watcher:
@@ -103,17 +111,16 @@ class Watcher:
 
 
 class Switcher:
-    """Rank 0's hand-made schedule: one ``set_period`` once a given step is reached."""
+    """Rank 0's hand-made schedule: a ``set_period`` once each switch's step is reached."""
 
-    def __init__(self, averager, switch: tuple[int, int]):
+    def __init__(self, averager, switches: tuple[tuple[int, int], ...]):
         self.source = InProcessControlSource()
         averager.set_control_source(self.source)
-        self.switch: tuple[int, int] | None = switch
+        self.switches = list(switches)
 
     def on_step(self, record: StepRecord) -> None:
-        if self.switch is not None and record.step >= self.switch[0]:
-            self.source.submit(SetPeriod(period=self.switch[1]))
-            self.switch = None
+        if self.switches and record.step >= self.switches[0][0]:
+            self.source.submit(SetPeriod(period=self.switches.pop(0)[1]))
 
     def on_round(self, record: RoundRecord) -> None:
         pass
@@ -170,8 +177,8 @@ def run(spec: Spec, rank: int, world: int, args: argparse.Namespace) -> dict | N
     if rank == 0:
         watcher = Watcher(model, centers, cfg.seed, args.eval_every)
         averager.add_listener(watcher)
-        if spec.switch is not None:
-            averager.add_listener(Switcher(averager, spec.switch))
+        if spec.switches:
+            averager.add_listener(Switcher(averager, spec.switches))
         if spec.autopilot:
             config = at.AutotuneConfig(tau_min=1, tau_max=args.tau_max)
             pilot = LocalPilot(averager, world, config, args.target)
@@ -203,7 +210,7 @@ def run(spec: Spec, rank: int, world: int, args: argparse.Namespace) -> dict | N
         "name": spec.name,
         "period": spec.period,
         "autopilot": spec.autopilot,
-        "schedule": spec.switch is not None,
+        "schedule": bool(spec.switches),
         "final_loss": final_loss,
         "accuracy": accuracy,
         "rounds": metrics.rounds,
@@ -233,12 +240,13 @@ def _rank_main(rank: int, world: int, store_path: str, specs: list[Spec], args, 
 
 def table(results: list[dict]) -> str:
     best = min(r["final_loss"] for r in results if not (r["autopilot"] or r["schedule"]))
+    width = max(14, *(len(r["name"]) for r in results))
     lines = [
-        f"{'run':<14} {'final loss':>10} {'vs best':>8} {'accuracy':>8} {'rounds':>7} {'MB moved':>9} {'wall s':>7} {'avg s':>6}",
+        f"{'run':<{width}} {'final loss':>10} {'vs best':>8} {'accuracy':>8} {'rounds':>7} {'MB moved':>9} {'wall s':>7} {'avg s':>6}",
     ]
     for r in results:
         lines.append(
-            f"{r['name']:<14} {r['final_loss']:>10.4f} {100 * (r['final_loss'] / best - 1):>+7.2f}% {r['accuracy']:>8.3f} "
+            f"{r['name']:<{width}} {r['final_loss']:>10.4f} {100 * (r['final_loss'] / best - 1):>+7.2f}% {r['accuracy']:>8.3f} "
             f"{r['rounds']:>7} {r['bytes'] / 1e6:>9.1f} {r['wall']:>7.1f} {r['averaging_seconds']:>6.1f}"
         )
     return "\n".join(lines)
@@ -255,8 +263,11 @@ def verdict(results: list[dict]) -> list[str]:
         if r["final_loss"] <= auto["final_loss"] and r["rounds"] <= auto["rounds"]
         and (r["final_loss"] < auto["final_loss"] or r["rounds"] < auto["rounds"])
     ]
-    within = auto["final_loss"] <= best * (1 + GOAL_LOSS)
-    half = auto["rounds"] <= GOAL_ROUNDS * cheapest["rounds"]
+
+    def meets(r: dict) -> tuple[bool, bool]:
+        return r["final_loss"] <= best * (1 + GOAL_LOSS), r["rounds"] <= GOAL_ROUNDS * cheapest["rounds"]
+
+    within, half = meets(auto)
     return [
         f"best fixed final loss {best:.4f}; within 1% of it: {', '.join(r['name'] for r in near)}; "
         f"the fewest rounds among those: {cheapest['name']} ({cheapest['rounds']})",
@@ -265,6 +276,7 @@ def verdict(results: list[dict]) -> list[str]:
         f"fixed periods better on both loss and rounds: {', '.join(dominating) or 'none'}",
         *(
             f"schedule {r['name']}: {100 * (r['final_loss'] / best - 1):+.2f}% at {r['rounds']} rounds"
+            f"{' (within the goal)' if all(meets(r)) else ''}"
             for r in results if r["schedule"]
         ),
         f"goal (within 1% with <= half the rounds of {cheapest['name']}): "
@@ -336,9 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the task's seed: class centers, weights and data")
     parser.add_argument("--periods", default="1,2,4,8,16,32", help="fixed periods, comma-separated")
     parser.add_argument(
-        "--schedules", default="16:750:4,4:750:16",
-        help="two-phase fixed schedules A:S:B (period A until step S, then B), comma-separated; "
-        "they show which half of training the period matters in",
+        "--schedules", default="16:750:4,4:750:16,16:1125:4:1400:16",
+        help="hand-made schedules A:S:B[:S2:C...] (period A until step S, then B, ...), comma-separated; "
+        "they show which part of training the period matters in",
     )
     parser.add_argument("--start-period", type=int, default=8, help="the autopilot's starting (the person's) period")
     parser.add_argument("--target", type=float, default=None, help="target divergence (default: calibrate)")
