@@ -21,7 +21,7 @@ from avgctl.server.schemas import (
 )
 from avgctl.server.settings import Settings
 from avgctl.worker import control_state as cs
-from tests.polling import wait_for  # noqa: F401  (the server tests import it from here)
+from tests.polling import wait_for
 
 CONTROL, READ, WORKER = "control-secret", "read-secret", "worker-secret"
 

@@ -10,7 +10,8 @@ import pytest
 
 from avgctl.server import autotune as at
 from avgctl.server.schemas import CommandAck, ControlView, MetricsBatch, RoundRecord, StepRecord
-from tests.server.helpers import WORKER, auth, wait_for
+from tests.polling import wait_for
+from tests.server.helpers import WORKER, auth
 from tests.server.test_rest import hello
 
 CFG = at.AutotuneConfig()

@@ -8,7 +8,8 @@ import pytest
 
 from avgctl.server import cli
 from avgctl.worker.link import connect  # the full signature (with link options)
-from tests.server.helpers import CONTROL, WORKER, FakeAverager, make_settings, running_server, wait_for
+from tests.polling import wait_for
+from tests.server.helpers import CONTROL, WORKER, FakeAverager, make_settings, running_server
 
 
 @pytest.mark.parametrize("argv", [[], ["nope"], ["set-period", "j"], ["set-period", "j", "0"], ["set-period", "j", "x"],

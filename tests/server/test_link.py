@@ -10,7 +10,8 @@ import pytest
 from websockets.client import backoff
 
 from avgctl.worker.link import connect  # the full signature (with link options)
-from tests.server.helpers import CONTROL, WORKER, FakeAverager, ServerThread, auth, make_settings, running_server, wait_for
+from tests.polling import wait_for
+from tests.server.helpers import CONTROL, WORKER, FakeAverager, ServerThread, auth, make_settings, running_server
 
 FAST = functools.partial(backoff, initial_delay=0.05, min_delay=0.1, max_delay=0.5)
 

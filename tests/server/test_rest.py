@@ -16,7 +16,8 @@ from avgctl.server.schemas import (
     RoundRecord,
     StepRecord,
 )
-from tests.server.helpers import WORKER, auth, make_settings, wait_for
+from tests.polling import wait_for
+from tests.server.helpers import WORKER, auth, make_settings
 
 
 def hello(job_id: str = "job-1", rank: int = 0, world_size: int = 2, pid: int = 100,

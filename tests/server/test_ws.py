@@ -10,7 +10,8 @@ from starlette.websockets import WebSocketDisconnect
 
 from avgctl.server.app import create_app
 from avgctl.server.schemas import ControlEvent, ControlView
-from tests.server.helpers import CONTROL, WORKER, auth, make_settings, wait_for
+from tests.polling import wait_for
+from tests.server.helpers import CONTROL, WORKER, auth, make_settings
 from tests.server.test_rest import batch, hello
 
 
