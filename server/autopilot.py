@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from avgctl.server import autotune as at
 from avgctl.server import store as st
 from avgctl.server.commands import AUTOPILOT, CommandService
+from avgctl.server.records import Received
 from avgctl.server.schemas import (
     AutotuneProposalView,
     AutotuneView,
     Command,
     CommandOut,
     Hello,
-    MetricsBatch,
     SetAutotune,
     SetPeriod,
 )
@@ -90,7 +90,7 @@ class Autopilot:
             job.period = hello.control.period
             job.hierarchical = hello.config.kind != "periodic"
 
-    def on_metrics(self, job_id: str, rank: int, batch: MetricsBatch) -> None:
+    def on_metrics(self, job_id: str, rank: int, batch: Received) -> None:
         """Fold a metric batch into the job's controller; cheap arithmetic, never waits."""
         job = self.jobs.get(job_id)
         if job is None:

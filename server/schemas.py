@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # At least one letter, digit or underscore: ids of dots only ("..") would be rewritten by browsers.
 JOB_ID_PATTERN = r"^[A-Za-z0-9_.:@+-]*[A-Za-z0-9_][A-Za-z0-9_.:@+-]*$"
 JOB_ID_MAX_LENGTH = 128
+MAX_BATCH_RECORDS = 10_000  # records of one kind in one metric batch
+MAX_SCALARS = 32  # user figures per step record
 JobId = Annotated[str, Field(min_length=1, max_length=JOB_ID_MAX_LENGTH, pattern=JOB_ID_PATTERN)]
 
 
@@ -211,7 +213,7 @@ class StepRecord(_Message):
     step_time: float | None = None  # seconds since the previous step ended
     drift: float | None = None  # ||theta_i - theta_bar(last sync)|| (local, no communication)
     loss: float | None = None
-    scalars: dict[str, float] = Field(default_factory=dict, max_length=32)  # user figures
+    scalars: dict[str, float] = Field(default_factory=dict, max_length=MAX_SCALARS)  # user figures
 
 
 class RoundRecord(_Message):
@@ -240,9 +242,9 @@ class ControlEvent(_Message):
 
 class MetricsBatch(_Message):
     kind: Literal["metrics"] = "metrics"
-    steps: list[StepRecord] = Field(default_factory=list, max_length=10_000)
-    rounds: list[RoundRecord] = Field(default_factory=list, max_length=10_000)
-    control: list[ControlEvent] = Field(default_factory=list, max_length=10_000)
+    steps: list[StepRecord] = Field(default_factory=list, max_length=MAX_BATCH_RECORDS)
+    rounds: list[RoundRecord] = Field(default_factory=list, max_length=MAX_BATCH_RECORDS)
+    control: list[ControlEvent] = Field(default_factory=list, max_length=MAX_BATCH_RECORDS)
     dropped: int = Field(default=0, ge=0)  # metric records this rank dropped so far (bounded buffer)
     # The link's batch number, rising by one per batch over the link's life. With it the server
     # answers ``stored`` and the link sends the batch again after a reconnect until then.

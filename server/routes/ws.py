@@ -28,7 +28,7 @@ from pydantic import TypeAdapter, ValidationError
 from avgctl.server import store as st
 from avgctl.server.deps import AutopilotDep, CommandsDep, HubDep, SettingsDep, StoreDep, WorkersDep
 from avgctl.server.hub import serve_client
-from avgctl.server.records import EncodedBatch, encode
+from avgctl.server.records import EncodedBatch, Received, decode_metrics, encode, received
 from avgctl.server.schemas import JOB_ID_MAX_LENGTH, JOB_ID_PATTERN, CommandAck, Hello, MetricsBatch, WorkerMessage
 from avgctl.server.workers import WorkerConnection
 
@@ -66,7 +66,7 @@ def _explain(err: ValidationError) -> str:
     return f"invalid message: {where}: {first['msg']}" if where else f"invalid message: {first['msg']}"
 
 
-async def _receive(websocket: WebSocket, max_bytes: int):
+async def _receive(websocket: WebSocket, max_bytes: int) -> Hello | Received | CommandAck:
     """The next worker message, validated; ``WebSocketDisconnect`` when the worker leaves."""
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
@@ -76,12 +76,16 @@ async def _receive(websocket: WebSocket, max_bytes: int):
         data = message.get("bytes") or b""
     if len(data) > max_bytes:
         raise _Refuse(CLOSE_TOO_BIG, f"frame larger than {max_bytes} bytes")
+    batch = decode_metrics(data)  # nearly every frame; the rest goes to the models
+    if batch is not None:
+        return batch
     try:
-        return _WORKER_MESSAGE.validate_json(data)
+        message = _WORKER_MESSAGE.validate_json(data)
     except ValidationError as err:
         if any(e["type"] == "json_invalid" for e in err.errors()):
             raise _Refuse(CLOSE_POLICY, "malformed JSON") from None
         raise _Refuse(CLOSE_POLICY, _explain(err)) from None
+    return received(message) if isinstance(message, MetricsBatch) else message
 
 
 @router.websocket("/ws/worker")
@@ -114,8 +118,8 @@ async def worker_ingest(
         commands.announce_job(hello.job_id)
         while True:
             msg = await _receive(websocket, settings.max_frame_bytes)
-            if isinstance(msg, MetricsBatch):
-                batch = encode(msg)  # once, for the store and the dashboards; the models go now
+            if isinstance(msg, Received):
+                batch = encode(msg)  # once, for the store and the dashboards
                 if workers.first_sight(conn, msg.seq):  # a repeat is stored again, shown and counted once
                     autopilot.on_metrics(conn.job_id, conn.rank, msg)  # arithmetic; acts through tasks
                     hub.publish_metrics(conn.job_id, conn.rank, batch)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from avgctl.server import store as st
-from avgctl.server.records import EncodedBatch, encode
+from avgctl.server.records import EncodedBatch, encode, received
 from avgctl.server.schemas import AveragerConfig, ControlEvent, ControlView, Hello, MetricsBatch, RoundRecord, StepRecord
 from avgctl.server.settings import Settings
 
@@ -26,7 +26,7 @@ def _batch(first: int, n: int) -> EncodedBatch:
                           divergence_max=0.1, relative_mean=0.01, relative_max=0.01, seconds=0.0, bytes=8, exact=True)
               for s in range(first, first + n) if s % 4 == 0]
     control = [ControlEvent(step=first, control=ControlView(period=4, warmup_steps=0))] if first % 1000 == 0 else []
-    return encode(MetricsBatch(steps=steps, rounds=rounds, control=control))
+    return encode(received(MetricsBatch(steps=steps, rounds=rounds, control=control)))
 
 
 @pytest.fixture
