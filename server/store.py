@@ -556,7 +556,7 @@ def write_metrics(conn: sqlite3.Connection, job_id: str, rank: int, batch: Encod
 
 def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int, EncodedBatch, float]]) -> None:
     """Store ``(job_id, rank, batch, received_at)`` entries in arrival order: multi-row inserts per
-    table (``_insert_rows``), one update per rank and per job."""
+    table (``_insert_rows``), one statement for the ranks' progress and one update per job."""
     steps: list[tuple] = []
     rounds: list[tuple] = []
     ranks: dict[tuple[str, int], list] = {}  # (job, rank) -> [max step, last seen, dropped]
@@ -586,10 +586,7 @@ def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int,
             job_row[2] = latest
     _insert_rows(conn, "steps", ("job_id", "rank", "step", "body"), steps)
     _insert_rows(conn, "rounds", ("job_id", "rank", "step", "group_size", "body"), rounds)
-    conn.executemany(
-        "UPDATE ranks SET step = MAX(step, ?), last_seen = ?, dropped = ? WHERE job_id = ? AND rank = ?",
-        [(step, seen, dropped, job_id, rank) for (job_id, rank), (step, seen, dropped) in ranks.items()],
-    )
+    _in_chunks(conn, _progress_sql, [(job_id, rank, *row) for (job_id, rank), row in ranks.items()])
     conn.executemany(
         "UPDATE jobs SET step = MAX(step, COALESCE(?, step)), last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?",
         [(step, seen, job_id) for job_id, (step, seen, _) in jobs.items()],
@@ -603,20 +600,28 @@ def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int,
 
 
 def _insert_rows(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
-    """``INSERT OR REPLACE`` ``rows``, up to thousands per statement.
+    """``INSERT OR REPLACE`` ``rows``, up to thousands per statement (``_in_chunks``)."""
+    _in_chunks(conn, functools.partial(_insert_sql, table, columns), rows)
 
-    Not ``executemany``: it releases the GIL around every row's ``sqlite3_step`` and must take it
-    back each time, which under ingest load means waiting on the event loop's thread per row (the
-    GIL convoy); the writer then fell far behind. Statements hold a power-of-two number of rows (the
-    binary digits of the count), so a few sizes cover every count and stay in sqlite3's statement
-    cache, and a write of n rows waits for the GIL about log2(n) times.
+
+def _in_chunks(conn: sqlite3.Connection, sql_for: Callable[[int], str], rows: list[tuple]) -> None:
+    """Run ``sql_for(count)`` (a statement taking ``count`` rows' values) over ``rows``.
+
+    One statement per chunk, not ``executemany`` or a statement per row: each statement releases
+    the GIL around its ``sqlite3_step`` and must take it back, and under ingest load that means
+    waiting on the event loop's thread for up to the switch interval (5 ms) each time (the GIL
+    convoy). With a busy event loop 64 per-rank updates took 350 ms a commit. Chunks hold a
+    power-of-two number of rows (the binary digits of the count), so a few statement texts cover
+    every count and stay in sqlite3's statement cache, and n rows wait for the GIL about log2(n) times.
     """
-    largest = _power_of_two_floor(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(columns))
+    if not rows:
+        return
+    largest = _power_of_two_floor(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(rows[0]))
     start = 0
     while start < len(rows):
         count = min(largest, _power_of_two_floor(len(rows) - start))
         chunk = rows[start : start + count]
-        conn.execute(_insert_sql(table, columns, count), [value for row in chunk for value in row])
+        conn.execute(sql_for(count), [value for row in chunk for value in row])
         start += count
 
 
@@ -628,6 +633,22 @@ def _power_of_two_floor(n: int) -> int:
 def _insert_sql(table: str, columns: tuple[str, ...], count: int) -> str:
     row = "(" + ", ".join("?" * len(columns)) + ")"
     return f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row] * count)
+
+
+@functools.lru_cache(maxsize=32)
+def _progress_sql(count: int) -> str:
+    """Set ``count`` ranks' progress, each row ``(job_id, rank, step, last_seen, dropped)``, in one
+    statement: an upsert of the joined rows, so only ranks that have a row (a hello) are touched,
+    and every one of them conflicts (portable to SQLite 3.24, which lacks ``UPDATE ... FROM``)."""
+    values = ", ".join(["(?, ?, ?, ?, ?)"] * count)
+    return (
+        "INSERT INTO ranks (job_id, rank, host, pid, step, last_seen, connected, closed_normally, dropped)"
+        " SELECT r.job_id, r.rank, r.host, r.pid, v.column3, v.column4, r.connected, r.closed_normally, v.column5"
+        f" FROM (VALUES {values}) AS v JOIN ranks AS r ON r.job_id = v.column1 AND r.rank = v.column2"
+        " WHERE true"  # SQLite's parser needs a WHERE between a SELECT and ON CONFLICT
+        " ON CONFLICT (job_id, rank) DO UPDATE SET step = MAX(step, excluded.step),"
+        " last_seen = excluded.last_seen, dropped = excluded.dropped"
+    )
 
 
 def _set_control(conn: sqlite3.Connection, job_id: str, control: ControlView, now: float) -> None:

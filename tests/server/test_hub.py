@@ -86,6 +86,24 @@ def test_metric_batches_are_written_together(tmp_path):
         store.close()
 
 
+def test_a_commits_rank_progress_touches_only_ranks_that_said_hello_and_keeps_their_identity(tmp_path):
+    store = _store_with_two_ranks(tmp_path)
+    try:
+        before = {r.rank: (r.host, r.pid, r.connected) for r in store.get_job("job-1").ranks}
+        entries = [("job-1", rank, encoded(batch(1, 4 + rank)), 20.0 + rank) for rank in (0, 1, 7)]
+        entries.append(("ghost-job", 0, encoded(batch(1, 2)), 20.0))
+        store.submit(lambda c: st.write_metric_batches(c, entries)).result()
+        ranks = store.get_job("job-1").ranks
+        assert [(r.rank, r.step, r.last_seen, r.dropped) for r in ranks] == [(0, 4, 20.0, 3), (1, 5, 21.0, 3)]
+        assert {r.rank: (r.host, r.pid, r.connected) for r in ranks} == before
+        assert store.get_job("ghost-job") is None
+        # A rank's step never goes back (a batch sent again after a reconnect is an old one).
+        store.submit(lambda c: st.write_metric_batches(c, [("job-1", 0, encoded(batch(1, 2)), 30.0)])).result()
+        assert [(r.step, r.last_seen) for r in store.get_job("job-1").ranks][0] == (4, 30.0)
+    finally:
+        store.close()
+
+
 def test_a_snapshots_older_records_say_how_many_each_stands_for(tmp_path):
     store = _store_with_two_ranks(tmp_path)
     try:
