@@ -9,7 +9,8 @@ Run: ``.venv/bin/python bench/ingest.py`` (about a minute). Same machine, same r
    each; every ratio is taken within a round, since this machine's speed drifts by 2x between
    minutes. Each rank's connection stays open across the floods (a job's does: this is the
    sustained rate); a flood is timed from its first frame until the server has the last one.
-   Per-process CPU per batch shows where the time went;
+   Per-process CPU per batch shows where the time went, and the ranks' arrival stamps say when
+   avgctl's event loop took a flood's last frame, which tells the loop's rate from the writer's;
 2. latency: 64 ranks x 10 batches/s; each record carries its send time, the dashboards measure
    send-to-receive latency (p50/p99).
 
@@ -200,6 +201,8 @@ class Target:
     """Returns once the server has taken every rank's hello."""
     conns: list = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
+    started: list[float] = field(default_factory=list)
+    """Each flood's first frame, in ``time.time()`` (what the server stamps a batch with on arrival)."""
 
     async def open(self, ranks: int) -> None:
         self.conns = await open_ranks(self.url, ranks, self.headers)
@@ -219,6 +222,7 @@ class Target:
                 await (await ws.ping())
 
         with self.meter:
+            self.started.append(time.time())
             start = time.perf_counter()
             await asyncio.gather(*(run(ws) for ws in self.conns))
             count = len(self.conns) * args.batches if self.arrived is None else await self.arrived(repeat)
@@ -288,7 +292,8 @@ async def send_paced(url: str, ranks: int, rate: float, duration: float) -> int:
     return sent
 
 
-def count_rows(db: str, sql: str) -> int:
+def read_one(db: str, sql: str):
+    """The one value ``sql`` (with the job id for its ``?``) reads, from a read-only connection."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         return conn.execute(sql, (JOB,)).fetchone()[0]
@@ -297,17 +302,22 @@ def count_rows(db: str, sql: str) -> int:
 
 
 def stored_steps(db: str) -> int:
-    return count_rows(db, "SELECT COUNT(*) FROM steps WHERE job_id = ?")
+    return read_one(db, "SELECT COUNT(*) FROM steps WHERE job_id = ?")
 
 
 def connected_ranks(db: str) -> int:
-    return count_rows(db, "SELECT COUNT(*) FROM ranks WHERE job_id = ? AND connected = 1")
+    return read_one(db, "SELECT COUNT(*) FROM ranks WHERE job_id = ? AND connected = 1")
+
+
+def last_taken(db: str) -> float:
+    """When the event loop took the newest batch (a rank's ``last_seen`` is its batch's arrival)."""
+    return read_one(db, "SELECT MAX(last_seen) FROM ranks WHERE job_id = ?")
 
 
 def ranks_at(db: str, step: int) -> int:
     """Ranks whose stored step has reached ``step``: a rank's batches are written in order, so by
     then all of its batches are in (a read of 64 rows; counting the steps table would scan it)."""
-    return count_rows(db, f"SELECT COUNT(*) FROM ranks WHERE job_id = ? AND step >= {int(step)}")
+    return read_one(db, f"SELECT COUNT(*) FROM ranks WHERE job_id = ? AND step >= {int(step)}")
 
 
 def wait_http(url: str, timeout: float = 30) -> None:
@@ -404,7 +414,10 @@ def main() -> None:
                 last = (repeat + 1) * args.batches * RECORDS_PER_BATCH
                 if await poll(lambda: ranks_at(db, last), args.ranks) < args.ranks:
                     raise RuntimeError("the server did not store every batch within 60 s")
+                taken.append(last_taken(db))
                 return total
+
+            taken: list[float] = []  # when each flood's last batch reached avgctl's event loop
 
             senders = os.getpid()
             bare_t = Target(
@@ -451,6 +464,9 @@ def main() -> None:
     print(f"avgctl ingest + SQLite:  {statistics.median(ours_t.rates):8.0f} batches/s "
           f"({statistics.median(ours):.0%} of bare, {ours[0]:.0%}-{ours[-1]:.0%} by round; "
           f"{args.dashboards} dashboards listening; {RECORDS_PER_BATCH} step records per batch)")
+    took = sorted(total / (end - start) / bare for end, start, bare in zip(taken, ours_t.started, bare_t.rates))
+    print(f"  of which its event loop took the frames at {statistics.median(took):.0%} of bare "
+          f"({took[0]:.0%}-{took[-1]:.0%} by round); the rest of the time the SQLite writer caught up")
     print(f"CPU per batch in the floods (processes share the cores): bare: {bare_t.meter.per_batch(flooded)}; "
           f"floor: {floor_t.meter.per_batch(flooded)}; avgctl: {ours_t.meter.per_batch(flooded)}")
     print(f"paced {args.ranks} ranks x {args.rate:g}/s: {sent / paced_s:6.0f} batches/s sent; dashboards got "
