@@ -22,7 +22,10 @@ from typing import Annotated, Literal
 import msgspec
 from pydantic import TypeAdapter, ValidationError
 
-from avgctl.server.schemas import MAX_BATCH_RECORDS, MAX_SCALARS, ControlEvent, MetricsBatch, RoundRecord
+from avgctl.server.schemas import MAX_BATCH_RECORDS, MAX_SCALARS, SQLITE_INT_MAX, ControlEvent, MetricsBatch, RoundRecord
+
+
+_STORABLE = msgspec.Meta(ge=0, le=SQLITE_INT_MAX)  # schemas.StorableInt
 
 
 class StepFigures(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -31,7 +34,7 @@ class StepFigures(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     ``gc=False``: these hold no reference cycles, so the garbage collector need not track them.
     """
 
-    step: Annotated[int, msgspec.Meta(ge=0)]
+    step: Annotated[int, _STORABLE]
     time: float
     step_time: float | None = None
     drift: float | None = None
@@ -46,8 +49,8 @@ class _WireBatch(msgspec.Struct, forbid_unknown_fields=True):
     steps: Annotated[list[StepFigures], msgspec.Meta(max_length=MAX_BATCH_RECORDS)] = []
     rounds: Annotated[list[msgspec.Raw], msgspec.Meta(max_length=MAX_BATCH_RECORDS)] = []
     control: Annotated[list[msgspec.Raw], msgspec.Meta(max_length=MAX_BATCH_RECORDS)] = []
-    dropped: Annotated[int, msgspec.Meta(ge=0)] = 0
-    seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    dropped: Annotated[int, _STORABLE] = 0
+    seq: Annotated[int, _STORABLE] | None = None
 
 
 @dataclass(slots=True)

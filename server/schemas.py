@@ -16,6 +16,10 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9_.:@+-]*[A-Za-z0-9_][A-Za-z0-9_.:@+-]*$"
 JOB_ID_MAX_LENGTH = 128
 MAX_BATCH_RECORDS = 10_000  # records of one kind in one metric batch
 MAX_SCALARS = 32  # user figures per step record
+SQLITE_INT_MAX = 2**63 - 1  # SQLite's INTEGER: a worker's larger int could not be stored
+# A step, pid, batch number or version from a worker: checked on arrival, so it cannot fail the
+# SQLite writer later (and take the other batches of its transaction with it).
+StorableInt = Annotated[int, Field(ge=0, le=SQLITE_INT_MAX)]
 JobId = Annotated[str, Field(min_length=1, max_length=JOB_ID_MAX_LENGTH, pattern=JOB_ID_PATTERN)]
 
 
@@ -173,7 +177,7 @@ class ControlView(_Message):
     training_paused: bool = False
     hierarchy: dict[str, int] | None = None  # group_size -> period, hierarchical averagers only
     autotune: AutotuneView = Field(default_factory=AutotuneView)
-    version: int = 0
+    version: StorableInt = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,10 +200,10 @@ class Hello(_Message):
     rank: int = Field(ge=0, lt=1_000_000)
     world_size: int = Field(ge=1, le=1_000_000)
     host: str = Field(max_length=255)
-    pid: int = Field(ge=0)
+    pid: StorableInt
     config: AveragerConfig
     control: ControlView
-    step: int = Field(default=0, ge=0)
+    step: StorableInt = 0
     # A random id of the sending link, the same on each of its connections: with it the server knows
     # a batch ``seq`` it already had from this link as one sent again (see ``MetricsBatch.seq``).
     link: str | None = Field(default=None, max_length=64)
@@ -208,7 +212,7 @@ class Hello(_Message):
 class StepRecord(_Message):
     """Per-step figures of one rank (sent in batches)."""
 
-    step: int = Field(ge=0)
+    step: StorableInt
     time: float  # unix seconds when the step ended
     step_time: float | None = None  # seconds since the previous step ended
     drift: float | None = None  # ||theta_i - theta_bar(last sync)|| (local, no communication)
@@ -219,8 +223,8 @@ class StepRecord(_Message):
 class RoundRecord(_Message):
     """One averaging round as seen by one rank."""
 
-    step: int = Field(ge=0)
-    group_size: int = Field(ge=1)
+    step: StorableInt
+    group_size: int = Field(ge=1, le=1_000_000)
     divergence: float  # ||theta_i - theta_bar|| of this rank
     relative_divergence: float  # divergence / ||theta_bar||
     divergence_mean: float  # over the ranks of the whole job
@@ -236,7 +240,7 @@ class RoundRecord(_Message):
 class ControlEvent(_Message):
     """A rank reports a control change it applied, with the step it took effect at."""
 
-    step: int = Field(ge=0)
+    step: StorableInt
     control: ControlView
 
 
@@ -245,19 +249,19 @@ class MetricsBatch(_Message):
     steps: list[StepRecord] = Field(default_factory=list, max_length=MAX_BATCH_RECORDS)
     rounds: list[RoundRecord] = Field(default_factory=list, max_length=MAX_BATCH_RECORDS)
     control: list[ControlEvent] = Field(default_factory=list, max_length=MAX_BATCH_RECORDS)
-    dropped: int = Field(default=0, ge=0)  # metric records this rank dropped so far (bounded buffer)
+    dropped: StorableInt = 0  # metric records this rank dropped so far (bounded buffer)
     # The link's batch number, rising by one per batch over the link's life. With it the server
     # answers ``stored`` and the link sends the batch again after a reconnect until then.
-    seq: int | None = Field(default=None, ge=0)
+    seq: StorableInt | None = None
 
 
 class CommandAck(_Message):
     """Rank 0 reports what became of a command it received."""
 
     kind: Literal["ack"] = "ack"
-    command_id: int
+    command_id: StorableInt
     status: Literal["applied", "rejected"]
-    applied_step: int | None = None
+    applied_step: StorableInt | None = None
     reason: str | None = None
     control: ControlView | None = None
 

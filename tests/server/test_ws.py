@@ -30,6 +30,7 @@ BAD_FIRST_FRAMES = [
     (hello(rank=2, world_size=2), 1008, "not below world size"),
     (hello().replace("job-1", "bad id"), 1008, "job_id"),
     (hello().replace('"rank":0', '"rank":"zero"'), 1008, "rank"),
+    (json.dumps({**json.loads(hello()), "pid": 2**63}), 1008, "pid"),  # SQLite could not store it
     ("x" * 5000, 1009, "larger than"),
 ]
 
@@ -49,7 +50,9 @@ def test_bad_first_frame_closes_with_reason(client, frame, code, reason):
         ("{not json", "malformed JSON"),
         (hello(), "hello sent twice"),
         ('{"kind": "metrics", "steps": [{"step": -1, "time": 0}]}', "steps.0.step"),
+        ('{"kind": "metrics", "steps": [{"step": %d, "time": 0}]}' % 2**63, "steps.0.step"),  # past SQLite's INTEGER
         ('{"kind": "ack", "command_id": 1, "status": "done"}', "status"),
+        ('{"kind": "ack", "command_id": %d, "status": "applied"}' % 2**63, "command_id"),
         ("y" * 5000, "larger than"),
     ],
 )
