@@ -61,6 +61,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from avgctl.server.app import create_app
+    from avgctl.server.process import tune_garbage_collector
 
     try:
         settings = serve_settings(args)
@@ -78,6 +79,7 @@ def run_serve(args: argparse.Namespace) -> int:
         ws_per_message_deflate=False,
         log_level=args.log_level,
     )
+    tune_garbage_collector()  # last: what was built so far lives as long as the process
     uvicorn.Server(config).run()
     return EXIT_OK
 
