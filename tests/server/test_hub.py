@@ -104,6 +104,16 @@ def test_a_commits_rank_progress_touches_only_ranks_that_said_hello_and_keeps_th
         store.close()
 
 
+def test_the_writer_checkpoints_its_wal_at_its_own_size_and_trims_it_back(tmp_path):
+    store = _store_with_two_ranks(tmp_path)
+    try:
+        pragmas = store.submit(lambda c: [c.execute(f"PRAGMA {p}").fetchone()[0]
+                                          for p in ("wal_autocheckpoint", "journal_size_limit", "journal_mode")]).result()
+        assert pragmas == [st.WAL_CHECKPOINT_PAGES, st.WAL_SIZE_LIMIT, "wal"]
+    finally:
+        store.close()
+
+
 def test_a_snapshots_older_records_say_how_many_each_stands_for(tmp_path):
     store = _store_with_two_ranks(tmp_path)
     try:
