@@ -23,4 +23,3 @@ def test_tuning_freezes_what_start_up_built_and_collects_the_young_less_often():
     out = json.loads(subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True).stdout)
     assert out["before"] == 0 and out["frozen"] > 10_000  # the imported modules' objects, at least
     assert out["threshold"] == [GC_YOUNG_THRESHOLD, GC_OLDER_THRESHOLD, GC_OLDER_THRESHOLD]
-    assert GC_YOUNG_THRESHOLD > 700  # CPython's default, which cost ingest 16% of the server's CPU
