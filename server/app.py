@@ -81,7 +81,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(RuntimeError):  # the loop already closed (shutdown)
                 loop.call_soon_threadsafe(workers.stored, receipts)
 
+        def on_lost(receipts: list) -> None:  # on the writer thread
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(workers.lost, receipts)
+
         store.on_stored = on_stored
+        store.on_lost = on_lost
         app.state.store = store
         app.state.hub = hub
         app.state.workers = workers

@@ -1,9 +1,10 @@
 """SQLite store (WAL): jobs, ranks, metric series, control events and the command log.
 
-Every write runs on one writer thread with its own connection, in arrival order, grouped into one
-transaction per burst; so metric ingest never waits on the disk inside the event loop, and a write
-the caller awaits (a hello, a new command) is committed before its future resolves. Reads use one
-connection per thread; WAL lets them run beside the writer.
+Every write runs on one writer thread, in arrival order, grouped into one transaction per burst;
+so metric ingest never waits on the disk inside the event loop, and a write the caller awaits (a
+hello, a new command) is committed before its future resolves. The thread hands the metric batches
+queued by ingest to a writer process (``sqlwriter``), which commits them on a core of its own, and
+writes the rest itself. Reads use one connection per thread; WAL lets them run beside the writers.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import json
 import logging
 import queue
@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from avgctl.server import sqlwriter
 from avgctl.server.records import EncodedBatch
 from avgctl.server.schemas import (
     AutotuneView,
@@ -109,21 +110,8 @@ class Conflict(ValueError):
 
 @dataclass(slots=True)
 class _Op:
-    fn: Callable[[sqlite3.Connection], Any]
+    fn: Callable[[sqlite3.Connection], Any] | None  # None: the queued metric batches (the writer process's)
     future: concurrent.futures.Future | None
-
-
-WAL_CHECKPOINT_PAGES = 10_000  # about 40 MB of WAL with 4-KiB pages
-WAL_SIZE_LIMIT = 64 * 2**20
-
-
-def _connect(path: str) -> sqlite3.Connection:
-    # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per burst of writes.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
-    conn.execute("PRAGMA busy_timeout=30000")
-    return conn
 
 
 class Store:
@@ -148,12 +136,15 @@ class Store:
         self.retention = None if retention_steps is None else Retention(retention_steps, history_records)
         self.prune_interval = prune_interval
         self._next_prune = 0.0
-        self.dropped_batches = 0  # metric batches refused because the writer fell behind
+        self.dropped_batches = 0  # metric batches not stored: refused (the writer fell behind) or lost with the writer process
         self.on_stored: Callable[[list[Any]], None] | None = None
         """Called on the writer thread after each commit of metric batches, with their receipts."""
+        self.on_lost: Callable[[list[Any]], None] | None = None
+        """Called on the writer thread with the receipts of metric batches the writer process failed
+        to store (it died, or SQLite refused the transaction): their senders should send them again."""
         # Metric batches waiting for the writer: ingest appends here, and the first batch of a burst
         # queues the one op that writes the whole burst (so a non-empty list always has its op queued).
-        self._metrics: list[tuple[str, int, EncodedBatch, float]] = []
+        self._metrics: list[sqlwriter.Entry] = []
         self._receipts: list[Any] = []  # what add_metrics was given, for on_stored
         self._metrics_lock = threading.Lock()
         self._queue: queue.Queue[_Op | None] = queue.Queue()
@@ -161,16 +152,12 @@ class Store:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self._process = sqlwriter.WriterProcess(path)
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        conn = _connect(self.path)
-        # The writer commits, so it checkpoints: every WAL_CHECKPOINT_PAGES pages instead of
-        # SQLite's 1,000. Under an ingest flood each checkpoint stalled the writer on two fsyncs,
-        # and a page rewritten by many commits is copied back once per checkpoint, not per 1,000.
-        conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
-        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")  # what the WAL file shrinks back to
+        conn = sqlwriter.connect_writer(self.path)
         conn.executescript(_SCHEMA)
         if "note" not in _columns(conn, "commands"):  # a file from before the command notes
             conn.execute("ALTER TABLE commands ADD COLUMN note TEXT")
@@ -184,6 +171,7 @@ class Store:
         conn.execute("UPDATE ranks SET connected = 0 WHERE connected = 1")
         conn.execute("UPDATE jobs SET status = 'disconnected', updated_at = ? WHERE status = 'running'", (now,))
         conn.execute("COMMIT")
+        self._process.start()
         self._thread = threading.Thread(target=self._run, args=(conn,), name="avgctl-store-writer", daemon=True)
         self._thread.start()
 
@@ -193,6 +181,7 @@ class Store:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        self._process.close()
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
@@ -221,6 +210,21 @@ class Store:
             conn.close()
 
     def _execute(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
+        """Run ``ops`` in order: the queued metric batches in the writer process, the rest in one
+        transaction per run of them, committed before the process writes (it needs the lock)."""
+        run: list[_Op] = []
+        for op in ops:
+            if op.fn is None:
+                self._transaction(conn, run)
+                run = []
+                self._write_elsewhere(op)
+            else:
+                run.append(op)
+        self._transaction(conn, run)
+
+    def _transaction(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
+        if not ops:
+            return
         results: list[tuple[_Op, Any, BaseException | None]] = []
         conn.execute("BEGIN")
         for op in ops:
@@ -238,14 +242,22 @@ class Store:
         conn.execute("COMMIT")
         # Resolve only after COMMIT, so a caller reading right after sees its write.
         for op, result, err in results:
-            if op.future is None:
-                continue
-            # The awaiting task may have been cancelled (shutdown); the write stands all the same.
-            with contextlib.suppress(concurrent.futures.InvalidStateError):
-                if err is None:
-                    op.future.set_result(result)
-                else:
-                    op.future.set_exception(err)
+            _resolve(op, result, err)
+
+    def _write_elsewhere(self, op: _Op) -> None:
+        with self._metrics_lock:
+            entries, self._metrics = self._metrics, []
+            receipts, self._receipts = self._receipts, []
+        try:
+            self._process.write(entries)
+        except Exception as err:  # counted as dropped; on_lost asks their links to send them again
+            with self._metrics_lock:
+                self.dropped_batches += len(entries)
+            if receipts and self.on_lost is not None:
+                self.on_lost(receipts)
+            _resolve(op, None, err)
+        else:
+            _resolve(op, receipts, None)
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
         """Queue a write; the future resolves once it is committed."""
@@ -271,7 +283,7 @@ class Store:
         awaited writes (hello, control changes, disconnect), since those come before or after them.
         A ``receipt`` (not None) goes to ``on_stored`` once the batch is committed.
         """
-        entry = (job_id, rank, batch, time.time())
+        entry = metric_entry(job_id, rank, batch, time.time())
         with self._metrics_lock:
             if len(self._metrics) >= self.metrics_queue:
                 self.dropped_batches += 1
@@ -283,15 +295,8 @@ class Store:
         if first:  # the op queued for earlier batches takes this one too
             future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
             future.add_done_callback(self._committed)
-            self._queue.put(_Op(self._write_queued_metrics, future))
+            self._queue.put(_Op(None, future))
         return True
-
-    def _write_queued_metrics(self, conn: sqlite3.Connection) -> list[Any]:
-        with self._metrics_lock:
-            entries, self._metrics = self._metrics, []
-            receipts, self._receipts = self._receipts, []
-        write_metric_batches(conn, entries)
-        return receipts
 
     def _committed(self, future: concurrent.futures.Future[list[Any]]) -> None:
         # The metric op's future resolves after COMMIT (on the writer thread).
@@ -305,7 +310,7 @@ class Store:
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self.path)
+            conn = sqlwriter.connect(self.path)
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)
@@ -563,112 +568,39 @@ def write_metrics(conn: sqlite3.Connection, job_id: str, rank: int, batch: Encod
     write_metric_batches(conn, [(job_id, rank, batch, now)])
 
 
-def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int, EncodedBatch, float]]) -> None:
-    """Store ``(job_id, rank, batch, received_at)`` entries in arrival order: multi-row inserts per
-    table (``_insert_rows``), one statement for the ranks' progress and one update per job."""
-    steps: list[tuple] = []
-    rounds: list[tuple] = []
-    ranks: dict[tuple[str, int], list] = {}  # (job, rank) -> [max step, last seen, dropped]
-    jobs: dict[str, list] = {}  # job -> [max step or None, last seen, latest round or None]
-    for job_id, rank, batch, now in entries:
-        steps.extend((job_id, rank, step, body) for step, body in batch.steps)
-        rounds.extend((job_id, rank, step, size, body) for step, size, body in batch.rounds)
-        if batch.control:
-            # A link sends a batch again when it could not learn it was stored: keep one copy.
-            conn.executemany(
-                "INSERT INTO control_events (job_id, rank, step, control) SELECT ?, ?, ?, ? WHERE NOT EXISTS"
-                " (SELECT 1 FROM control_events WHERE job_id = ? AND step = ? AND rank = ? AND control = ?)",
-                [(job_id, rank, e.step, body, job_id, e.step, rank, body)
-                 for e in batch.control for body in [e.control.model_dump_json()]],
-            )
-            if rank == 0:
-                _set_control(conn, job_id, batch.control[-1].control, now)
-        top, latest = batch.top, batch.latest
-        rank_row = ranks.setdefault((job_id, rank), [0, now, 0])
-        rank_row[0] = max(rank_row[0], top or 0)
-        rank_row[1], rank_row[2] = now, batch.dropped
-        job_row = jobs.setdefault(job_id, [None, now, None])
-        if top is not None:
-            job_row[0] = top if job_row[0] is None else max(job_row[0], top)
-        job_row[1] = now
-        if latest is not None and (job_row[2] is None or latest.step >= job_row[2].step):
-            job_row[2] = latest
-    _insert_rows(conn, "steps", ("job_id", "rank", "step", "body"), steps)
-    _insert_rows(conn, "rounds", ("job_id", "rank", "step", "group_size", "body"), rounds)
-    _in_chunks(conn, _progress_sql, [(job_id, rank, *row) for (job_id, rank), row in ranks.items()])
-    conn.executemany(
-        "UPDATE jobs SET step = MAX(step, COALESCE(?, step)), last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?",
-        [(step, seen, job_id) for job_id, (step, seen, _) in jobs.items()],
-    )
-    # The job-wide divergence of its latest round (every rank reports the same figures for a round).
-    conn.executemany(
-        "UPDATE jobs SET divergence_mean = ?, divergence_max = ?, divergence_step = ?"
-        " WHERE id = ? AND COALESCE(divergence_step, -1) <= ?",
-        [(r.divergence_mean, r.divergence_max, r.step, job_id, r.step) for job_id, (_, _, r) in jobs.items() if r is not None],
-    )
-
-
-def _insert_rows(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
-    """``INSERT OR REPLACE`` ``rows``, up to thousands per statement (``_in_chunks``)."""
-    _in_chunks(conn, functools.partial(_insert_sql, table, columns), rows)
-
-
-def _in_chunks(conn: sqlite3.Connection, sql_for: Callable[[int], str], rows: list[tuple]) -> None:
-    """Run ``sql_for(count)`` (a statement taking ``count`` rows' values) over ``rows``.
-
-    One statement per chunk, not ``executemany`` or a statement per row: each statement releases
-    the GIL around its ``sqlite3_step`` and must take it back, and under ingest load that means
-    waiting on the event loop's thread for up to the switch interval (5 ms) each time (the GIL
-    convoy). With a thread spinning beside the writer, a commit of 256 batches from 64 ranks took
-    450-560 ms with an update per rank, 70-78 ms with the one progress statement. Chunks hold a
-    power-of-two number of rows (the binary digits of the count), so a few statement texts cover
-    every count and stay in sqlite3's statement cache, and n rows wait for the GIL about log2(n) times.
-    """
-    if not rows:
+def _resolve(op: _Op, result: Any, err: BaseException | None) -> None:
+    if op.future is None:
         return
-    largest = _power_of_two_floor(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(rows[0]))
-    start = 0
-    while start < len(rows):
-        count = min(largest, _power_of_two_floor(len(rows) - start))
-        chunk = rows[start : start + count]
-        conn.execute(sql_for(count), [value for row in chunk for value in row])
-        start += count
+    # The awaiting task may have been cancelled (shutdown); the write stands all the same.
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if err is None:
+            op.future.set_result(result)
+        else:
+            op.future.set_exception(err)
 
 
-def _power_of_two_floor(n: int) -> int:
-    return 1 << (n.bit_length() - 1)
-
-
-@functools.lru_cache(maxsize=64)
-def _insert_sql(table: str, columns: tuple[str, ...], count: int) -> str:
-    row = "(" + ", ".join("?" * len(columns)) + ")"
-    return f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row] * count)
-
-
-@functools.lru_cache(maxsize=32)
-def _progress_sql(count: int) -> str:
-    """Set ``count`` ranks' progress, each row ``(job_id, rank, step, last_seen, dropped)``, in one
-    statement: an upsert of the joined rows, so only ranks that have a row (a hello) are touched,
-    and every one of them conflicts (portable to SQLite 3.24, which lacks ``UPDATE ... FROM``)."""
-    values = ", ".join(["(?, ?, ?, ?, ?)"] * count)
+def metric_entry(job_id: str, rank: int, batch: EncodedBatch, now: float) -> sqlwriter.Entry:
+    """A batch as the writer process takes it: plain tuples, so pickling it is all C (``sqlwriter.Entry``)."""
+    events = [(e.step, e.control.model_dump_json()) for e in batch.control]  # rare: usually empty
+    control = _control_view(batch.control[-1].control) if batch.control and rank == 0 else None
+    latest = batch.latest
     return (
-        "INSERT INTO ranks (job_id, rank, host, pid, step, last_seen, connected, closed_normally, dropped)"
-        " SELECT r.job_id, r.rank, r.host, r.pid, v.column3, v.column4, r.connected, r.closed_normally, v.column5"
-        f" FROM (VALUES {values}) AS v JOIN ranks AS r ON r.job_id = v.column1 AND r.rank = v.column2"
-        " WHERE true"  # SQLite's parser needs a WHERE between a SELECT and ON CONFLICT
-        " ON CONFLICT (job_id, rank) DO UPDATE SET step = MAX(step, excluded.step),"
-        " last_seen = excluded.last_seen, dropped = excluded.dropped"
+        job_id, rank, now, batch.steps, batch.rounds, events, control, batch.dropped, batch.top,
+        None if latest is None else (latest.step, latest.divergence_mean, latest.divergence_max),
     )
 
 
-def _set_control(conn: sqlite3.Connection, job_id: str, control: ControlView, now: float) -> None:
-    # The autopilot settings belong to the server: a worker's view never overwrites them. An event
-    # sent again after a reconnect may be older than the state rank 0's hello brought: keep the newer.
+def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int, EncodedBatch, float]]) -> None:
+    """Store ``(job_id, rank, batch, received_at)`` entries on ``conn`` (the writer process does the
+    same with what ``add_metrics`` queues)."""
+    sqlwriter.write_rows(conn, sqlwriter.metric_rows([metric_entry(*entry) for entry in entries]))
+
+
+def _control_view(control: ControlView) -> tuple[str, int]:
+    """``(body, version)`` of a worker's control view as the job keeps it. The autopilot settings
+    belong to the server: a worker's view never overwrites them."""
     body = control.model_copy(update={"autotune": AutotuneView()}).model_dump_json()
-    conn.execute(
-        "UPDATE jobs SET control = ?, updated_at = ? WHERE id = ? AND json_extract(control, '$.version') <= ?",
-        (body, now, job_id, control.version),
-    )
+    return body, control.version
 
 
 def _update_job_step(conn: sqlite3.Connection, job_id: str) -> None:
@@ -700,7 +632,7 @@ def resolve_command(conn: sqlite3.Connection, job_id: str, ack: CommandAck, now:
         (ack.status, ack.applied_step, ack.reason, now, ack.command_id, job_id),
     )
     if ack.control is not None and ack.status == "applied":
-        _set_control(conn, job_id, ack.control, now)
+        sqlwriter.set_controls(conn, [(job_id, *_control_view(ack.control), now)])
     if cur.rowcount == 0:
         return None
     return _get_command(conn, job_id, ack.command_id)

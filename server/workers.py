@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 SEND_TIMEOUT = 5.0
 # At most one ``stored`` message per connection this often: the link keeps a batch until then.
 ACK_INTERVAL = 0.1
+CLOSE_NOT_STORED = 1011  # internal error: not one of the link's fatal codes, so it reconnects
 
 
 @dataclass(slots=True, eq=False)
@@ -77,6 +78,19 @@ class WorkerRegistry:
                 conn.stored_seq = seq
             if conn.acker is None and conn.stored_seq > conn.acked_seq:
                 conn.acker = self._spawn(self._acknowledge(conn))
+
+    def lost(self, receipts: list[tuple[WorkerConnection, int]]) -> None:
+        """Batches the store could not write: close their connections (1011), and their links,
+        which keep every batch until it is confirmed, send them again on the next one."""
+        for conn in {conn for conn, _ in receipts}:
+            self._spawn(self._close(conn, CLOSE_NOT_STORED, "metric batches not stored; send them again"))
+
+    @staticmethod
+    async def _close(conn: WorkerConnection, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(conn.websocket.close(code, reason), SEND_TIMEOUT)
+        except Exception as err:  # already closed: the link reconnects and sends them anyway
+            log.debug("closing %s rank %d: %r", conn.job_id, conn.rank, err)
 
     @staticmethod
     async def _acknowledge(conn: WorkerConnection) -> None:

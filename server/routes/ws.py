@@ -9,6 +9,8 @@ Worker close codes (the reason says more):
   wins, since the older one is the one that is stale (e.g. half-open after a network blip);
 - 4409 conflict: a *different* process claims a (job, rank) that is connected; the newcomer is
   refused, so two jobs mistakenly sharing an id cannot knock each other off in turn;
+- 1011 internal error: the server could not store batches this connection sent (its SQLite
+  writer process died); the link sends them again on its next connection;
 - 1012 service restart: the server is shutting down.
 
 Batches that carry a ``seq`` are answered with ``stored`` once committed (see ``workers.py``).

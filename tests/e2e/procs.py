@@ -124,8 +124,10 @@ class ServerProcess:
         return self
 
     def kill(self) -> None:
+        """SIGKILL the server's whole process group, its SQLite writer process too (as a container's
+        kill would): a writer stopped with the group would otherwise stay stopped."""
         if self.proc and self.proc.poll() is None:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
     def stop(self) -> None:

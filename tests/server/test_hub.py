@@ -6,7 +6,7 @@ import json
 import sqlite3
 import time
 
-from avgctl.server import store as st
+from avgctl.server import sqlwriter, store as st
 from avgctl.server.hub import Hub, Thinned
 from avgctl.server.records import EncodedBatch, decode_metrics, encode
 from avgctl.server.schemas import ControlEvent, ControlView, DashboardMetrics, Hello
@@ -109,7 +109,7 @@ def test_the_writer_checkpoints_its_wal_at_its_own_size_and_trims_it_back(tmp_pa
     try:
         pragmas = store.submit(lambda c: [c.execute(f"PRAGMA {p}").fetchone()[0]
                                           for p in ("wal_autocheckpoint", "journal_size_limit", "journal_mode")]).result()
-        assert pragmas == [st.WAL_CHECKPOINT_PAGES, st.WAL_SIZE_LIMIT, "wal"]
+        assert pragmas == [sqlwriter.WAL_CHECKPOINT_PAGES, sqlwriter.WAL_SIZE_LIMIT, "wal"]
     finally:
         store.close()
 
@@ -158,7 +158,7 @@ def test_a_job_read_is_one_snapshot_even_when_a_write_lands_between_its_queries(
 def test_rows_beyond_one_statements_parameter_limit_are_all_written(tmp_path):
     store = _store_with_two_ranks(tmp_path)
     store.close()
-    conn = st._connect(store.path)
+    conn = sqlwriter.connect(store.path)
     try:
         conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 14)  # at most two step rows (4 values) per INSERT
         conn.execute("BEGIN")
