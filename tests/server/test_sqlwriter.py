@@ -157,3 +157,16 @@ def test_batches_the_writer_lost_are_sent_again_on_a_new_connection(client):
         again.send_text(batch(1, 4, seq=0))
         assert json.loads(again.receive_text()) == {"kind": "stored", "seq": 0}
     assert [s["step"] for s in client.get("/api/jobs/job-1/metrics").json()["steps"]] == [1, 2, 3, 4]
+
+
+def test_steps_run_again_replace_what_was_stored_and_a_repeat_changes_nothing(tmp_path):
+    store = _store_with_two_ranks(tmp_path)
+    try:
+        for first, loss in ((1, 1.0), (3, 2.0), (3, 2.0)):  # steps 3-4 re-run after a restart, then a repeat
+            assert store.add_metrics("job-1", 0, encoded(batch(first, 4, rank_loss=loss)))
+            store.submit(lambda c: None).result()
+        losses = [(s["step"], s["loss"]) for s in store.metrics("job-1")["steps"]]
+        assert losses == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0), (5, 2.0), (6, 2.0)]
+        assert [r["step"] for r in store.metrics("job-1")["rounds"]] == [4]
+    finally:
+        store.close()
