@@ -23,6 +23,7 @@ import gc
 import io
 import logging
 import pickle
+import signal
 import sqlite3
 import struct
 import subprocess
@@ -323,6 +324,10 @@ def serve(path: str, requests: BinaryIO, answers: BinaryIO) -> None:
     # A frame unpickles into tens of thousands of tuples, which set off collection after collection
     # (a tenth of the child's time); they hold no reference cycles, so nothing needs collecting.
     gc.disable()
+    # Ctrl-C in a terminal (or a stop) signals the whole process group: the server then shuts down
+    # and flushes what is queued through this process, so the server alone says when it stops (EOF).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     conn = connect_writer(path)
     try:
         while (body := _read(requests)) is not None:

@@ -49,19 +49,22 @@ def job_ids(server) -> set[str]:
     return {j["id"] for j in server.api.get("/api/jobs")}
 
 
-def refused(server, *frames, binary: bool = False) -> tuple[int | None, str]:
+def refusal(ws, frame: str | bytes) -> tuple[int | None, str]:
+    """Send ``frame``; the server's close code and reason."""
+    try:
+        ws.send(frame)
+    except (ConnectionClosed, OSError):
+        # The server closed (1009) while our oversized frame was still going out: the reset can
+        # beat its close frame to us. Only an oversized frame may end this way.
+        assert len(frame) > HUGE // 2
+        return (1009, "")
+    return close_of(ws)
+
+
+def refused(server, frame: str, binary: bool = False) -> tuple[int | None, str]:
     before = job_ids(server)
     with open_ws(server) as ws:
-        try:
-            for frame in frames:
-                ws.send(frame.encode() if binary else frame)
-        except (ConnectionClosed, OSError):
-            # The server closed (1009) while our oversized frame was still going out: the reset can
-            # beat its close frame to us. Only an oversized frame may end this way.
-            assert max(len(f) for f in frames) > HUGE // 2
-            code = (1009, "")
-        else:
-            code = close_of(ws)
+        code = refusal(ws, frame.encode() if binary else frame)
     assert server.api.get("/api/health") == {"status": "ok"}
     assert job_ids(server) == before, "a refused connection stored a job"
     return code
@@ -139,8 +142,7 @@ def test_bad_later_frames_close_and_keep_what_was_stored(server):
             ws.send(hello(job_id=job, world_size=1))
             ws.send(batch(1, 5))
             wait_for(lambda: (server.api.try_get(f"/api/jobs/{job}") or {}).get("step") == 5, 10, what="stored")
-            ws.send(frame)
-            assert close_of(ws)[0] == code
+            assert refusal(ws, frame)[0] == code
         detail = wait_for(lambda: (j := server.api.get(f"/api/jobs/{job}"))["status"] == "disconnected" and j, 10)
         assert detail["step"] == 5 and len(server.api.get(f"/api/jobs/{job}/metrics")["steps"]) == 5
 

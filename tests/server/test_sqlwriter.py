@@ -170,3 +170,18 @@ def test_steps_run_again_replace_what_was_stored_and_a_repeat_changes_nothing(tm
         assert [r["step"] for r in store.metrics("job-1")["rounds"]] == [4]
     finally:
         store.close()
+
+
+def test_a_ctrl_c_to_the_process_group_leaves_the_writer_to_its_server(tmp_path):
+    store = _store_with_two_ranks(tmp_path)
+    try:
+        assert store.add_metrics("job-1", 0, encoded(batch(1, 4)))
+        store.submit(lambda c: None).result()  # the process is up and serving
+        pid = store._process.pid
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(pid, sig)
+        assert store.add_metrics("job-1", 0, encoded(batch(5, 4)))
+        store.submit(lambda c: None).result()
+        assert store.get_job("job-1").ranks[0].step == 8 and store._process.pid == pid and store.dropped_batches == 0
+    finally:
+        store.close()
