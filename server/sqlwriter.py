@@ -4,11 +4,12 @@ Why a process: under an ingest flood the event loop holds the GIL most of the ti
 *thread* had to win it back after every ``sqlite3_step`` (each statement lets it go), waiting up to
 the switch interval each time; it ended each flood behind the loop and, in longer floods, filled
 its queue. A child process writes on the other core and needs no GIL of ours: the store's thread
-only hands it plain rows (one pickle) and waits, off the GIL, for the commit.
+only hands it the batches as plain tuples (one pickle) and waits, off the GIL, for the commit.
 
 Protocol, over the child's stdin and stdout: frames of a 4-byte big-endian length and a body.
-The parent sends a pickled ``MetricRows``; the child writes it in one transaction and answers an
-empty body once committed, or the error's text after rolling back. EOF on stdin stops the child.
+The parent sends a pickled list of ``Entry``; the child flattens it (``metric_rows``), writes it in
+one transaction and answers an empty body once committed, or the error's text after rolling back.
+EOF on stdin stops the child; it ignores SIGINT and SIGTERM, so the server alone decides when.
 
 Only the standard library is imported here: the child starts in tens of milliseconds and never
 loads the server.
@@ -62,6 +63,8 @@ class MetricRows(NamedTuple):
 
 
 def connect(path: str) -> sqlite3.Connection:
+    """A connection to the store's file, as every one of the store's is made (here, since the child
+    may import nothing else)."""
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per burst of writes.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
