@@ -18,7 +18,6 @@ loads the server.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import gc
 import io
@@ -271,9 +270,11 @@ class WriterProcess:
             stdout=subprocess.PIPE,
         )
         assert self._child.stdin is not None
-        with contextlib.suppress(AttributeError, OSError):  # Linux only; and capped by fs.pipe-max-size
+        with contextlib.suppress(ImportError, AttributeError, OSError):  # Linux only; capped by fs.pipe-max-size
             # A commit's entries (about 500 bytes a batch) pass in a few writes, not one per 64 KiB:
             # this halved the server's CPU per batch in the hand-off.
+            import fcntl
+
             fcntl.fcntl(self._child.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
     @property

@@ -185,3 +185,15 @@ def test_a_ctrl_c_to_the_process_group_leaves_the_writer_to_its_server(tmp_path)
         assert store.get_job("job-1").ranks[0].step == 8 and store._process.pid == pid and store.dropped_batches == 0
     finally:
         store.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe sizes are Linux's")
+def test_the_pipe_to_the_process_holds_a_large_commit_in_few_writes(tmp_path):
+    import fcntl
+
+    writer = sqlwriter.WriterProcess(str(tmp_path / "w.db"))
+    writer.start()
+    try:
+        assert fcntl.fcntl(writer._child.stdin.fileno(), fcntl.F_GETPIPE_SZ) == sqlwriter.PIPE_BYTES
+    finally:
+        writer.close()
