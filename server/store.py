@@ -114,6 +114,17 @@ class _Op:
     future: concurrent.futures.Future | None
 
 
+def _resolve(op: _Op, result: Any, err: BaseException | None) -> None:
+    if op.future is None:
+        return
+    # The awaiting task may have been cancelled (shutdown); the write stands all the same.
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if err is None:
+            op.future.set_result(result)
+        else:
+            op.future.set_exception(err)
+
+
 class Store:
     """The server's persistent state; ``start()`` before use, ``close()`` to flush and stop."""
 
@@ -509,7 +520,7 @@ class Retention:
 def hello(conn: sqlite3.Connection, msg: Hello, now: float) -> None:
     """A rank (re)connected: create or update its job and rank; rank 0 brings the control state."""
     row = conn.execute("SELECT world_size FROM jobs WHERE id = ?", (msg.job_id,)).fetchone()
-    control = msg.control.model_copy(update={"autotune": AutotuneView()}).model_dump_json()
+    control, _ = _control_view(msg.control)
     if row is None:
         conn.execute(
             "INSERT INTO jobs (id, world_size, status, step, control, autotune, config, created_at, updated_at)"
@@ -568,21 +579,13 @@ def write_metrics(conn: sqlite3.Connection, job_id: str, rank: int, batch: Encod
     write_metric_batches(conn, [(job_id, rank, batch, now)])
 
 
-def _resolve(op: _Op, result: Any, err: BaseException | None) -> None:
-    if op.future is None:
-        return
-    # The awaiting task may have been cancelled (shutdown); the write stands all the same.
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
-        if err is None:
-            op.future.set_result(result)
-        else:
-            op.future.set_exception(err)
-
-
 def metric_entry(job_id: str, rank: int, batch: EncodedBatch, now: float) -> sqlwriter.Entry:
     """A batch as the writer process takes it: plain tuples, so pickling it is all C (``sqlwriter.Entry``)."""
-    events = [(e.step, e.control.model_dump_json()) for e in batch.control]  # rare: usually empty
-    control = _control_view(batch.control[-1].control) if batch.control and rank == 0 else None
+    events: list[tuple[int, str]] = []
+    control = None
+    if batch.control:  # rare: a control change
+        events = [(e.step, e.control.model_dump_json()) for e in batch.control]
+        control = _control_view(batch.control[-1].control) if rank == 0 else None
     latest = batch.latest
     return (
         job_id, rank, now, batch.steps, batch.rounds, events, control, batch.dropped, batch.top,

@@ -49,7 +49,8 @@ def _entries() -> list[tuple]:
 
 
 def test_the_process_stores_what_the_writer_thread_would(tmp_path):
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
     by_thread, by_process = _store_with_two_ranks(tmp_path / "a"), _store_with_two_ranks(tmp_path / "b")
     try:
         by_thread.submit(lambda c: st.write_metric_batches(c, _entries())).result()
@@ -57,7 +58,8 @@ def test_the_process_stores_what_the_writer_thread_would(tmp_path):
             assert by_process.add_metrics(*entry[:3])
         by_process.submit(lambda c: None).result()  # queued after them: they are committed
     finally:
-        by_thread.close(), by_process.close()
+        by_thread.close()
+        by_process.close()
     stored = _contents(by_thread.path)
     assert len(stored["steps"]) == 24 and len(stored["control_events"]) == 2
     assert json.loads(stored["jobs"][0][2])["version"] == 7
