@@ -53,7 +53,7 @@ import torch.distributed as dist
 from torch import nn
 
 from avgctl.server import autotune as at
-from avgctl.server.schemas import ControlEvent, RoundRecord, SetPeriod, StepRecord
+from avgctl.protocol import ControlEvent, RoundRecord, SetPeriod, StepRecord
 from avgctl.worker import InProcessControlSource
 from avgctl.worker import demo
 from gloo_ranks import gloo_rank, spawned_ranks  # bench/ is first on sys.path when this runs as a script

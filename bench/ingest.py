@@ -43,7 +43,7 @@ import uvicorn
 import websockets
 from fastapi import FastAPI, WebSocket
 
-from avgctl.server.schemas import AveragerConfig, ControlView, Hello, MetricsBatch, StepRecord
+from avgctl.protocol import AveragerConfig, ControlView, Hello, MetricsBatch, StepRecord
 
 TOKEN = "bench-token"
 JOB = "bench"

@@ -26,15 +26,8 @@ from avgctl.server import autotune as at
 from avgctl.server import store as st
 from avgctl.server.commands import AUTOPILOT, CommandService
 from avgctl.server.records import Received
-from avgctl.server.schemas import (
-    AutotuneProposalView,
-    AutotuneView,
-    Command,
-    CommandOut,
-    Hello,
-    SetAutotune,
-    SetPeriod,
-)
+from avgctl.protocol import Command, Hello, SetAutotune, SetPeriod
+from avgctl.server.api import AutotuneProposalView, AutotuneView, CommandOut
 
 log = logging.getLogger(__name__)
 

@@ -16,15 +16,8 @@ from pydantic import TypeAdapter
 from avgctl.server import store as st
 from avgctl.server.announce import JobAnnouncer
 from avgctl.server.hub import Hub
-from avgctl.server.schemas import (
-    WORKER_COMMAND_TYPES,
-    AutotuneView,
-    Command,
-    CommandAck,
-    CommandDelivery,
-    CommandOut,
-    SetAutotune,
-)
+from avgctl.protocol import WORKER_COMMAND_TYPES, Command, CommandAck, CommandDelivery, SetAutotune
+from avgctl.server.api import AutotuneView, CommandOut
 from avgctl.server.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)

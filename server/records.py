@@ -2,7 +2,7 @@
 
 Decoding: metric batches are nearly every frame a server takes, and validating and encoding one
 with pydantic took 19-35 µs, a third or more of the event loop's time per batch (5-7 µs now).
-``decode_metrics`` reads a batch with msgspec into ``StepFigures`` (a mirror of ``schemas.StepRecord``, kept equal to it by a test) and validates the
+``decode_metrics`` reads a batch with msgspec into ``StepFigures`` (a mirror of ``protocol.StepRecord``, kept equal to it by a test) and validates the
 rarer rounds and control events with their pydantic models. Anything the fast path does not take
 (another kind of message, lax input such as ``"5"`` for an int, an error) goes to the pydantic
 models, which decide and word the error: the fast path can only be faster, never different.
@@ -22,14 +22,15 @@ from typing import Annotated, Literal
 import msgspec
 from pydantic import TypeAdapter, ValidationError
 
-from avgctl.server.schemas import MAX_BATCH_RECORDS, MAX_SCALARS, SQLITE_INT_MAX, ControlEvent, MetricsBatch, RoundRecord
+from avgctl.protocol import ControlEvent, MetricsBatch, RoundRecord
+from avgctl.protocol.bounds import MAX_BATCH_RECORDS, MAX_SCALARS, SQLITE_INT_MAX
 
 
-_STORABLE = msgspec.Meta(ge=0, le=SQLITE_INT_MAX)  # schemas.StorableInt
+_STORABLE = msgspec.Meta(ge=0, le=SQLITE_INT_MAX)  # protocol.StorableInt
 
 
 class StepFigures(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """``schemas.StepRecord`` as msgspec reads it: the same fields, defaults and bounds.
+    """``protocol.StepRecord`` as msgspec reads it: the same fields, defaults and bounds.
 
     ``gc=False``: these hold no reference cycles, so the garbage collector need not track them.
     """
@@ -43,7 +44,7 @@ class StepFigures(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 
 class _WireBatch(msgspec.Struct, forbid_unknown_fields=True):
-    """``schemas.MetricsBatch`` with its rounds and control events left as raw JSON."""
+    """``protocol.MetricsBatch`` with its rounds and control events left as raw JSON."""
 
     kind: Literal["metrics"]  # required: in the models' union it picks the message type
     steps: Annotated[list[StepFigures], msgspec.Meta(max_length=MAX_BATCH_RECORDS)] = []

@@ -24,17 +24,8 @@ from typing import Any, TypeVar
 
 from avgctl.server import sqlwriter
 from avgctl.server.records import EncodedBatch
-from avgctl.server.schemas import (
-    AutotuneView,
-    AveragerConfig,
-    CommandAck,
-    CommandOut,
-    ControlView,
-    Hello,
-    JobDetail,
-    JobOut,
-    RankOut,
-)
+from avgctl.protocol import AveragerConfig, CommandAck, ControlView, Hello
+from avgctl.server.api import AutotuneView, CommandOut, JobControl, JobDetail, JobOut, RankOut
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -600,10 +591,9 @@ def write_metric_batches(conn: sqlite3.Connection, entries: list[tuple[str, int,
 
 
 def _control_view(control: ControlView) -> tuple[str, int]:
-    """``(body, version)`` of a worker's control view as the job keeps it. The autopilot settings
-    belong to the server: a worker's view never overwrites them."""
-    body = control.model_copy(update={"autotune": AutotuneView()}).model_dump_json()
-    return body, control.version
+    """``(body, version)`` of a worker's control view as the job keeps it (the autopilot's settings
+    are the server's, in their own column)."""
+    return control.model_dump_json(), control.version
 
 
 def _update_job_step(conn: sqlite3.Connection, job_id: str) -> None:
@@ -658,8 +648,8 @@ def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
 
 
 def _job_out(row: dict[str, Any]) -> JobOut:
-    control = ControlView.model_validate_json(row["control"])
-    control = control.model_copy(update={"autotune": AutotuneView.model_validate_json(row["autotune"])})
+    # Rows written before the view lost its autotune field carry a blank one: the column wins.
+    control = JobControl.model_validate({**json.loads(row["control"]), "autotune": json.loads(row["autotune"])})
     return JobOut(
         id=row["id"],
         world_size=row["world_size"],

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from starlette.websockets import WebSocket
 
-from avgctl.server.schemas import MetricsStored
+from avgctl.protocol import MetricsStored, close_codes
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,6 @@ log = logging.getLogger(__name__)
 SEND_TIMEOUT = 5.0
 # At most one ``stored`` message per connection this often: the link keeps a batch until then.
 ACK_INTERVAL = 0.1
-CLOSE_NOT_STORED = 1011  # internal error: not one of the link's fatal codes, so it reconnects
 
 
 @dataclass(slots=True, eq=False)
@@ -83,7 +82,7 @@ class WorkerRegistry:
         """Batches the store could not write: close their connections (1011), and their links,
         which keep every batch until it is confirmed, send them again on the next one."""
         for conn in {conn for conn, _ in receipts}:
-            self._spawn(self._close(conn, CLOSE_NOT_STORED, "metric batches not stored; send them again"))
+            self._spawn(self._close(conn, close_codes.INTERNAL_ERROR, "metric batches not stored; send them again"))
 
     @staticmethod
     async def _close(conn: WorkerConnection, code: int, reason: str) -> None:
@@ -126,7 +125,7 @@ class WorkerRegistry:
         except Exception as err:  # the socket's own handler notices the close and cleans up
             log.info("command not delivered to %s rank 0: %r", conn.job_id, err)
 
-    async def close_all(self, code: int = 1012, reason: str = "server shutting down") -> None:
+    async def close_all(self, code: int = close_codes.SERVICE_RESTART, reason: str = "server shutting down") -> None:
         for conn in list(self._by_rank.values()):
             try:
                 await conn.websocket.close(code, reason)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.model_averaging import utils as torch_utils
 from torch.distributed.algorithms.model_averaging.averagers import ModelAverager
 
-from avgctl.server.schemas import AutotuneView, AveragerConfig, ControlEvent, ControlView, RoundRecord, StepRecord
+from avgctl.protocol import AveragerConfig, ControlEvent, ControlView, RoundRecord, StepRecord
 from avgctl.worker import control_state as cs
 from avgctl.worker import divergence as dv
 from avgctl.worker.control import ControlExchange, ControlSource, PendingExchange
@@ -243,7 +243,7 @@ class _LiveAverager(ModelAverager):
         )
 
     def control_view(self) -> ControlView:
-        return cs.to_view(self._state).model_copy(update={"autotune": AutotuneView()})
+        return cs.to_view(self._state)
 
     def state_dict(self) -> dict[str, Any]:
         """The step and the live control state, for checkpoints (each rank saves its own)."""

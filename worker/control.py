@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from avgctl.server.schemas import Command, CommandAck
+from avgctl.protocol import WorkerCommand, CommandAck
 from avgctl.worker import control_state as cs
 
 # How many acks rank 0 remembers so a re-delivered command is acked again, not applied again.
@@ -33,7 +33,7 @@ def drain(inbox: queue.SimpleQueue) -> list:
 class ControlSource(Protocol):
     """Rank 0's inbox. Implementations must never block in ``poll`` or ``report``."""
 
-    def poll(self) -> list[tuple[int, Command]]:
+    def poll(self) -> list[tuple[int, WorkerCommand]]:
         """Commands received since the last poll, as ``(command_id, command)`` in arrival order."""
 
     def wait(self, timeout: float) -> None:
@@ -47,18 +47,18 @@ class InProcessControlSource:
     """A thread-safe ``ControlSource`` for tests, notebooks and the local demo."""
 
     def __init__(self) -> None:
-        self._inbox: queue.SimpleQueue[tuple[int, Command]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[int, WorkerCommand]] = queue.SimpleQueue()
         self._ids = itertools.count(1)
         self._acks: dict[int, CommandAck] = {}
         self._acked = threading.Condition()
 
-    def submit(self, command: Command, command_id: int | None = None) -> int:
+    def submit(self, command: WorkerCommand, command_id: int | None = None) -> int:
         """Queue a command; returns its id (give ``command_id`` to re-deliver one)."""
         cid = next(self._ids) if command_id is None else command_id
         self._inbox.put((cid, command))
         return cid
 
-    def poll(self) -> list[tuple[int, Command]]:
+    def poll(self) -> list[tuple[int, WorkerCommand]]:
         return drain(self._inbox)
 
     def wait(self, timeout: float) -> None:

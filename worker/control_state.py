@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from avgctl.server.schemas import (
+from avgctl.protocol import (
     AverageNow,
-    Command,
+    WorkerCommand,
     ControlView,
     PauseAveraging,
     PauseTraining,
@@ -93,7 +93,7 @@ def needs_exchange(state: ControlState, step: int, last_exchange: int, control_i
     return round_level(state, step) is not None or step - last_exchange >= control_interval
 
 
-def apply_command(state: ControlState, command: Command, step: int) -> ControlState:
+def apply_command(state: ControlState, command: WorkerCommand, step: int) -> ControlState:
     """The state after ``command`` takes effect at ``step``; raises ``CommandRejected`` with a reason."""
     bump = {"version": state.version + 1}
     if isinstance(command, SetPeriod):

@@ -32,21 +32,22 @@ from pydantic import TypeAdapter, ValidationError
 from websockets.client import backoff
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from avgctl.server.schemas import (
+from avgctl.protocol import close_codes
+from avgctl.protocol import (
     AveragerConfig,
-    Command,
+    WorkerCommand,
     CommandAck,
     CommandDelivery,
     ControlEvent,
     ControlView,
     Hello,
-    JobId,
     MetricsBatch,
     MetricsStored,
     RoundRecord,
     ServerMessage,
     StepRecord,
 )
+from avgctl.protocol.bounds import JobId
 from avgctl.worker import dist as wdist
 from avgctl.worker.control import drain
 
@@ -54,8 +55,6 @@ log = logging.getLogger(__name__)
 
 _JOB_ID = TypeAdapter(JobId)
 _SERVER_MESSAGE = TypeAdapter(ServerMessage)
-# Close codes after which reconnecting would only be refused again (see server/routes/ws.py).
-_FATAL_CLOSE_CODES = frozenset({1008, 1009, 4401, 4403, 4409})
 _MAX_FRAME = 1024 * 1024  # the server's default max_frame_bytes
 _REMEMBERED_IDS = 4096
 # On close, how long to wait for the server to confirm the last batches (within close's timeout).
@@ -140,7 +139,7 @@ class WorkerLink:
         self._id = uuid.uuid4().hex  # tells the server which batch numbers it may already have
         self._all_stored = asyncio.Event()
         # Rank 0's control source.
-        self._inbox: queue.SimpleQueue[tuple[int, Command]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[int, WorkerCommand]] = queue.SimpleQueue()
         self._arrived = threading.Event()
         self._acks_out: collections.deque[CommandAck] = collections.deque()
         self._acked: collections.OrderedDict[int, CommandAck] = collections.OrderedDict()
@@ -182,7 +181,7 @@ class WorkerLink:
 
     # ------------------------------------------------------------ ControlSource (rank 0)
 
-    def poll(self) -> list[tuple[int, Command]]:
+    def poll(self) -> list[tuple[int, WorkerCommand]]:
         """Commands received since the last poll, in arrival order."""
         self._arrived.clear()
         return drain(self._inbox)
@@ -265,7 +264,7 @@ class WorkerLink:
                     await self._session(ws)
                     return  # stopping: flushed and closed
                 except ConnectionClosed as err:
-                    if ws.close_code in _FATAL_CLOSE_CODES:
+                    if ws.close_code in close_codes.WORKER_FATAL:
                         self.error = err
                         log.error("avgctl server refused rank %d: %s %s", self.rank, ws.close_code, ws.close_reason)
                         return

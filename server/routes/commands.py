@@ -6,7 +6,8 @@ from fastapi import APIRouter, Body, Header, HTTPException, Path
 
 from avgctl.server.commands import AUTOPILOT
 from avgctl.server.deps import CommandsDep, JobIdPath, StoreDep
-from avgctl.server.schemas import Command, CommandOut
+from avgctl.protocol import Command
+from avgctl.server.api import CommandOut
 from avgctl.server.store import UnknownJob
 
 router = APIRouter(prefix="/api/jobs/{job_id}/commands", tags=["commands"])

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from avgctl.server.schemas import Health
+from avgctl.server.api import Health
 
 router = APIRouter(tags=["health"])
 

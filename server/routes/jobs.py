@@ -3,7 +3,7 @@
 from fastapi import APIRouter, HTTPException
 
 from avgctl.server.deps import JobIdPath, StoreDep
-from avgctl.server.schemas import JobDetail, JobOut
+from avgctl.server.api import JobDetail, JobOut
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 

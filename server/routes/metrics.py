@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from avgctl.server.deps import JobIdPath, StoreDep
-from avgctl.server.schemas import MetricsOut
+from avgctl.server.api import MetricsOut
 
 router = APIRouter(prefix="/api/jobs/{job_id}/metrics", tags=["metrics"])
 

@@ -1,17 +1,6 @@
 """Websockets: ``/ws/worker`` (ingest from training ranks) and ``/ws/jobs/{job_id}`` (dashboards).
 
-Worker close codes (the reason says more):
-
-- 1008 policy violation: malformed JSON, a frame that is not a valid message, no ``hello`` first,
-  ``rank >= world_size``, a world size contradicting the running job, an ack from a rank other than 0;
-- 1009 too big: a frame over ``max_frame_bytes``;
-- 4000 replaced: the same process (host, pid) connected again for its rank; the newer connection
-  wins, since the older one is the one that is stale (e.g. half-open after a network blip);
-- 4409 conflict: a *different* process claims a (job, rank) that is connected; the newcomer is
-  refused, so two jobs mistakenly sharing an id cannot knock each other off in turn;
-- 1011 internal error: the server could not store batches this connection sent (its SQLite
-  writer process died); the link sends them again on its next connection;
-- 1012 service restart: the server is shutting down.
+Close codes: ``avgctl.protocol.close_codes``.
 
 Batches that carry a ``seq`` are answered with ``stored`` once committed (see ``workers.py``).
 """
@@ -31,7 +20,9 @@ from avgctl.server import store as st
 from avgctl.server.deps import AutopilotDep, CommandsDep, HubDep, SettingsDep, StoreDep, WorkersDep
 from avgctl.server.hub import serve_client
 from avgctl.server.records import EncodedBatch, Received, decode_metrics, encode, received
-from avgctl.server.schemas import JOB_ID_MAX_LENGTH, JOB_ID_PATTERN, CommandAck, Hello, MetricsBatch, WorkerMessage
+from avgctl.protocol import close_codes
+from avgctl.protocol import CommandAck, Hello, MetricsBatch, WorkerMessage
+from avgctl.protocol.bounds import JOB_ID_MAX_LENGTH, JOB_ID_PATTERN
 from avgctl.server.workers import WorkerConnection
 
 log = logging.getLogger(__name__)
@@ -39,12 +30,6 @@ router = APIRouter(tags=["websockets"])
 
 _WORKER_MESSAGE = TypeAdapter(WorkerMessage)
 HELLO_TIMEOUT = 10.0
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_REPLACED = 4000
-CLOSE_CONFLICT = 4409
-CLOSE_NO_JOB = 4404
-CLOSE_TOO_SLOW = 1013
 
 
 class _Refuse(Exception):
@@ -77,7 +62,7 @@ async def _receive(websocket: WebSocket, max_bytes: int) -> Hello | Received | C
     if data is None:
         data = message.get("bytes") or b""
     if len(data) > max_bytes:
-        raise _Refuse(CLOSE_TOO_BIG, f"frame larger than {max_bytes} bytes")
+        raise _Refuse(close_codes.TOO_BIG, f"frame larger than {max_bytes} bytes")
     batch = decode_metrics(data)  # nearly every frame; the rest goes to the models
     if batch is not None:
         return batch
@@ -85,8 +70,8 @@ async def _receive(websocket: WebSocket, max_bytes: int) -> Hello | Received | C
         message = _WORKER_MESSAGE.validate_json(data)
     except ValidationError as err:
         if any(e["type"] == "json_invalid" for e in err.errors()):
-            raise _Refuse(CLOSE_POLICY, "malformed JSON") from None
-        raise _Refuse(CLOSE_POLICY, _explain(err)) from None
+            raise _Refuse(close_codes.POLICY, "malformed JSON") from None
+        raise _Refuse(close_codes.POLICY, _explain(err)) from None
     return received(message) if isinstance(message, MetricsBatch) else message
 
 
@@ -108,11 +93,11 @@ async def worker_ingest(
         try:
             hello = await asyncio.wait_for(_receive(websocket, settings.max_frame_bytes), HELLO_TIMEOUT)
         except asyncio.TimeoutError:
-            raise _Refuse(CLOSE_POLICY, f"no hello within {HELLO_TIMEOUT:.0f}s") from None
+            raise _Refuse(close_codes.POLICY, f"no hello within {HELLO_TIMEOUT:.0f}s") from None
         if not isinstance(hello, Hello):
-            raise _Refuse(CLOSE_POLICY, "the first frame must be a hello")
+            raise _Refuse(close_codes.POLICY, "the first frame must be a hello")
         if hello.rank >= hello.world_size:
-            raise _Refuse(CLOSE_POLICY, f"rank {hello.rank} is not below world size {hello.world_size}")
+            raise _Refuse(close_codes.POLICY, f"rank {hello.rank} is not below world size {hello.world_size}")
         conn = await _register(websocket, hello, store, workers)
         await autopilot.on_hello(hello)
         if hello.rank == 0:
@@ -128,10 +113,10 @@ async def worker_ingest(
                 await _store(batch, msg.seq, conn, store, commands, workers)
             elif isinstance(msg, CommandAck):
                 if conn.rank != 0:
-                    raise _Refuse(CLOSE_POLICY, "only rank 0 acknowledges commands")
+                    raise _Refuse(close_codes.POLICY, "only rank 0 acknowledges commands")
                 await commands.on_ack(conn.job_id, msg)
             else:
-                raise _Refuse(CLOSE_POLICY, "hello sent twice on one connection")
+                raise _Refuse(close_codes.POLICY, "hello sent twice on one connection")
     except WebSocketDisconnect as err:
         normal = err.code in (1000, 1001)
     except _Refuse as err:
@@ -149,19 +134,19 @@ async def _register(websocket: WebSocket, hello: Hello, store: st.Store, workers
     current = workers.get(hello.job_id, hello.rank)
     if current is not None and (current.host, current.pid) != (hello.host, hello.pid):
         raise _Refuse(
-            CLOSE_CONFLICT,
+            close_codes.CONFLICT,
             f"rank {hello.rank} of job {hello.job_id} is connected from {current.host} pid {current.pid}",
         )
     now = time.time()
     try:
         await store.write(lambda c: st.hello(c, hello, now))
     except st.Conflict as err:
-        raise _Refuse(CLOSE_POLICY, str(err)) from None
+        raise _Refuse(close_codes.POLICY, str(err)) from None
     conn = WorkerConnection(hello.job_id, hello.rank, hello.host, hello.pid, websocket, hello.link)
     old = workers.add(conn)
     if old is not None:
         with contextlib.suppress(Exception):
-            await old.websocket.close(CLOSE_REPLACED, "replaced by a newer connection of the same process")
+            await old.websocket.close(close_codes.REPLACED, "replaced by a newer connection of the same process")
     return conn
 
 
@@ -185,10 +170,10 @@ async def dashboard(websocket: WebSocket, job_id: str, store: StoreDep, hub: Hub
     await websocket.accept()
     # Checked here, not in the path, so a bad id gets a close code with a reason, not a bare 403.
     if len(job_id) > JOB_ID_MAX_LENGTH or not re.fullmatch(JOB_ID_PATTERN, job_id):
-        await websocket.close(CLOSE_POLICY, "invalid job id")
+        await websocket.close(close_codes.POLICY, "invalid job id")
         return
     if await asyncio.to_thread(store.get_job, job_id) is None:
-        await websocket.close(CLOSE_NO_JOB, _short(f"no job {job_id!r}"))
+        await websocket.close(close_codes.NO_JOB, _short(f"no job {job_id!r}"))
         return
 
     async def snapshot() -> str:
@@ -199,4 +184,4 @@ async def dashboard(websocket: WebSocket, job_id: str, store: StoreDep, hub: Hub
 
     await serve_client(hub, job_id, websocket, snapshot)
     with contextlib.suppress(Exception):
-        await websocket.close(CLOSE_TOO_SLOW, "dashboard fell behind")
+        await websocket.close(close_codes.TOO_SLOW, "dashboard fell behind")

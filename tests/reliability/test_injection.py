@@ -10,7 +10,7 @@ import urllib.parse
 import pytest
 from websockets.sync.client import connect
 
-from avgctl.server.schemas import AveragerConfig, CommandAck, ControlView, Hello, MetricsBatch, RoundRecord, StepRecord
+from avgctl.protocol import AveragerConfig, CommandAck, ControlView, Hello, MetricsBatch, RoundRecord, StepRecord
 from tests.e2e.procs import CONTROL, WORKER, ServerProcess, wait_for
 from tests.reliability.test_ws_fuzz import close_of
 

@@ -9,7 +9,7 @@ import pytest
 
 from avgctl.server import store as st
 from avgctl.server.records import EncodedBatch, encode, received
-from avgctl.server.schemas import AveragerConfig, ControlEvent, ControlView, Hello, MetricsBatch, RoundRecord, StepRecord
+from avgctl.protocol import AveragerConfig, ControlEvent, ControlView, Hello, MetricsBatch, RoundRecord, StepRecord
 from avgctl.server.settings import Settings
 
 JOB = "retention"

@@ -11,14 +11,7 @@ from typing import Any
 import uvicorn
 
 from avgctl.server.app import create_app
-from avgctl.server.schemas import (
-    AveragerConfig,
-    CommandAck,
-    ControlEvent,
-    ControlView,
-    RoundRecord,
-    StepRecord,
-)
+from avgctl.protocol import AveragerConfig, CommandAck, ControlEvent, ControlView, RoundRecord, StepRecord
 from avgctl.server.settings import Settings
 from avgctl.worker import control_state as cs
 from tests.polling import wait_for

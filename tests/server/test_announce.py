@@ -12,7 +12,7 @@ import pytest
 from avgctl.server import store as st
 from avgctl.server.announce import JobAnnouncer
 from avgctl.server.hub import Hub
-from avgctl.server.schemas import Hello
+from avgctl.protocol import Hello
 from tests.server.test_rest import hello
 
 

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from avgctl.server import autotune as at
-from avgctl.server.schemas import CommandAck, ControlView, MetricsBatch, RoundRecord, StepRecord
+from avgctl.protocol import CommandAck, ControlView, MetricsBatch, RoundRecord, StepRecord
 from tests.polling import wait_for
 from tests.server.helpers import WORKER, auth
 from tests.server.test_rest import hello

@@ -9,7 +9,8 @@ import time
 from avgctl.server import sqlwriter, store as st
 from avgctl.server.hub import Hub, Thinned
 from avgctl.server.records import EncodedBatch, decode_metrics, encode
-from avgctl.server.schemas import ControlEvent, ControlView, DashboardMetrics, Hello
+from avgctl.protocol import ControlEvent, ControlView, Hello
+from avgctl.server.api import DashboardMetrics
 from tests.server.test_rest import batch, hello
 
 

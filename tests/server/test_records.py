@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from avgctl.server.records import StepFigures, _WireBatch, decode_metrics, encode, received
-from avgctl.server.schemas import MetricsBatch, StepRecord
+from avgctl.protocol import MetricsBatch, StepRecord
 from avgctl.server.routes.ws import _WORKER_MESSAGE
 from tests.server.test_rest import batch
 

@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from avgctl.server.app import create_app
-from avgctl.server.schemas import (
+from avgctl.protocol import (
     AveragerConfig,
     CommandAck,
     ControlEvent,

@@ -14,7 +14,7 @@ import pytest
 from starlette.websockets import WebSocketDisconnect
 
 from avgctl.server import sqlwriter, store as st
-from avgctl.server.schemas import ControlEvent, ControlView
+from avgctl.protocol import ControlEvent, ControlView
 from tests.polling import wait_for
 from tests.server.helpers import WORKER, auth
 from tests.server.test_hub import _store_with_two_ranks, encoded

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from avgctl.server.app import create_app
-from avgctl.server.schemas import ControlEvent, ControlView
+from avgctl.protocol import ControlEvent, ControlView
 from tests.polling import wait_for
 from tests.server.helpers import CONTROL, WORKER, auth, make_settings
 from tests.server.test_rest import batch, hello

@@ -11,7 +11,7 @@ import time
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from avgctl.server.schemas import (
+from avgctl.protocol import (
     AveragerConfig,
     CommandAck,
     CommandDelivery,

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from avgctl.server import schemas as s
+from avgctl import protocol as s
 from avgctl.worker import HierarchicalAverager, InProcessControlSource, PeriodicAverager
 from tests.distributed import run_ranks
 from tests.worker.workloads import RoundLog, flat_copy, make_model, sgd_step

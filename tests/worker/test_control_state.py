@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from avgctl.server import schemas as s
+from avgctl import protocol as s
 from avgctl.worker import control_state as cs
 
 

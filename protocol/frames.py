@@ -1,0 +1,137 @@
+"""Frames on ``WS /ws/worker``: every one is a JSON object with a ``kind``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field
+
+from avgctl.protocol.bounds import (
+    MAX_BATCH_RECORDS,
+    MAX_RANKS,
+    MAX_SCALARS,
+    MAX_TOP_LAYERS,
+    JobId,
+    StorableInt,
+)
+from avgctl.protocol.commands import Message, WorkerCommand
+
+
+class ControlView(Message):
+    """The live control state of a job as its ranks hold it, versioned: every applied command adds one."""
+
+    period: int
+    warmup_steps: int
+    averaging_paused: bool = False
+    training_paused: bool = False
+    hierarchy: dict[str, int] | None = None  # group_size -> period, hierarchical averagers only
+    version: StorableInt = 0
+
+
+class AveragerConfig(Message):
+    kind: Literal["periodic", "hierarchical"]
+    period: int
+    warmup_steps: int
+    group_sizes: list[int] | None = None  # hierarchical: fixed at construction, ascending
+
+
+# ------------------------------------------------------------------ worker -> server
+
+
+class Hello(Message):
+    """First frame of every worker connection."""
+
+    kind: Literal["hello"] = "hello"
+    job_id: JobId
+    rank: int = Field(ge=0, lt=MAX_RANKS)
+    world_size: int = Field(ge=1, le=MAX_RANKS)
+    host: str = Field(max_length=255)
+    pid: StorableInt
+    config: AveragerConfig
+    control: ControlView
+    step: StorableInt = 0
+    # A random id of the sending link, the same on each of its connections: with it the server knows
+    # a batch ``seq`` it already had from this link as one sent again (see ``MetricsBatch.seq``).
+    link: str | None = Field(default=None, max_length=64)
+
+
+class StepRecord(Message):
+    """Per-step figures of one rank (sent in batches)."""
+
+    step: StorableInt
+    time: float  # unix seconds when the step ended
+    step_time: float | None = None  # seconds since the previous step ended
+    drift: float | None = None  # ||theta_i - theta_bar(last sync)|| (local, no communication)
+    loss: float | None = None
+    scalars: dict[str, float] = Field(default_factory=dict, max_length=MAX_SCALARS)  # user figures
+
+
+class RoundRecord(Message):
+    """One averaging round as seen by one rank."""
+
+    step: StorableInt
+    group_size: int = Field(ge=1, le=MAX_RANKS)
+    divergence: float  # ||theta_i - theta_bar|| of this rank
+    relative_divergence: float  # divergence / ||theta_bar||
+    divergence_mean: float  # over the ranks of the whole job
+    divergence_max: float
+    relative_mean: float
+    relative_max: float
+    seconds: float  # time spent averaging (communication + metrics)
+    bytes: int  # bytes all-reduced by this rank
+    exact: bool  # False when divergence is estimated from a coordinate sample
+    top_layers: list[tuple[str, float]] = Field(default_factory=list, max_length=MAX_TOP_LAYERS)
+
+
+class ControlEvent(Message):
+    """A rank reports a control change it applied, with the step it took effect at."""
+
+    step: StorableInt
+    control: ControlView
+
+
+class MetricsBatch(Message):
+    kind: Literal["metrics"] = "metrics"
+    steps: list[StepRecord] = Field(default_factory=list, max_length=MAX_BATCH_RECORDS)
+    rounds: list[RoundRecord] = Field(default_factory=list, max_length=MAX_BATCH_RECORDS)
+    control: list[ControlEvent] = Field(default_factory=list, max_length=MAX_BATCH_RECORDS)
+    dropped: StorableInt = 0  # metric records this rank dropped so far (bounded buffer)
+    # The link's batch number, rising by one per batch over the link's life. With it the server
+    # answers ``stored`` and the link sends the batch again after a reconnect until then.
+    seq: StorableInt | None = None
+
+
+class CommandAck(Message):
+    """Rank 0 reports what became of a command it received."""
+
+    kind: Literal["ack"] = "ack"
+    command_id: StorableInt
+    status: Literal["applied", "rejected"]
+    applied_step: StorableInt | None = None
+    reason: str | None = None
+    control: ControlView | None = None
+
+
+WorkerMessage = Annotated[Union[Hello, MetricsBatch, CommandAck], Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------ server -> worker
+
+
+class CommandDelivery(Message):
+    """A command for rank 0. ``id`` makes delivery idempotent: a rank applies an id at most once."""
+
+    kind: Literal["command"] = "command"
+    id: int
+    command: WorkerCommand
+
+
+class MetricsStored(Message):
+    """Every batch of this link up to ``seq`` is committed (or was counted as dropped by the
+    server): the link may forget them. Sent to every rank, at most every ``ACK_INTERVAL``."""
+
+    kind: Literal["stored"] = "stored"
+    seq: int
+
+
+ServerMessage = Annotated[Union[CommandDelivery, MetricsStored], Field(discriminator="kind")]
