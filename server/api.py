@@ -145,3 +145,16 @@ class MetricsOut(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
+
+
+class LimitsOut(BaseModel):
+    """The bounds the server enforces (GET /api/limits), for clients that check input before sending."""
+
+    max_period: int  # steps, for set_period and each level of set_hierarchy
+    max_hierarchy_levels: int  # group levels in one set_hierarchy
+    max_target_divergence: float  # set_autotune's target_divergence
+    max_ranks: int  # a job's world size
+    max_scalars: int  # user figures per step record
+    max_batch_records: int  # records of one kind in one metric batch
+    job_id_max_length: int
+    job_id_pattern: str  # a regular expression a job id matches in full

@@ -23,7 +23,7 @@ from avgctl.server.autopilot import Autopilot
 from avgctl.server.commands import CommandService
 from avgctl.server.hub import Hub
 from avgctl.server.limits import BodyLimitMiddleware
-from avgctl.server.routes import commands, health, jobs, metrics, prometheus, ws
+from avgctl.server.routes import commands, health, jobs, limits, metrics, prometheus, ws
 from avgctl.server.settings import Settings
 from avgctl.server.store import Store
 from avgctl.server.workers import WorkerRegistry
@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="avgctl", version="0.1.0", lifespan=lifespan, docs_url="/docs")
     app.state.settings = settings
-    for module in (health, jobs, commands, metrics, prometheus, ws):
+    for module in (health, jobs, commands, metrics, prometheus, limits, ws):
         app.include_router(module.router)
 
     @app.get("/", include_in_schema=False)

@@ -15,10 +15,14 @@
 //       #chart-throughput
 //   #rank-table (rows tr[data-rank]), #command-log (rows tr[data-command-id][data-status])
 
+import { $ } from './dom.js';
 import { openJobPage } from './job.js';
 import { openJobList } from './jobs.js';
+import { getLimits } from './rest.js';
 
-const $ = (sel) => document.querySelector(sel);
+// Fetched once per page load: the bounds are constants of the server. Without them (no token, no
+// server: the views say so) inputs are checked without upper bounds and the server has the say.
+const limits = await getLimits().catch(() => null);
 let close = null;
 
 function showError(message) {
@@ -45,7 +49,7 @@ function route() {
     const id = decodeURIComponent(match[1]);
     $('#crumb').textContent = `/ job ${id}`;
     document.title = `${id} · avgctl`;
-    close = openJobPage(id, { showError, setConnection });
+    close = openJobPage(id, { limits, showError, setConnection });
   } else {
     $('#crumb').textContent = '';
     document.title = 'avgctl';

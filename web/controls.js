@@ -2,10 +2,9 @@
 // command from pending to applied/rejected via websocket `command` messages, with polling as fallback.
 
 import { getCommand, sendCommand } from './rest.js';
-import { el, num, toSeconds } from './format.js';
+import { $, el } from './dom.js';
+import { clockTime, num } from './format.js';
 
-const $ = (sel) => document.querySelector(sel);
-const MAX_PERIOD = 1_000_000;
 const LOG_ROWS = 200;
 const POLL_MS = 2500;
 
@@ -17,16 +16,16 @@ const SIMPLE = [
   ['average-now', 'average_now'],
 ];
 
-/** A whole number of steps in [1, MAX_PERIOD], or null. */
-function parsePeriod(raw) {
+/** A whole number of steps in [1, maxPeriod] (no upper bound when maxPeriod is null), or null. */
+function parsePeriod(raw, maxPeriod) {
   if (!/^\d+$/.test(raw)) return null;
   const n = Number(raw);
-  return n >= 1 && n <= MAX_PERIOD ? n : null;
+  return n >= 1 && (maxPeriod === null || n <= maxPeriod) ? n : null;
 }
 
-/** What a command asks for, in words. */
+/** What a command of the log (`CommandOut`) asks for, in words. */
 export function describe(cmd) {
-  const b = { ...cmd, ...(cmd.command || cmd.body || {}) };
+  const b = cmd.command;
   switch (b.type) {
     case 'set_period': return `set period to ${b.period}`;
     case 'set_hierarchy': return `set periods ${Object.entries(b.periods || {}).map(([g, p]) => `groups of ${g}: ${p}`).join(', ')}`;
@@ -36,24 +35,22 @@ export function describe(cmd) {
 }
 
 function shortLabel(cmd) {
-  const b = { ...cmd, ...(cmd.command || cmd.body || {}) };
-  return b.type === 'set_period' ? `period ${b.period}` : String(b.type || '').replaceAll('_', ' ');
+  const b = cmd.command;
+  return b.type === 'set_period' ? `period ${b.period}` : String(b.type).replaceAll('_', ' ');
 }
 
 function statusText(cmd) {
   if (cmd.status === 'applied') return cmd.applied_step === null || cmd.applied_step === undefined ? 'applied' : `applied at step ${cmd.applied_step}`;
   if (cmd.status === 'rejected') return `rejected: ${cmd.reason || 'no reason given'}`;
-  return cmd.status || 'pending';
-}
-
-function timeText(t) {
-  const s = toSeconds(t);
-  return Number.isFinite(s) ? new Date(s * 1000).toLocaleTimeString() : '';
+  return cmd.status;
 }
 
 export class Controls {
-  constructor(jobId, { showError, onApplied }) {
+  /** limits: the server's bounds (GET /api/limits), or null when they could not be read. */
+  constructor(jobId, { limits, showError, onApplied }) {
     Object.assign(this, { jobId, showError, onApplied });
+    this.maxPeriod = limits?.max_period ?? null;
+    this.maxTarget = limits?.max_target_divergence ?? null;
     this.commands = new Map();
     this.control = null;
     this.renderTimer = null;
@@ -84,7 +81,7 @@ export class Controls {
     $('#pause-training').hidden = !!control.training_paused;
     $('#resume-training').hidden = !control.training_paused;
     $('#period-input').placeholder = String(control.period ?? '');
-    this.renderAutopilot(control.autotune || {});
+    this.renderAutopilot(control.autotune);
     const sizes = Object.keys(control.hierarchy || {}).sort((a, b) => a - b);
     $('#hierarchy-controls').hidden = !sizes.length;
     const box = $('#hierarchy-inputs');
@@ -107,11 +104,16 @@ export class Controls {
     return !!problem;
   }
 
+  /** The periods the server accepts, in words for the error messages. */
+  periodRange() {
+    return this.maxPeriod === null ? 'of at least 1' : `from 1 to ${this.maxPeriod}`;
+  }
+
   setPeriod() {
     const input = $('#period-input');
     const raw = input.value.trim();
-    const period = parsePeriod(raw);
-    let problem = period === null ? `Period must be a whole number of steps from 1 to ${MAX_PERIOD} (got "${raw}"). Nothing was sent.` : null;
+    const period = parsePeriod(raw, this.maxPeriod);
+    let problem = period === null ? `Period must be a whole number of steps ${this.periodRange()} (got "${raw}"). Nothing was sent.` : null;
     const h = this.control?.hierarchy;
     const sizes = Object.keys(h || {}).sort((a, b) => a - b);
     if (!problem && sizes.length > 1 && period <= h[sizes.at(-2)]) {
@@ -125,11 +127,11 @@ export class Controls {
     const inputs = [...document.querySelectorAll('#hierarchy-inputs input')];
     const levels = inputs.map((input) => {
       const raw = input.value.trim() || input.placeholder;
-      return { size: Number(input.dataset.groupSize), raw, period: parsePeriod(raw) };
+      return { size: Number(input.dataset.groupSize), raw, period: parsePeriod(raw, this.maxPeriod) };
     }).sort((a, b) => a.size - b.size);
     let problem = null;
     const bad = levels.find((l) => l.period === null);
-    if (bad) problem = `The period for groups of ${bad.size} must be a whole number of steps from 1 to ${MAX_PERIOD} (got "${bad.raw}").`;
+    if (bad) problem = `The period for groups of ${bad.size} must be a whole number of steps ${this.periodRange()} (got "${bad.raw}").`;
     for (let i = 1; !problem && i < levels.length; i++) {
       const [a, b] = [levels[i - 1], levels[i]];
       if (b.period <= a.period) problem = `Periods must grow with the group size: groups of ${b.size} (every ${b.period} steps) must average less often than groups of ${a.size} (every ${a.period} steps).`;
@@ -142,7 +144,7 @@ export class Controls {
     const input = $('#autopilot-target');
     const raw = input.value.trim();
     const target = raw === '' ? null : Number(raw);
-    const ok = !enabled || target === null || (Number.isFinite(target) && target > 0 && target <= 1e6);
+    const ok = !enabled || target === null || (Number.isFinite(target) && target > 0 && (this.maxTarget === null || target <= this.maxTarget));
     if (this.invalid([input], '#autopilot-error', ok ? null : `Target divergence must be a positive number (or empty to calibrate it), got "${raw}". Nothing was sent.`)) return;
     this.send({ type: 'set_autotune', enabled, target_divergence: enabled ? target : null }, '#autopilot-error');
   }
@@ -150,8 +152,7 @@ export class Controls {
   async send(command, errSel) {
     for (const sel of ['#period-error', '#hierarchy-error', '#autopilot-error', '#command-error']) $(sel).hidden = true;
     try {
-      const cmd = await sendCommand(this.jobId, command);
-      this.upsert({ command, ...cmd });
+      this.upsert(await sendCommand(this.jobId, command));
     } catch (err) {
       if (err.isAuth) this.showError(err.message);
       $(errSel).textContent = `Not accepted: ${err.message}`;
@@ -216,7 +217,7 @@ export class Controls {
         el('td', { className: 'num', textContent: c.id }),
         el('td', { textContent: describe(c), title: c.note ?? '' }, ...(c.note ? [el('div', { className: 'note', textContent: c.note })] : [])),
         el('td', { textContent: c.author ?? '' }),
-        el('td', { textContent: timeText(c.created_at) }),
+        el('td', { textContent: clockTime(c.created_at) }),
         el('td', { className: `status status-${c.status}`, textContent: statusText(c) }));
       tr.dataset.commandId = c.id;
       tr.dataset.status = c.status;

@@ -3,234 +3,309 @@
 import { getJob } from './rest.js';
 import { LiveChart, latest, mean, rankColor, ratio } from './charts.js';
 import { Controls } from './controls.js';
-import { ago, el, num } from './format.js';
+import { $, el } from './dom.js';
+import { ago, num } from './format.js';
 import { JobStream } from './stream.js';
 
-const $ = (sel) => document.querySelector(sel);
 const MAX_RANK_SERIES = 1024;
+const RENDER_SOON_MS = 500; // live frames refresh the summary and rank table at most this often
+const RENDER_EVERY_MS = 2000; // keeps "last seen" ages fresh
 
-function makeCharts(isRelative, markers) {
-  const divergence = new LiveChart($('#chart-divergence'), { axes: [{ label: 'divergence' }] });
-  const pick = (abs, rel) => (r) => (isRelative() ? r[rel] : r[abs]);
-  divergence.define('mean', { label: 'group mean', stroke: '#111', width: 2.5, z: 1, reduce: mean(pick('divergence_mean', 'relative_mean')) });
-  divergence.define('max', { label: 'group max', stroke: '#c00', width: 2, dash: [6, 4], z: 1, reduce: mean(pick('divergence_max', 'relative_max')) });
+const rankKey = (rank) => `r${rank}`;
 
-  const period = new LiveChart($('#chart-period'), { axes: [{ label: 'period (steps)' }], markers });
-  period.define('period', { label: 'period', stroke: '#5a3fa0', width: 2, stepped: true, reduce: latest((c) => c.period) });
-
-  const throughput = new LiveChart($('#chart-throughput'), {
-    axes: [{ label: 'steps/s per rank' }, { label: 'averaging share', scale: 'share', side: 1 }],
-    scales: { share: { range: [0, 1] } },
-    minBucket: 20,
-  });
-  // Steps per second of one rank, and the share of step time spent in averaging rounds (step
-  // records bring the step time, round records the averaging seconds).
-  throughput.define('rate', {
-    label: 'steps/s', stroke: '#1565c0', width: 1.5, reduce: ratio((r) => (r.step_time > 0 ? 1 : null), (r) => r.step_time),
-  });
-  // A record of a thinned series stands for `w` records (a live frame's step_weight, a snapshot's
-  // older records' w): sums of time count it w times, or the share would move with the thinning.
-  throughput.define('share', {
-    label: 'averaging share', stroke: '#e65100', width: 1.5, scale: 'share', max: 1,
-    reduce: ratio((r) => (r.seconds ?? 0) * (r.w ?? 1), (r) => (r.seconds === undefined ? r.step_time * (r.w ?? 1) : 0)),
-  });
-  return {
-    loss: new LiveChart($('#chart-loss'), { axes: [{ label: 'loss' }] }),
-    divergence,
-    drift: new LiveChart($('#chart-drift'), { axes: [{ label: 'drift' }] }),
-    period,
-    throughput,
-  };
+/** Raise map[key] to `step` unless it already holds that step or a later one. */
+function keepLatest(map, key, step) {
+  if (!(step <= map.get(key))) map.set(key, step);
 }
 
-/** Open the page of job `jobId`; returns a function that closes it. */
-export function openJobPage(jobId, { showError, setConnection }) {
-  let job = null;
-  let relative = false;
-  const rankSteps = new Map(); // rank -> latest step seen in metrics (job messages may lag)
-  // The server subscribes us before reading the snapshot, so the first live records of a rank
-  // may repeat its tail: skip live records up to the snapshot's last step, per rank and kind.
-  const overlap = { steps: new Map(), rounds: new Map() };
-  const fresh = (kind, rank, step) => {
-    const last = overlap[kind].get(rank);
-    if (last === undefined) return true;
-    if (step <= last) return false;
-    overlap[kind].delete(rank);
-    return true;
-  };
-  const controls = new Controls(jobId, { showError, onApplied: () => charts.period.invalidate() });
-  const charts = makeCharts(() => relative, () => controls.markers());
+/** The five charts of a job page, fed record by record. */
+class JobCharts {
+  /** relative: divergence shown relative to the mean model's norm; markers(): applied commands as
+   * [{x, label}]; worldSize(): the job's number of ranks. */
+  constructor({ relative, markers, worldSize }) {
+    this.relative = relative;
+    this.worldSize = worldSize;
+    this.loss = new LiveChart($('#chart-loss'), { axes: [{ label: 'loss' }] });
+    this.drift = new LiveChart($('#chart-drift'), { axes: [{ label: 'drift' }] });
 
-  function ensureRank(rank) {
-    const key = `r${rank}`;
-    if (charts.loss.series.has(key) || charts.loss.series.size >= MAX_RANK_SERIES) return key;
+    this.divergence = new LiveChart($('#chart-divergence'), { axes: [{ label: 'divergence' }] });
+    const pick = (abs, rel) => (r) => (this.relative ? r[rel] : r[abs]);
+    this.divergence.define('mean', { label: 'group mean', stroke: '#111', width: 2.5, z: 1, reduce: mean(pick('divergence_mean', 'relative_mean')) });
+    this.divergence.define('max', { label: 'group max', stroke: '#c00', width: 2, dash: [6, 4], z: 1, reduce: mean(pick('divergence_max', 'relative_max')) });
+
+    this.period = new LiveChart($('#chart-period'), { axes: [{ label: 'period (steps)' }], markers });
+    this.period.define('period', { label: 'period', stroke: '#5a3fa0', width: 2, stepped: true, reduce: latest((c) => c.period) });
+
+    this.throughput = new LiveChart($('#chart-throughput'), {
+      axes: [{ label: 'steps/s per rank' }, { label: 'averaging share', scale: 'share', side: 1 }],
+      scales: { share: { range: [0, 1] } },
+      minBucket: 20,
+    });
+    // Steps per second of one rank, and the share of step time spent in averaging rounds (step
+    // records bring the step time, round records the averaging seconds).
+    this.throughput.define('rate', {
+      label: 'steps/s', stroke: '#1565c0', width: 1.5, reduce: ratio((r) => (r.step_time > 0 ? 1 : null), (r) => r.step_time),
+    });
+    // A record of a thinned series stands for `w` records (a live frame's step_weight, a snapshot's
+    // older records' w): sums of time count it w times, or the share would move with the thinning.
+    this.throughput.define('share', {
+      label: 'averaging share', stroke: '#e65100', width: 1.5, scale: 'share', max: 1,
+      reduce: ratio((r) => (r.seconds ?? 0) * (r.w ?? 1), (r) => (r.seconds === undefined ? r.step_time * (r.w ?? 1) : 0)),
+    });
+  }
+
+  all() {
+    return [this.loss, this.divergence, this.drift, this.period, this.throughput];
+  }
+
+  /** Give `rank` its lines on the loss, drift and divergence charts; false past MAX_RANK_SERIES ranks. */
+  addRank(rank) {
+    const key = rankKey(rank);
+    if (this.loss.series.has(key)) return true;
+    if (this.loss.series.size >= MAX_RANK_SERIES) return false;
     // Many ranks: lighter lines, so the group mean and max stay readable on top.
-    const spec = { label: `rank ${rank}`, stroke: rankColor(rank, (job?.world_size ?? 0) > 16 ? 0.45 : 1) };
-    charts.loss.define(key, { ...spec, reduce: mean((s) => s.loss) });
-    charts.drift.define(key, { ...spec, reduce: mean((s) => s.drift) });
-    charts.divergence.define(key, { ...spec, reduce: mean((r) => (relative ? r.relative_divergence : r.divergence)) });
-    return key;
+    const spec = { label: `rank ${rank}`, stroke: rankColor(rank, this.worldSize() > 16 ? 0.45 : 1) };
+    this.loss.define(key, { ...spec, reduce: mean((s) => s.loss) });
+    this.drift.define(key, { ...spec, reduce: mean((s) => s.drift) });
+    this.divergence.define(key, { ...spec, reduce: mean((r) => (this.relative ? r.relative_divergence : r.divergence)) });
+    return true;
   }
 
-  function feedStep(rank, s, weight = 1) {
+  /** A step record of `rank` standing for `weight` steps; false when the rank has no lines. */
+  addStep(rank, s, weight = 1) {
     if (weight !== 1) s.w = weight;
-    const key = ensureRank(rank);
-    if (!charts.loss.series.has(key)) return;
-    if (s.loss !== null && s.loss !== undefined) charts.loss.push(key, s.step, s);
-    if (s.drift !== null && s.drift !== undefined) charts.drift.push(key, s.step, s);
+    if (!this.addRank(rank)) return false;
+    const key = rankKey(rank);
+    if (s.loss !== null && s.loss !== undefined) this.loss.push(key, s.step, s);
+    if (s.drift !== null && s.drift !== undefined) this.drift.push(key, s.step, s);
     if (s.step_time > 0) {
-      charts.throughput.push('rate', s.step, s);
-      charts.throughput.push('share', s.step, s);
+      this.throughput.push('rate', s.step, s);
+      this.throughput.push('share', s.step, s);
     }
-    if (!(s.step <= rankSteps.get(rank))) rankSteps.set(rank, s.step);
-    charts.period.extendTo(s.step);
+    this.period.extendTo(s.step);
+    return true;
   }
 
-  function feedRound(rank, r) {
-    const key = ensureRank(rank);
-    if (charts.divergence.series.has(key)) charts.divergence.push(key, r.step, r);
-    charts.divergence.push('mean', r.step, r);
-    charts.divergence.push('max', r.step, r);
-    charts.throughput.push('share', r.step, r);
+  /** A round record of `rank`: its divergence, the group's mean and max, the time it took. */
+  addRound(rank, r) {
+    if (this.addRank(rank)) this.divergence.push(rankKey(rank), r.step, r);
+    this.divergence.push('mean', r.step, r);
+    this.divergence.push('max', r.step, r);
+    this.throughput.push('share', r.step, r);
   }
 
-  function feedControl(ev) {
+  /** A control event: the period from its step on, and each group level's for hierarchies. */
+  addControl(ev) {
     if (!ev.control) return;
-    charts.period.push('period', ev.step, ev.control);
+    this.period.push('period', ev.step, ev.control);
     for (const size of Object.keys(ev.control.hierarchy || {})) {
       const key = `g${size}`;
-      if (!charts.period.series.has(key)) {
-        charts.period.define(key, { label: `groups of ${size}`, stroke: rankColor(Number(size) + 3), stepped: true, dash: [3, 3], reduce: latest((c) => c.hierarchy?.[size]) });
-        charts.period.invalidate(true);
+      if (!this.period.series.has(key)) {
+        this.period.define(key, { label: `groups of ${size}`, stroke: rankColor(Number(size) + 3), stepped: true, dash: [3, 3], reduce: latest((c) => c.hierarchy?.[size]) });
+        this.period.invalidate(true);
       }
-      charts.period.push(key, ev.step, ev.control);
+      this.period.push(key, ev.step, ev.control);
     }
   }
 
-  function feedMetrics({ rank, steps, step_weight: weight = 1, rounds, control }) {
-    for (const s of steps || []) if (fresh('steps', rank, s.step)) feedStep(rank, s, weight);
-    for (const r of rounds || []) if (fresh('rounds', rank, r.step)) feedRound(rank, r);
-    for (const ev of control || []) feedControl(ev);
+  /** Show divergence relative to the mean model's norm, or not: every record is folded again. */
+  setRelative(relative) {
+    this.relative = relative;
+    this.divergence.axes = [{ label: relative ? 'divergence / ‖mean model‖' : 'divergence' }];
+    this.divergence.invalidate(true);
   }
 
-  function setJob(next) {
-    if (!next || typeof next !== 'object') return;
-    const before = job?.control?.version;
-    job = next;
-    // A control change the metrics did not carry (yet): show it from the job's step.
-    if (job.control && before !== undefined && job.control.version > before) feedControl({ step: job.step ?? 0, control: job.control });
-    if (typeof job.step === 'number') charts.period.extendTo(job.step);
-    controls.setControl(job.control);
-    render();
+  clear() {
+    for (const chart of this.all()) chart.clear();
   }
 
-  function onMessage(msg) {
-    if (msg.kind === 'snapshot') {
-      for (const chart of Object.values(charts)) chart.clear();
-      rankSteps.clear();
-      job = null;
-      setJob(msg.job);
-      for (let r = 0; r < Math.min(job?.world_size ?? 0, MAX_RANK_SERIES); r++) ensureRank(r);
-      const steps = msg.steps || [];
-      const events = msg.control_events || [];
-      // Without recorded changes the period was the current one all along.
-      if (!events.length && job?.control) {
-        let first = job.step ?? 0;
-        for (const s of steps) if (s.step < first) first = s.step;
-        feedControl({ step: first, control: job.control });
-      }
-      for (const s of steps) feedStep(s.rank, s);
-      for (const r of msg.rounds || []) feedRound(r.rank, r);
-      for (const [kind, list] of [['steps', steps], ['rounds', msg.rounds || []]]) {
-        overlap[kind].clear();
-        for (const rec of list) if (!(rec.step <= overlap[kind].get(rec.rank))) overlap[kind].set(rec.rank, rec.step);
-      }
-      for (const ev of events) feedControl(ev);
-      controls.reset(msg.commands || []);
-    } else if (msg.kind === 'metrics_batch') {
-      // One frame per job per server tick: every rank's records since the last one.
-      for (const item of msg.items || []) feedMetrics(item);
-      renderSoon();
-    } else if (msg.kind === 'metrics') {
-      feedMetrics(msg); // the per-rank frame of older servers
-      renderSoon();
-    } else if (msg.kind === 'job') {
-      setJob(msg.job);
-    } else if (msg.kind === 'command' && msg.command) {
-      controls.upsert(msg.command);
-    }
+  destroy() {
+    for (const chart of this.all()) chart.destroy();
+  }
+}
+
+/**
+ * The server subscribes the page before it reads the snapshot, so the first live records of a rank
+ * may repeat the snapshot's tail: live records up to the snapshot's last step are skipped, per
+ * rank and kind (`steps`, `rounds`).
+ */
+class SnapshotOverlap {
+  constructor() {
+    this.lastStep = { steps: new Map(), rounds: new Map() };
   }
 
-  let renderTimer = null;
-  function renderSoon() {
-    if (renderTimer === null) renderTimer = setTimeout(() => { renderTimer = null; render(); }, 500);
+  /** Remember the snapshot's last step of each rank among its `records` of `kind`. */
+  reset(kind, records) {
+    this.lastStep[kind].clear();
+    for (const rec of records) keepLatest(this.lastStep[kind], rec.rank, rec.step);
   }
 
-  function render() {
-    if (!job) return;
-    const c = job.control || {};
-    const seen = Math.max(-1, ...rankSteps.values());
-    const fields = [
-      ['job', 'Job', job.id ?? jobId],
-      ['status', 'Status', job.status ?? ''],
-      ['world-size', 'World size', job.world_size ?? ''],
-      ['step', 'Step', Math.max(job.step ?? 0, seen)],
-      ['period', 'Period', c.period ?? ''],
-      ['warmup', 'Warm-up', c.warmup_steps ?? ''],
-      ['averaging', 'Averaging', c.averaging_paused ? 'paused' : 'running'],
-      ['training', 'Training', c.training_paused ? 'paused' : 'running'],
-      ['hierarchy', 'Hierarchy', c.hierarchy ? Object.entries(c.hierarchy).map(([g, p]) => `groups of ${g}: ${p}`).join(', ') : null],
-      ['autopilot', 'Autopilot', c.autotune?.enabled ? `on${c.autotune.target_divergence ? ` (target ${num(c.autotune.target_divergence)})` : ''}` : 'off'],
-      ['version', 'Control version', c.version ?? ''],
-    ];
-    $('#job-summary').replaceChildren(...fields.filter(([, , v]) => v !== null).map(([key, label, value]) =>
-      el('div', {}, el('dt', { textContent: label }), el('dd', { textContent: String(value), id: `job-${key}` }))));
-    const rows = [...(job.ranks || [])].sort((a, b) => a.rank - b.rank).map((r) => {
-      const tr = el('tr', {},
-        el('td', { className: 'num', textContent: r.rank }),
-        el('td', { textContent: r.host ?? '' }),
-        el('td', { className: 'num', textContent: Math.max(r.step ?? 0, rankSteps.get(r.rank) ?? 0) }),
-        el('td', { textContent: ago(r.last_seen) }),
-        el('td', { className: r.connected ? 'yes' : 'no', textContent: r.connected ? 'yes' : 'no' }),
-        el('td', { className: 'num', textContent: r.dropped ?? 0 }));
-      tr.dataset.rank = r.rank;
-      return tr;
-    });
-    $('#rank-table tbody').replaceChildren(...rows);
+  /** Whether a live record is past the snapshot; the first that is ends the check for its rank. */
+  isNew(kind, rank, step) {
+    const last = this.lastStep[kind].get(rank);
+    if (last === undefined) return true;
+    if (step <= last) return false;
+    this.lastStep[kind].delete(rank);
+    return true;
   }
+}
 
-  function onDrop() {
-    // The browser hides why a websocket failed: ask REST (wrong token, unknown job, server down).
-    getJob(jobId).then(setJob, (err) => showError(err.isAuth ? err.message : `Job ${jobId}: ${err.message}`));
-  }
+/** The summary of `job` (dd ids: job-<key>, see app.js); `step`: the latest step seen. */
+function renderSummary(job, step) {
+  const c = job.control || {};
+  const fields = [
+    ['job', 'Job', job.id],
+    ['status', 'Status', job.status ?? ''],
+    ['world-size', 'World size', job.world_size ?? ''],
+    ['step', 'Step', step],
+    ['period', 'Period', c.period ?? ''],
+    ['warmup', 'Warm-up', c.warmup_steps ?? ''],
+    ['averaging', 'Averaging', c.averaging_paused ? 'paused' : 'running'],
+    ['training', 'Training', c.training_paused ? 'paused' : 'running'],
+    ['hierarchy', 'Hierarchy', c.hierarchy ? Object.entries(c.hierarchy).map(([g, p]) => `groups of ${g}: ${p}`).join(', ') : null],
+    ['autopilot', 'Autopilot', c.autotune?.enabled ? `on${c.autotune.target_divergence ? ` (target ${num(c.autotune.target_divergence)})` : ''}` : 'off'],
+    ['version', 'Control version', c.version ?? ''],
+  ];
+  $('#job-summary').replaceChildren(...fields.filter(([, , v]) => v !== null).map(([key, label, value]) =>
+    el('div', {}, el('dt', { textContent: label }), el('dd', { textContent: String(value), id: `job-${key}` }))));
+}
 
-  const stream = new JobStream(jobId, {
-    onMessage,
-    onDrop,
-    onState: (state, detail) => {
-      setConnection(state, detail);
-      if (state === 'connected') showError(null);
-    },
+/** One row per rank in rank order; `rankSteps` (rank -> step seen in metrics) may be ahead of `ranks`. */
+function renderRankTable(ranks, rankSteps) {
+  const rows = [...ranks].sort((a, b) => a.rank - b.rank).map((r) => {
+    const tr = el('tr', {},
+      el('td', { className: 'num', textContent: r.rank }),
+      el('td', { textContent: r.host ?? '' }),
+      el('td', { className: 'num', textContent: Math.max(r.step ?? 0, rankSteps.get(r.rank) ?? 0) }),
+      el('td', { textContent: ago(r.last_seen) }),
+      el('td', { className: r.connected ? 'yes' : 'no', textContent: r.connected ? 'yes' : 'no' }),
+      el('td', { className: 'num', textContent: r.dropped ?? 0 }));
+    tr.dataset.rank = r.rank;
+    return tr;
   });
-  const relativeBox = $('#divergence-relative');
-  relative = relativeBox.checked;
-  relativeBox.onchange = () => {
-    relative = relativeBox.checked;
-    charts.divergence.axes = [{ label: relative ? 'divergence / ‖mean model‖' : 'divergence' }];
-    charts.divergence.invalidate(true);
-  };
-  getJob(jobId).then((j) => { if (!job) setJob(j); }, (err) => showError(err.isAuth ? err.message : `Job ${jobId}: ${err.message}`));
-  stream.start();
-  const ticker = setInterval(render, 2000); // keeps "last seen" ages fresh
+  $('#rank-table tbody').replaceChildren(...rows);
+}
 
-  return () => {
-    stream.stop();
-    clearInterval(ticker);
-    clearTimeout(renderTimer);
-    relativeBox.onchange = null;
-    controls.destroy();
-    for (const chart of Object.values(charts)) chart.destroy();
+/** One open job page: the job's stream feeds its charts, controls, summary and rank table. */
+class JobPage {
+  constructor(jobId, { limits, showError, setConnection }) {
+    this.jobId = jobId;
+    this.showError = showError;
+    this.job = null;
+    this.rankSteps = new Map(); // rank -> latest step seen in metrics (job messages may lag)
+    this.overlap = new SnapshotOverlap();
+    this.renderTimer = null;
+    this.controls = new Controls(jobId, { limits, showError, onApplied: () => this.charts.period.invalidate() });
+    this.relativeBox = $('#divergence-relative');
+    this.charts = new JobCharts({
+      relative: this.relativeBox.checked,
+      markers: () => this.controls.markers(),
+      worldSize: () => this.job?.world_size ?? 0,
+    });
+    this.relativeBox.onchange = () => this.charts.setRelative(this.relativeBox.checked);
+    this.stream = new JobStream(jobId, {
+      onMessage: (msg) => this.onMessage(msg),
+      onDrop: () => this.onDrop(),
+      onState: (state, detail) => {
+        setConnection(state, detail);
+        if (state === 'connected') showError(null);
+      },
+    });
+    getJob(jobId).then((job) => { if (!this.job) this.setJob(job); }, (err) => this.explain(err));
+    this.stream.start();
+    this.ticker = setInterval(() => this.render(), RENDER_EVERY_MS);
+  }
+
+  close() {
+    this.stream.stop();
+    clearInterval(this.ticker);
+    clearTimeout(this.renderTimer);
+    this.relativeBox.onchange = null;
+    this.controls.destroy();
+    this.charts.destroy();
     $('#job-summary').replaceChildren();
     $('#rank-table tbody').replaceChildren();
-  };
+  }
+
+  onMessage(msg) {
+    if (msg.kind === 'snapshot') this.onSnapshot(msg);
+    else if (msg.kind === 'metrics_batch') this.onMetricsBatch(msg);
+    else if (msg.kind === 'job') this.setJob(msg.job);
+    else if (msg.kind === 'command') this.controls.upsert(msg.command);
+  }
+
+  // Sent on every (re)connect: everything shown starts again from it.
+  onSnapshot(msg) {
+    this.charts.clear();
+    this.rankSteps.clear();
+    this.job = null;
+    this.setJob(msg.job);
+    for (let r = 0; r < Math.min(this.job?.world_size ?? 0, MAX_RANK_SERIES); r++) this.charts.addRank(r);
+    const steps = msg.steps || [];
+    const rounds = msg.rounds || [];
+    const events = msg.control_events || [];
+    // Without recorded changes the period was the current one all along.
+    if (!events.length && this.job?.control) {
+      let first = this.job.step ?? 0;
+      for (const s of steps) if (s.step < first) first = s.step;
+      this.charts.addControl({ step: first, control: this.job.control });
+    }
+    for (const s of steps) this.addStep(s.rank, s);
+    for (const r of rounds) this.charts.addRound(r.rank, r);
+    this.overlap.reset('steps', steps);
+    this.overlap.reset('rounds', rounds);
+    for (const ev of events) this.charts.addControl(ev);
+    this.controls.reset(msg.commands || []);
+  }
+
+  // One frame per job per server tick (`DashboardMetrics`): every rank's records since the last one.
+  onMetricsBatch(msg) {
+    for (const { rank, steps, step_weight: weight, rounds, control } of msg.items) {
+      for (const s of steps) if (this.overlap.isNew('steps', rank, s.step)) this.addStep(rank, s, weight);
+      for (const r of rounds) if (this.overlap.isNew('rounds', rank, r.step)) this.charts.addRound(rank, r);
+      for (const ev of control) this.charts.addControl(ev);
+    }
+    this.renderSoon();
+  }
+
+  addStep(rank, s, weight = 1) {
+    if (this.charts.addStep(rank, s, weight)) keepLatest(this.rankSteps, rank, s.step);
+  }
+
+  setJob(next) {
+    if (!next || typeof next !== 'object') return;
+    const before = this.job?.control?.version;
+    this.job = next;
+    // A control change the metrics did not carry (yet): show it from the job's step.
+    if (next.control && before !== undefined && next.control.version > before) this.charts.addControl({ step: next.step ?? 0, control: next.control });
+    if (typeof next.step === 'number') this.charts.period.extendTo(next.step);
+    this.controls.setControl(next.control);
+    this.render();
+  }
+
+  onDrop() {
+    // The browser hides why a websocket failed: ask REST (wrong token, unknown job, server down).
+    getJob(this.jobId).then((job) => this.setJob(job), (err) => this.explain(err));
+  }
+
+  explain(err) {
+    this.showError(err.isAuth ? err.message : `Job ${this.jobId}: ${err.message}`);
+  }
+
+  renderSoon() {
+    if (this.renderTimer === null) this.renderTimer = setTimeout(() => { this.renderTimer = null; this.render(); }, RENDER_SOON_MS);
+  }
+
+  render() {
+    if (!this.job) return;
+    const seen = Math.max(-1, ...this.rankSteps.values());
+    renderSummary(this.job, Math.max(this.job.step ?? 0, seen));
+    renderRankTable(this.job.ranks || [], this.rankSteps);
+  }
+}
+
+/** Open the page of job `jobId`; returns a function that closes it. `limits`: GET /api/limits, or null. */
+export function openJobPage(jobId, { limits, showError, setConnection }) {
+  const page = new JobPage(jobId, { limits, showError, setConnection });
+  return () => page.close();
 }

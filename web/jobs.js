@@ -1,9 +1,9 @@
 // The job list: GET /api/jobs every 2 s.
 
 import { listJobs } from './rest.js';
-import { ago, el, jobDivergence, lastSeen, num } from './format.js';
+import { $, el } from './dom.js';
+import { ago, num } from './format.js';
 
-const $ = (sel) => document.querySelector(sel);
 const POLL_MS = 2000;
 
 function row(job) {
@@ -17,9 +17,10 @@ function row(job) {
     el('td', { className: 'num', textContent: c.hierarchy ? Object.values(c.hierarchy).join(' / ') : c.period ?? '' }),
     el('td', { textContent: c.averaging_paused ? 'paused' : 'running' }),
     el('td', { textContent: c.training_paused ? 'paused' : 'running' }),
-    el('td', { className: 'num', textContent: num(jobDivergence(job)) }),
+    el('td', { className: 'num', textContent: num(job.divergence_mean) }),
     el('td', { className: 'num', textContent: num(job.divergence_max) }),
-    el('td', { textContent: ago(lastSeen(job)) }));
+    // JobOut.last_seen is optional (no frame of the job recorded): then when its row last changed.
+    el('td', { textContent: ago(job.last_seen ?? job.updated_at) }));
   tr.dataset.jobId = job.id;
   return tr;
 }
@@ -30,8 +31,7 @@ export function openJobList({ showError }) {
   let timer = null;
   async function refresh() {
     try {
-      const body = await listJobs();
-      const jobs = Array.isArray(body) ? body : body?.jobs || [];
+      const jobs = await listJobs();
       if (stopped) return;
       showError(null);
       $('#job-table tbody').replaceChildren(...jobs.map(row));

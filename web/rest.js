@@ -46,6 +46,9 @@ export async function api(path, { method = 'GET', body } = {}) {
   return data;
 }
 
+/** The bounds the server enforces on commands and records (GET /api/limits, `LimitsOut`). */
+export const getLimits = () => api('/api/limits');
+
 const job = (id) => `/api/jobs/${encodeURIComponent(id)}`;
 export const listJobs = () => api('/api/jobs');
 export const getJob = (id) => api(job(id));

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
+from avgctl.protocol.bounds import MAX_PERIOD
 from avgctl.worker import control_state as cs
 from tests.polling import wait_for
 from tests.server.helpers import READ, ServerThread, auth, make_settings
@@ -99,7 +100,7 @@ def test_averaging_share_does_not_depend_on_thinning(tmp_path, thinning, page):
     assert job.error is None
 
 
-@pytest.mark.parametrize("bad", ["0", "-3", "2.5", "abc", ""])
+@pytest.mark.parametrize("bad", ["0", "-3", "2.5", "abc", "", str(MAX_PERIOD + 1)])
 def test_bad_period_is_explained_and_not_sent(server, fake_job, rest, bad, page):
     open_job(page, server)
     page.locator("#period-input").fill(bad)
@@ -107,6 +108,7 @@ def test_bad_period_is_explained_and_not_sent(server, fake_job, rest, bad, page)
     error = page.locator("#period-error")
     expect(error).to_be_visible()
     expect(error).to_contain_text("whole number of steps")
+    expect(error).to_contain_text(f"from 1 to {MAX_PERIOD}")  # the bound the page read from GET /api/limits
     expect(page.locator("#period-input")).to_have_attribute("aria-invalid", "true")
     # A valid click afterwards is the proof that clicks do reach the server; before it, none did.
     assert rest.get("/api/jobs/web-job/commands").json() == []
