@@ -233,18 +233,8 @@ class Autopilot:
         self._spawn(self._write_status(job_id, view, expected))
 
     async def _write_status(self, job_id: str, view: AutotuneView, expected: tuple[bool, float | None]) -> None:
-        def write(conn) -> None:
-            row = conn.execute("SELECT autotune FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                return
-            stored = AutotuneView.model_validate_json(row[0])
-            # set_autotune owns the settings: a report that a newer switch overtook must not undo it.
-            if (stored.enabled, stored.target_divergence) != expected:
-                return
-            conn.execute("UPDATE jobs SET autotune = ? WHERE id = ?", (view.model_dump_json(), job_id))
-
         try:
-            await self.store.write(write)
+            await self.store.write(lambda conn: st.report_autotune(conn, job_id, view, expected))
         except Exception:
             log.exception("autopilot: storing the status of job %s failed", job_id)
             return

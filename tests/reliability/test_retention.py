@@ -92,7 +92,7 @@ def test_file_stops_growing(tmp_path):
             store.prune().result()
             store.submit(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()).result()
             sizes.append(os.path.getsize(tmp_path / "f.db"))
-        rows = store._reader().execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+        rows = store._readers.connection().execute("SELECT COUNT(*) FROM steps").fetchone()[0]
     finally:
         store.close()
     assert rows <= 2 * (500 + 1 + 100)

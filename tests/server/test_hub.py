@@ -6,7 +6,8 @@ import json
 import sqlite3
 import time
 
-from avgctl.server import sqlwriter, store as st
+from avgctl.server import store as st
+from avgctl.server.store import process
 from avgctl.server.hub import Hub, Thinned
 from avgctl.server.records import EncodedBatch, decode_metrics, encode
 from avgctl.protocol import ControlEvent, ControlView, Hello
@@ -75,7 +76,9 @@ def test_metric_batches_are_written_together(tmp_path):
         assert job.last_seen >= 12.0  # the hello was later than these made-up receive times
         stored = store.metrics("job-1")
         # The dashboard's snapshot text is spliced from the stored records, not re-encoded: same content.
-        assert json.loads(store.snapshot_json("job-1", 100)) == store.snapshot("job-1", 100)
+        snap = json.loads(store.snapshot_json("job-1", 100))  # 100 records per rank: all of them, in full
+        assert {table: snap[table] for table in stored} == stored
+        assert snap["kind"] == "snapshot" and snap["job"] == store.get_job("job-1").model_dump(mode="json")
         assert store.snapshot_json("nope", 100) is None
         assert len(stored["steps"]) == 21 and [r["step"] for r in stored["rounds"] if r["rank"] == 1] == [4, 8]
         # Ingest's path: batches queued while the writer is busy go out together, none lost.
@@ -110,7 +113,7 @@ def test_the_writer_checkpoints_its_wal_at_its_own_size_and_trims_it_back(tmp_pa
     try:
         pragmas = store.submit(lambda c: [c.execute(f"PRAGMA {p}").fetchone()[0]
                                           for p in ("wal_autocheckpoint", "journal_size_limit", "journal_mode")]).result()
-        assert pragmas == [sqlwriter.WAL_CHECKPOINT_PAGES, sqlwriter.WAL_SIZE_LIMIT, "wal"]
+        assert pragmas == [process.WAL_CHECKPOINT_PAGES, process.WAL_SIZE_LIMIT, "wal"]
     finally:
         store.close()
 
@@ -120,9 +123,10 @@ def test_a_snapshots_older_records_say_how_many_each_stands_for(tmp_path):
     try:
         entries = [("job-1", rank, encoded(batch(1, 1000)), 10.0) for rank in (0, 1)]  # rounds every 4 steps
         store.submit(lambda c: st.write_metric_batches(c, entries)).result()
-        snap = store.snapshot("job-1", 200)  # 100 records per rank: steps from 950 in full, 50 older ones
-        assert json.loads(store.snapshot_json("job-1", 200)) == snap
+        snap = json.loads(store.snapshot_json("job-1", 200))  # 100 records per rank: steps from 950 in full, 50 older ones
         for table, total in (("steps", 949), ("rounds", 237)):  # of each rank's, below step 950
+            stored = {(r["rank"], r["step"]): r for r in store.metrics("job-1")[table]}
+            assert all({k: v for k, v in r.items() if k != "w"} == stored[r["rank"], r["step"]] for r in snap[table])
             old = [r for r in snap[table] if r["rank"] == 0 and r["step"] < 950]
             recent = [r for r in snap[table] if r["rank"] == 0 and r["step"] >= 950]
             assert all("w" not in r for r in recent) and len(old) <= 50
@@ -136,7 +140,7 @@ def test_a_snapshots_older_records_say_how_many_each_stands_for(tmp_path):
 def test_a_job_read_is_one_snapshot_even_when_a_write_lands_between_its_queries(tmp_path):
     store = _store_with_two_ranks(tmp_path)
     try:
-        reader = store._reader()
+        reader = store._readers.connection()
         landed = []
 
         def write_between(statement: str) -> None:
@@ -159,7 +163,7 @@ def test_a_job_read_is_one_snapshot_even_when_a_write_lands_between_its_queries(
 def test_rows_beyond_one_statements_parameter_limit_are_all_written(tmp_path):
     store = _store_with_two_ranks(tmp_path)
     store.close()
-    conn = sqlwriter.connect(store.path)
+    conn = process.connect(store.path)
     try:
         conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 14)  # at most two step rows (4 values) per INSERT
         conn.execute("BEGIN")

@@ -13,7 +13,8 @@ import time
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
-from avgctl.server import sqlwriter, store as st
+from avgctl.server import store as st
+from avgctl.server.store import process
 from avgctl.protocol import ControlEvent, ControlView
 from tests.polling import wait_for
 from tests.server.helpers import WORKER, auth
@@ -69,11 +70,11 @@ def test_the_process_stores_what_the_writer_thread_would(tmp_path):
 def test_a_failed_write_is_answered_with_its_error_and_the_process_goes_on(tmp_path):
     path = str(tmp_path / "w.db")
     sqlite3.connect(path).close()  # no tables yet
-    writer = sqlwriter.WriterProcess(path)
+    writer = process.WriterProcess(path)
     writer.start()
     try:
         entry = st.metric_entry("job-1", 0, encoded(batch(1, 4)), 10.0)
-        with pytest.raises(sqlwriter.WriterError, match="OperationalError: no such table"):
+        with pytest.raises(process.WriterError, match="OperationalError: no such table"):
             writer.write([entry])
         pid = writer.pid
         store = st.Store(path)
@@ -88,10 +89,10 @@ def test_a_failed_write_is_answered_with_its_error_and_the_process_goes_on(tmp_p
 
 def test_close_lets_the_process_finish_and_exit(tmp_path):
     store = _store_with_two_ranks(tmp_path)
-    child = store._process._child
+    child = store._writer.process._child
     assert store.add_metrics("job-1", 0, encoded(batch(1, 4)))
     store.close()
-    assert child.returncode == 0 and store._process.pid is None
+    assert child.returncode == 0 and store._writer.process.pid is None
     assert len(_contents(store.path)["steps"]) == 4
 
 
@@ -100,14 +101,14 @@ def test_a_killed_process_loses_only_its_write_and_the_next_batch_starts_a_new_o
     lost: list = []
     store.on_lost = lost.extend
     try:
-        first = store._process.pid
+        first = store._writer.process.pid
         os.kill(first, signal.SIGKILL)
         assert store.add_metrics("job-1", 0, encoded(batch(1, 4)), receipt="seq 0")
         store.submit(lambda c: None).result()
         assert lost == ["seq 0"] and store.dropped_batches == 1 and store.get_job("job-1").ranks[0].step == 0
         assert store.add_metrics("job-1", 0, encoded(batch(5, 4)), receipt="seq 1")
         store.submit(lambda c: None).result()
-        assert store.get_job("job-1").ranks[0].step == 8 and store._process.pid != first and lost == ["seq 0"]
+        assert store.get_job("job-1").ranks[0].step == 8 and store._writer.process.pid != first and lost == ["seq 0"]
     finally:
         store.close()
 
@@ -122,7 +123,7 @@ def _gone(pid: int) -> bool:
 
 _PARENT = """
 import sys, time
-from avgctl.server.sqlwriter import WriterProcess
+from avgctl.server.store.process import WriterProcess
 writer = WriterProcess(sys.argv[1])
 writer.start()
 print(writer.pid, flush=True)
@@ -148,7 +149,7 @@ def test_batches_the_writer_lost_are_sent_again_on_a_new_connection(client):
     with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r0:
         r0.send_text(hello(world_size=1, link="L1"))
         wait_for(lambda: client.get("/api/jobs/job-1").status_code == 200)
-        os.kill(store._process.pid, signal.SIGKILL)
+        os.kill(store._writer.process.pid, signal.SIGKILL)
         r0.send_text(batch(1, 4, seq=0))
         with pytest.raises(WebSocketDisconnect) as closed:
             r0.receive_text()
@@ -179,12 +180,12 @@ def test_a_ctrl_c_to_the_process_group_leaves_the_writer_to_its_server(tmp_path)
     try:
         assert store.add_metrics("job-1", 0, encoded(batch(1, 4)))
         store.submit(lambda c: None).result()  # the process is up and serving
-        pid = store._process.pid
+        pid = store._writer.process.pid
         for sig in (signal.SIGINT, signal.SIGTERM):
             os.kill(pid, sig)
         assert store.add_metrics("job-1", 0, encoded(batch(5, 4)))
         store.submit(lambda c: None).result()
-        assert store.get_job("job-1").ranks[0].step == 8 and store._process.pid == pid and store.dropped_batches == 0
+        assert store.get_job("job-1").ranks[0].step == 8 and store._writer.process.pid == pid and store.dropped_batches == 0
     finally:
         store.close()
 
@@ -193,9 +194,9 @@ def test_a_ctrl_c_to_the_process_group_leaves_the_writer_to_its_server(tmp_path)
 def test_the_pipe_to_the_process_holds_a_large_commit_in_few_writes(tmp_path):
     import fcntl
 
-    writer = sqlwriter.WriterProcess(str(tmp_path / "w.db"))
+    writer = process.WriterProcess(str(tmp_path / "w.db"))
     writer.start()
     try:
-        assert fcntl.fcntl(writer._child.stdin.fileno(), fcntl.F_GETPIPE_SZ) == sqlwriter.PIPE_BYTES
+        assert fcntl.fcntl(writer._child.stdin.fileno(), fcntl.F_GETPIPE_SZ) == process.PIPE_BYTES
     finally:
         writer.close()
