@@ -24,7 +24,7 @@ from avgctl.server.commands import CommandService
 from avgctl.server.hub import Hub
 from avgctl.server.limits import BodyLimitMiddleware
 from avgctl.server.routes import commands, health, jobs, limits, metrics, prometheus, ws
-from avgctl.server.settings import Settings
+from avgctl.server.settings import Settings, browsable_host
 from avgctl.server.store import Store
 from avgctl.server.workers import WorkerRegistry
 
@@ -58,8 +58,7 @@ def with_token(settings: Settings) -> Settings:
 
 def dashboard_url(settings: Settings) -> str:
     """Where a person opens the dashboard (logged in with the control token if there is one)."""
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    url = f"http://{host}:{settings.port}/"
+    url = f"http://{browsable_host(settings.host)}:{settings.port}/"
     return f"{url}?token={settings.control_token}" if settings.control_token else url
 
 

@@ -46,3 +46,9 @@ class Settings(BaseSettings):
     snapshot_records: int = Field(default=20_000, ge=100)
     """Step (and round) records in a dashboard snapshot, over all ranks: the recent half at full
     resolution, older history downsampled."""
+
+
+def browsable_host(host: str) -> str:
+    """The address at which a browser on this machine reaches a server listening on ``host``:
+    loopback for the any-address (``0.0.0.0``, ``::`` or empty), ``host`` itself otherwise."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host

@@ -17,56 +17,75 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from avgctl.protocol.flags import add_flags, from_flags
 from avgctl.worker import dist as wdist
-from avgctl.worker.averagers import HierarchicalAverager, PeriodicAverager, _LiveAverager
+from avgctl.worker.averagers import HierarchicalAverager, _LiveAverager, PeriodicAverager
 
 CLASSES = 10
 FEATURES = 32
 SEPARATION = 0.35  # class centers overlap: the best loss stays well above 0
 
 LrSchedule = Literal["constant", "cosine"]
-LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
+
+
+def _hierarchy(text: str) -> dict[int, int]:
+    """``2:4,4:16`` -> {group size 2: period 4, group size 4: period 16}."""
+    try:
+        pairs = [part.split(":") for part in text.split(",") if part]
+        return {int(size): int(period) for size, period in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GROUP_SIZE:PERIOD[,GROUP_SIZE:PERIOD...], got {text!r}") from None
 
 
 @dataclass(kw_only=True, slots=True)
 class DemoConfig:
     """Everything one demo run needs; built by ``main`` from flags, or by benchmarks directly."""
 
-    steps: int = 2000
+    steps: int = field(default=2000, metadata={"help": "training steps"})
     """Training steps per rank."""
-    period: int = 8
+    period: int = field(default=8, metadata={"help": "averaging period"})
     """Averaging period (the global period when ``hierarchy`` is set)."""
-    warmup_steps: int = 0
+    warmup_steps: int = field(default=0, metadata={"help": "steps before the first average"})
     """Steps before the first averaging round."""
-    hierarchy: dict[int, int] | None = None
+    hierarchy: dict[int, int] | None = field(
+        default=None,
+        metadata={"help": "hierarchical averaging, e.g. 2:4 (groups of 2 average every 4 steps)", "parse": _hierarchy},
+    )
     """``{group_size: period}`` for a HierarchicalAverager; the world's period is ``period``."""
-    lr: float = 0.05
+    lr: float = field(default=0.05, metadata={"help": "(peak) learning rate"})
     """Peak learning rate (SGD, momentum 0.9)."""
-    lr_schedule: LrSchedule = "constant"
+    lr_schedule: LrSchedule = field(
+        default="constant", metadata={"help": "constant, or cosine decay to 0 over --steps (stable final figures)"}
+    )
     """``constant``: ``lr`` throughout, so the loss settles at a noise floor set by the lr and the
     local models keep pulling apart at the same pace: good for watching divergence live. ``cosine``:
     ``lr`` decays to 0 over ``steps``, so the final figures are stable (no noise floor) and the
     divergence gathered per step falls with the lr, the regime where a longer period costs little."""
     batch_size: int = 32
-    skew: float = 0.9
+    skew: float = field(default=0.9, metadata={"help": "share of a rank's data from its own classes"})
     """Share of a rank's samples drawn from its own classes (0.1 would be IID for 10 classes)."""
-    seed: int = 0
-    step_delay: float = 0.0
+    seed: int = field(default=0, metadata={"help": "seed of the data and the initial weights"})
+    step_delay: float = field(default=0.0, metadata={"help": "seconds to sleep per step (to watch it live)"})
     """Extra seconds per step, so a person can watch the dashboard move."""
     eval_every: int = 100
     """Steps between held-out accuracy checks."""
-    checkpoint: Path | None = None
+    checkpoint: Path | None = field(
+        default=None, metadata={"help": "checkpoint path prefix; resumes from it when present"}
+    )
     """Save (and resume from) ``<checkpoint>.rank<r>.pt`` every ``checkpoint_every`` steps."""
-    checkpoint_every: int = 200
-    quiet: bool = False
-    server: str | None = None
-    job_id: str | None = None
+    checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints"})
+    quiet: bool = field(default=False, metadata={"help": "no metrics table"})
+    server: str | None = field(
+        default=None, metadata={"help": "avgctl server URL (default: $AVGCTL_SERVER; without one, metrics print locally)"}
+    )
+    job_id: str | None = field(default=None, metadata={"help": "job id (default: torchrun's run id)"})
     token: str | None = None
     extra_averager_args: dict = field(default_factory=dict)
 
@@ -281,13 +300,9 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
     )
 
 
-def _hierarchy(text: str) -> dict[int, int]:
-    """``2:4,4:16`` -> {group size 2: period 4, group size 4: period 16}."""
-    try:
-        pairs = [part.split(":") for part in text.split(",") if part]
-        return {int(size): int(period) for size, period in pairs}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected GROUP_SIZE:PERIOD[,GROUP_SIZE:PERIOD...], got {text!r}") from None
+# The flags, in the order --help lists them; the other fields are for code that builds a DemoConfig.
+FLAGS = ("server", "job_id", "steps", "period", "warmup_steps", "hierarchy", "lr", "lr_schedule", "seed", "skew",
+         "step_delay", "checkpoint", "checkpoint_every", "quiet")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, Path | None]:
@@ -296,42 +311,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, Path | None]:
         prog="torchrun --nproc-per-node N -m avgctl.worker.demo",
         description="Train the avgctl demo task (non-IID Gaussian mixture, small MLP) with live-controlled averaging.",
     )
-    parser.add_argument("--server", help="avgctl server URL (default: $AVGCTL_SERVER; without one, metrics print locally)")
-    parser.add_argument("--job-id", help="job id (default: torchrun's run id)")
-    parser.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
-    parser.add_argument("--period", type=int, default=8, help="averaging period (default 8)")
-    parser.add_argument("--warmup-steps", type=int, default=0, help="steps before the first average (default 0)")
-    parser.add_argument("--hierarchy", type=_hierarchy, help="hierarchical averaging, e.g. 2:4 (groups of 2 average every 4 steps)")
-    parser.add_argument("--lr", type=float, default=0.05, help="(peak) learning rate (default 0.05)")
-    parser.add_argument(
-        "--lr-schedule", choices=LR_SCHEDULES, default="constant",
-        help="constant, or cosine decay to 0 over --steps (stable final figures) (default constant)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skew", type=float, default=0.9, help="share of a rank's data from its own classes (default 0.9)")
-    parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep per step (to watch it live)")
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint path prefix; resumes from it when present")
-    parser.add_argument("--checkpoint-every", type=int, default=200)
+    add_flags(parser, DemoConfig, FLAGS)
     parser.add_argument("--result", type=Path, help="write rank 0's final figures to this JSON file")
-    parser.add_argument("--quiet", action="store_true", help="no metrics table")
     args = parser.parse_args(argv)
     try:
-        cfg = DemoConfig(
-            steps=args.steps,
-            period=args.period,
-            warmup_steps=args.warmup_steps,
-            hierarchy=args.hierarchy,
-            lr=args.lr,
-            lr_schedule=args.lr_schedule,
-            seed=args.seed,
-            skew=args.skew,
-            step_delay=args.step_delay,
-            checkpoint=args.checkpoint,
-            checkpoint_every=args.checkpoint_every,
-            quiet=args.quiet,
-            server=args.server,
-            job_id=args.job_id,
-        )
+        cfg = from_flags(DemoConfig, args)
     except ValueError as err:
         parser.error(str(err))
     return cfg, args.result

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from avgctl.server.cli.client import Client
 from tests import polling
 
 CONTROL, WORKER = "e2e-control-token", "e2e-worker-token"
@@ -67,29 +65,15 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: floa
     return polling.wait_for(condition, timeout, interval, what)
 
 
-class Api:
-    """A tiny REST client with the control token."""
+class Api(Client):
+    """The CLI's REST client with the control token, and the two steps these tests take with commands.
+
+    Its ``call``/``get`` raise urllib's errors (``HTTPError.code`` is the status), and commands go
+    without an author header, as any API client's (author ``api``).
+    """
 
     def __init__(self, base: str, token: str = CONTROL):
-        self.base, self.token = base, token
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self.token}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())
-
-    def get(self, path: str) -> Any:
-        return self.call("GET", path)
-
-    def try_get(self, path: str) -> Any:
-        try:
-            return self.get(path)
-        except (urllib.error.URLError, OSError):
-            return None
+        super().__init__(base, token, author=None)
 
     def command(self, job: str, body: dict) -> dict:
         return self.call("POST", f"/api/jobs/{job}/commands", body)

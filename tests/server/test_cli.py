@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import threading
 
 import pytest
 
 from avgctl.server import cli
+from avgctl.server.cli.commands import run_command
+from avgctl.server.cli.exits import CliError
+from avgctl.server.cli.serve import add_serve_parser, serve_settings
+from avgctl.server.settings import Settings
 from avgctl.worker.link import connect  # the full signature (with link options)
 from tests.polling import wait_for
 from tests.server.helpers import CONTROL, WORKER, FakeAverager, make_settings, running_server
@@ -29,7 +34,7 @@ def test_help_exits_0(capsys):
 def test_serve_flags_map_onto_settings(monkeypatch):
     monkeypatch.setenv("AVGCTL_PORT", "9001")
     args = cli.build_parser().parse_args(["serve", "--db", "/tmp/x.db", "--control-token", "t"])
-    settings = cli.serve_settings(args)
+    settings = serve_settings(args)
     assert (settings.port, settings.db, settings.control_token, settings.host) == (9001, "/tmp/x.db", "t", "127.0.0.1")
 
 
@@ -60,8 +65,8 @@ def test_client_commands_against_a_live_job(tmp_path, capsys):
             assert "period 3" in capsys.readouterr().out
             # A periodic averager rejects a hierarchy: the client reports it and exits non-zero.
             args = cli.build_parser().parse_args(["average-now", "job-c", *base])
-            with pytest.raises(cli.CliError, match="rejected"):
-                cli.run_command(args, {"type": "set_hierarchy", "periods": {"2": 2}})
+            with pytest.raises(CliError, match="rejected"):
+                run_command(args, {"type": "set_hierarchy", "periods": {"2": 2}})
             assert cli.main(["status", "nope", *base]) == 1
             assert "404" in capsys.readouterr().err
             assert cli.main(["jobs", "--server", server.url, "--token", "wrong"]) == 1
@@ -75,3 +80,13 @@ def test_client_commands_against_a_live_job(tmp_path, capsys):
 def test_unreachable_server(capsys):
     assert cli.main(["jobs", "--server", "http://127.0.0.1:9", "--token", "x"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_serve_help_shows_the_settings_defaults_and_environment_variables():
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    add_serve_parser(subparsers)
+    serve = subparsers.choices["serve"]
+    help_of = {a.dest: a.help for a in serve._actions}
+    assert help_of["port"] == f"TCP port (default {Settings.model_fields['port'].default}, env AVGCTL_PORT)"
+    assert help_of["control_token"] == "token with every right (env AVGCTL_CONTROL_TOKEN)"
+    assert serve.parse_args([]).port is None  # not given: the environment, then Settings, decide

@@ -1,11 +1,15 @@
-"""``avgctl demo``'s progress bar: off a terminal it prints sparsely, but never skips the final line."""
+"""``avgctl demo``'s launcher: the progress bar (sparse off a terminal, never without the final line), the
+server's arguments, the URL it prints."""
 
 from __future__ import annotations
 
 import io
 
+import pytest
+
 from avgctl.server.cli import build_parser
-from avgctl.server.launcher import DemoLaunch, ProgressBar, serve_args
+from avgctl.server.cli.demo import DemoLaunch, ProgressBar, serve_args
+from avgctl.server.settings import browsable_host
 
 
 def _job(step: int) -> dict:
@@ -34,3 +38,8 @@ def test_generated_tokens_that_start_with_a_dash_reach_the_server_intact():
     # would take it for an option and the demo's server would exit with a usage error.
     args = build_parser().parse_args(serve_args(DemoLaunch(), "-ctl_token", "--wrk"))
     assert (args.control_token, args.worker_token) == ("-ctl_token", "--wrk")
+
+
+@pytest.mark.parametrize(("host", "browsed"), [("0.0.0.0", "127.0.0.1"), ("::", "127.0.0.1"), ("", "127.0.0.1"), ("10.1.2.3", "10.1.2.3")])
+def test_a_server_on_every_interface_is_browsed_on_loopback(host, browsed):
+    assert browsable_host(host) == browsed

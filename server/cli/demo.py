@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import secrets
 import shutil
@@ -18,30 +17,32 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from avgctl.protocol.flags import add_flags, from_flags
+from avgctl.server.cli.client import Client, job_path
+from avgctl.server.cli.exits import EXIT_USAGE, CliError
+from avgctl.server.settings import Settings, browsable_host
 
 
 @dataclass(kw_only=True, slots=True)
 class DemoLaunch:
     """What ``avgctl demo`` starts."""
 
-    nproc: int = 2
+    nproc: int = field(default=2, metadata={"help": "worker processes"})
     """Worker processes (CPU ranks)."""
-    steps: int = 3000
-    """Training steps per rank."""
-    period: int = 8
-    """Initial averaging period."""
-    step_delay: float = 0.02
+    steps: int = field(default=3000, metadata={"help": "training steps per rank"})
+    period: int = field(default=8, metadata={"help": "initial averaging period"})
+    step_delay: float = field(default=0.02, metadata={"help": "seconds added per step"})
     """Seconds per step added so the dashboard moves at a watchable pace."""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    db: Path = Path("avgctl-demo.db")
-    log: Path | None = None
-    """Where the workers' output goes (default: a file in the temp folder)."""
-    keep_serving: bool = False
+    host: str = field(default=Settings.model_fields["host"].default, metadata={"help": "server interface"})
+    port: int = field(default=Settings.model_fields["port"].default, metadata={"help": "server port"})
+    db: Path = field(default=Path("avgctl-demo.db"), metadata={"help": "SQLite file"})
+    log: Path | None = field(
+        default=None, metadata={"help": "file for the workers' output (default: in the temp folder)"}
+    )
+    keep_serving: bool = field(default=False, metadata={"help": "keep the dashboard up after training ends"})
     """Keep the server (and dashboard) up after training ends, until Ctrl-C."""
 
     def __post_init__(self) -> None:
@@ -59,33 +60,13 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         help="run the server plus CPU torchrun workers on the demo task",
         description="Start the server (SQLite), CPU torchrun workers on the demo task, and print the dashboard URL.",
     )
-    p.add_argument("--nproc", type=int, default=2, help="worker processes (default 2)")
-    p.add_argument("--steps", type=int, default=3000, help="training steps per rank (default 3000)")
-    p.add_argument("--period", type=int, default=8, help="initial averaging period (default 8)")
-    p.add_argument("--step-delay", type=float, default=0.02, help="seconds added per step (default 0.02)")
-    p.add_argument("--host", default="127.0.0.1", help="server interface (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="server port (default 8000)")
-    p.add_argument("--db", type=Path, default=Path("avgctl-demo.db"), help="SQLite file (default ./avgctl-demo.db)")
-    p.add_argument("--log", type=Path, help="file for the workers' output (default: in the temp folder)")
-    p.add_argument("--keep-serving", action="store_true", help="keep the dashboard up after training ends")
+    add_flags(p, DemoLaunch)
     p.set_defaults(func=run_demo_command)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from avgctl.server.cli import EXIT_USAGE, CliError
-
     try:
-        launch = DemoLaunch(
-            nproc=args.nproc,
-            steps=args.steps,
-            period=args.period,
-            step_delay=args.step_delay,
-            host=args.host,
-            port=args.port,
-            db=args.db,
-            log=args.log,
-            keep_serving=args.keep_serving,
-        )
+        launch = from_flags(DemoLaunch, args)
     except ValueError as err:
         raise CliError(str(err), EXIT_USAGE) from None
     return run_demo(launch)
@@ -120,33 +101,24 @@ def _stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
             continue
 
 
-def _get(url: str, token: str) -> dict | None:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(req, timeout=2) as resp:
-            return json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-
-
-def _wait_healthy(base: str, server: subprocess.Popen, timeout: float = 30.0) -> None:
+def _wait_healthy(client: Client, server: subprocess.Popen, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"the server exited with code {server.returncode} (is port in use? try --port)")
-        if _get(base + "/api/health", "") is not None:
+        if client.try_get("/api/health") is not None:
             return
         time.sleep(0.1)
-    raise RuntimeError(f"the server did not answer on {base} within {timeout:.0f}s")
+    raise RuntimeError(f"the server did not answer on {client.server} within {timeout:.0f}s")
 
 
-def _final_job(url: str, token: str, timeout: float = 5.0) -> dict | None:
+def _final_job(client: Client, path: str, timeout: float = 5.0) -> dict | None:
     """The job once the server has stored the ranks' last records (they flush as the workers exit)."""
     deadline = time.monotonic() + timeout
-    job = _get(url, token)
+    job = client.try_get(path)
     while job is not None and job.get("status") == "running" and time.monotonic() < deadline:
         time.sleep(0.1)
-        job = _get(url, token)
+        job = client.try_get(path)
     return job
 
 
@@ -186,7 +158,8 @@ class ProgressBar:
 def run_demo(launch: DemoLaunch) -> int:
     """Run the demo to the end of its steps (or Ctrl-C); returns the exit code."""
     control_token, worker_token = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
-    base = f"http://{'127.0.0.1' if launch.host in ('0.0.0.0', '::') else launch.host}:{launch.port}"
+    base = f"http://{browsable_host(launch.host)}:{launch.port}"
+    client = Client(base, control_token, timeout=2.0)
     job_id = "demo-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     log_path = launch.log or Path(tempfile.gettempdir()) / f"avgctl-{job_id}.log"
     torchrun = shutil.which("torchrun") or None
@@ -194,7 +167,7 @@ def run_demo(launch: DemoLaunch) -> int:
     code = 0
     try:
         server = _spawn([sys.executable, "-m", "avgctl.server.cli", *serve_args(launch, control_token, worker_token)])
-        _wait_healthy(base, server)
+        _wait_healthy(client, server)
         print(f"avgctl demo: dashboard  {base}/?token={control_token}", flush=True)
         print(f"avgctl demo: job {job_id}, {launch.nproc} CPU ranks, {launch.steps} steps; worker log {log_path}", flush=True)
         print("avgctl demo: Ctrl-C stops everything", flush=True)
@@ -212,9 +185,9 @@ def run_demo(launch: DemoLaunch) -> int:
         while workers.poll() is None:
             if server.poll() is not None:
                 raise RuntimeError(f"the server exited with code {server.returncode}")
-            bar.show(_get(f"{base}/api/jobs/{job_id}", control_token))
+            bar.show(client.try_get(job_path(job_id)))
             time.sleep(0.5)
-        bar.show(_final_job(f"{base}/api/jobs/{job_id}", control_token), final=True)
+        bar.show(_final_job(client, job_path(job_id)), final=True)
         bar.end()
         code = workers.returncode
         if code == 0:
