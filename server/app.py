@@ -5,48 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import secrets
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse, HTMLResponse, Response
-from starlette.exceptions import HTTPException
-from starlette.staticfiles import StaticFiles
-from starlette.types import Scope
 
-import avgctl.web
 from avgctl.server.auth import AuthMiddleware, Tokens
 from avgctl.server.autopilot import Autopilot
 from avgctl.server.commands import CommandService
 from avgctl.server.hub import Hub
 from avgctl.server.limits import BodyLimitMiddleware
+from avgctl.server.pages import mount_pages
 from avgctl.server.routes import commands, health, jobs, limits, metrics, prometheus, ws
 from avgctl.server.settings import Settings, browsable_host
 from avgctl.server.store import Store
 from avgctl.server.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
-WEB_DIR = Path(avgctl.web.__file__).parent
-UPLOT_DIR = WEB_DIR / "node_modules" / "uplot" / "dist"
-
-_PLACEHOLDER = """<!doctype html><meta charset="utf-8"><title>avgctl</title>
-<h1>avgctl</h1><p>The dashboard is not installed. The API is at <a href="/docs">/docs</a>.</p>"""
-
-
-class PageFiles(StaticFiles):
-    """Static files of one folder whose names match ``pattern`` (no subfolders); 404 for the rest."""
-
-    def __init__(self, directory: Path, pattern: str):
-        super().__init__(directory=directory, check_dir=False)
-        self.pattern = re.compile(pattern)
-
-    async def get_response(self, path: str, scope: Scope) -> Response:
-        if self.pattern.fullmatch(path) is None:
-            raise HTTPException(status_code=404)
-        return await super().get_response(path, scope)
 
 
 def with_token(settings: Settings) -> Settings:
@@ -110,14 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, jobs, commands, metrics, prometheus, limits, ws):
         app.include_router(module.router)
 
-    @app.get("/", include_in_schema=False)
-    def index() -> Response:
-        page = WEB_DIR / "index.html"
-        return FileResponse(page) if page.is_file() else HTMLResponse(_PLACEHOLDER)
-
-    # Only the dashboard's own files: not web/'s package files, node_modules or Python files.
-    app.mount("/vendor/uplot", PageFiles(UPLOT_DIR, r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(?:js|css)"), name="uplot")
-    app.mount("/", PageFiles(WEB_DIR, r"[A-Za-z0-9_-]+\.(?:html|js|css)"), name="web")
+    mount_pages(app)
     # Outermost first: auth before anything reads the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, tokens=Tokens(settings.control_token, settings.read_token, settings.worker_token))

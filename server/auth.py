@@ -15,25 +15,17 @@ from __future__ import annotations
 
 import enum
 import hmac
-import re
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from avgctl.server.pages import is_page_file
+
 COOKIE = "avgctl_token"
 OPEN_PATHS = frozenset({"/api/health"})
 WORKER_PATH = "/ws/worker"
-# The dashboard's files: one path segment (no "/", so no way into a folder) or uPlot's dist.
-_PAGE_FILES = re.compile(r"/(?:index\.html|[A-Za-z0-9_-]+\.(?:js|css)|vendor/uplot/[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(?:js|css))?")
-
-
-def is_page_file(scope: Scope) -> bool:
-    """A GET/HEAD of the dashboard page or one of its files: served without a token."""
-    return scope["type"] == "http" and scope.get("method") in ("GET", "HEAD") and _PAGE_FILES.fullmatch(scope["path"]) is not None
-
-
 class Role(enum.Enum):
     CONTROL = "control"
     READ = "read"

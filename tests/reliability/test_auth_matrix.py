@@ -30,6 +30,7 @@ PUBLIC = {"none": 200, "read": 200, "worker": 200, "control": 200}
 MATRIX: dict[tuple[str, str], tuple[str, dict[str, int | str]]] = {
     ("GET", "/api/health"): ("/api/health", PUBLIC),
     ("GET", "/api/jobs"): ("/api/jobs", GET),
+    ("GET", "/api/limits"): ("/api/limits", GET),
     ("GET", "/api/jobs/{job_id}"): (f"/api/jobs/{JOB}", GET),
     ("POST", "/api/jobs/{job_id}/commands"): (f"/api/jobs/{JOB}/commands", {"none": 401, "read": 403, "worker": 403, "control": 202}),
     ("GET", "/api/jobs/{job_id}/commands"): (f"/api/jobs/{JOB}/commands", GET),
