@@ -1,8 +1,8 @@
 """Job-state messages to dashboards, coalesced per job.
 
-A job's state changes in bursts: 64 ranks say hello or leave within milliseconds, and each
-change used to read the job (every rank's row) and send it to every dashboard, O(ranks²) work
-that stalled ingest right when a job started or ended. Now a change only marks the job; one task
+A job's state changes in bursts: 64 ranks say hello or leave within milliseconds, and reading the
+job (every rank's row) and sending it to every dashboard on each change would be O(ranks²) work
+that stalls ingest right when a job starts or ends. So a change only marks the job; one task
 per job reads and publishes the latest state, and reads again if more changes arrived meanwhile.
 So every change is followed by a message showing it (or a newer state), and a burst costs a few.
 """

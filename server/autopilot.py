@@ -22,12 +22,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from avgctl.server import autotune as at
-from avgctl.server import store as st
+from avgctl.protocol import Command, Hello, SetAutotune, SetPeriod
+from avgctl.server import autotune
+from avgctl.server.api import AutotuneProposalView, AutotuneView, CommandOut
 from avgctl.server.commands import AUTOPILOT, CommandService
 from avgctl.server.records import Received
-from avgctl.protocol import Command, Hello, SetAutotune, SetPeriod
-from avgctl.server.api import AutotuneProposalView, AutotuneView, CommandOut
+from avgctl.server.store import Store, writes
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,14 @@ _ISSUING = -1  # pending placeholder while the autopilot's own submit is in flig
 class _Job:
     """What the autopilot keeps in memory for one job."""
 
-    state: at.AutotuneState
+    state: autotune.AutotuneState
     world_size: int = 1
     period: int = 1
     hierarchical: bool = False
     pending: int | None = None  # id of the autopilot's set_period still pending
     stored: tuple[bool, float | None] = (False, None)  # (enabled, target_divergence) as last stored
     open_rounds: dict[int, list] = field(default_factory=dict)  # step -> [{rank: relative}, relative_mean, seconds]
-    proposal: at.Proposal | None = None
+    proposal: autotune.Proposal | None = None
     published: tuple | None = None  # what the last status write said (mode, targets, note)
     published_at: float = 0.0
 
@@ -57,14 +57,14 @@ class Autopilot:
 
     def __init__(
         self,
-        store: st.Store,
+        store: Store,
         commands: CommandService,
-        config: at.AutotuneConfig | None = None,
+        config: autotune.AutotuneConfig | None = None,
         status_interval: float = 2.0,
     ):
         self.store = store
         self.commands = commands
-        self.config = config if config is not None else at.AutotuneConfig()
+        self.config = config if config is not None else autotune.AutotuneConfig()
         self.status_interval = status_interval
         self.jobs: dict[str, _Job] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -93,7 +93,7 @@ class Autopilot:
         if job.state.mode == "off" or job.hierarchical:
             return
         if batch.steps:
-            job.state = at.observe_steps(
+            job.state = autotune.observe_steps(
                 job.state, self.config, ((s.step, s.loss, s.step_time) for s in batch.steps)
             )
         last = job.state.last_round
@@ -113,7 +113,7 @@ class Autopilot:
             job = await asyncio.to_thread(self._load, out.job_id)
             job = self.jobs.setdefault(out.job_id, job)
         if isinstance(command, SetAutotune):
-            job.state = at.switch(job.state, command.enabled, command.target_divergence)
+            job.state = autotune.switch(job.state, command.enabled, command.target_divergence)
             job.stored = (command.enabled, command.target_divergence)
             job.open_rounds.clear()
             # set_autotune stored the bare settings; our report follows with the next round.
@@ -123,7 +123,7 @@ class Autopilot:
                 job.state = dataclasses.replace(job.state, note=note)
                 self._publish(out.job_id, job, force=True)
         elif out.author != AUTOPILOT and job.state.mode in ("calibrating", "active"):
-            job.state = at.suspend(job.state, f"suspended by {out.author}'s {out.type} (command {out.id})")
+            job.state = autotune.suspend(job.state, f"suspended by {out.author}'s {out.type} (command {out.id})")
             self._publish(out.job_id, job, force=True)
 
     async def on_resolved(self, out: CommandOut) -> None:
@@ -146,16 +146,16 @@ class Autopilot:
 
     def _load(self, job_id: str) -> _Job:
         job_out = self.store.get_job(job_id)
-        state = at.AutotuneState()
+        state = autotune.AutotuneState()
         job = _Job(state=state)
         if job_out is None:
             return job
         view = job_out.control.autotune
         if view.enabled:
             # After a server restart the evidence is gone; calibrate again unless the person set a target.
-            state = at.switch(state, True, view.target_divergence)
+            state = autotune.switch(state, True, view.target_divergence)
         elif view.state == "suspended":
-            state = at.suspend(at.switch(state, True, view.target_divergence), view.note or "suspended")
+            state = autotune.suspend(autotune.switch(state, True, view.target_divergence), view.note or "suspended")
         job.state = state
         job.stored = (view.enabled, view.target_divergence)
         job.world_size = job_out.world_size
@@ -173,8 +173,8 @@ class Autopilot:
             if not complete and len(job.open_rounds) <= _OPEN_ROUNDS:
                 break  # rounds close in step order: wait for the other ranks' records
             del job.open_rounds[step]
-            delta = at.round_delta(relative.values(), job.world_size, relative_mean)
-            job.state, proposal = at.observe_round(
+            delta = autotune.round_delta(relative.values(), job.world_size, relative_mean)
+            job.state, proposal = autotune.observe_round(
                 job.state, self.config, step=step, delta=delta, seconds=seconds, period=job.period
             )
             if proposal is not None:
@@ -182,7 +182,7 @@ class Autopilot:
             else:
                 self._publish(job_id, job)
 
-    def _act(self, job_id: str, job: _Job, proposal: at.Proposal) -> None:
+    def _act(self, job_id: str, job: _Job, proposal: autotune.Proposal) -> None:
         job.proposal = proposal
         if not proposal.changed or job.pending is not None:
             self._publish(job_id, job)
@@ -190,7 +190,7 @@ class Autopilot:
         job.pending = _ISSUING
         self._spawn(self._issue(job_id, job, proposal))
 
-    async def _issue(self, job_id: str, job: _Job, proposal: at.Proposal) -> None:
+    async def _issue(self, job_id: str, job: _Job, proposal: autotune.Proposal) -> None:
         try:
             out = await self.commands.submit(job_id, SetPeriod(period=proposal.period), AUTOPILOT, note=proposal.reason)
         except Exception:
@@ -234,7 +234,7 @@ class Autopilot:
 
     async def _write_status(self, job_id: str, view: AutotuneView, expected: tuple[bool, float | None]) -> None:
         try:
-            await self.store.write(lambda conn: st.report_autotune(conn, job_id, view, expected))
+            await self.store.write(lambda conn: writes.report_autotune(conn, job_id, view, expected))
         except Exception:
             log.exception("autopilot: storing the status of job %s failed", job_id)
             return

@@ -11,14 +11,19 @@ import logging
 import time
 from typing import Protocol
 
-from pydantic import TypeAdapter
-
-from avgctl.server import store as st
+from avgctl.protocol import (
+    WORKER_COMMAND_TYPES,
+    Command,
+    CommandAck,
+    CommandDelivery,
+    SetAutotune,
+)
 from avgctl.server.announce import JobAnnouncer
-from avgctl.server.hub import Hub
-from avgctl.protocol import WORKER_COMMAND_TYPES, Command, CommandAck, CommandDelivery, SetAutotune
 from avgctl.server.api import AutotuneView, CommandOut
+from avgctl.server.hub import Hub
+from avgctl.server.store import Store, writes
 from avgctl.server.workers import WorkerRegistry
+from pydantic import TypeAdapter
 
 log = logging.getLogger(__name__)
 AUTOPILOT = "autopilot"
@@ -35,7 +40,7 @@ class CommandObserver(Protocol):
 class CommandService:
     """Submits commands and handles rank 0's acks; runs on the event loop."""
 
-    def __init__(self, store: st.Store, workers: WorkerRegistry, hub: Hub):
+    def __init__(self, store: Store, workers: WorkerRegistry, hub: Hub):
         self.store = store
         self.workers = workers
         self.hub = hub
@@ -53,7 +58,7 @@ class CommandService:
         """
         body = command.model_dump(mode="json")
         now = time.time()
-        out = await self.store.write(lambda conn: st.insert_command(conn, job_id, body, author, now, note))
+        out = await self.store.write(lambda conn: writes.insert_command(conn, job_id, body, author, now, note))
         self._announce(out)
         if isinstance(command, SetAutotune):
             out = await self._set_autotune(job_id, out, command)
@@ -71,9 +76,9 @@ class CommandService:
         now = time.time()
 
         def apply(conn):
-            step = st.set_autotune(conn, job_id, view, now)
+            step = writes.set_autotune(conn, job_id, view, now)
             ack = CommandAck(command_id=out.id, status="applied", applied_step=step)
-            return st.resolve_command(conn, job_id, ack, now)
+            return writes.resolve_command(conn, job_id, ack, now)
 
         applied = await self.store.write(apply)
         if applied is not None:
@@ -97,7 +102,7 @@ class CommandService:
     async def on_ack(self, job_id: str, ack: CommandAck) -> None:
         """Rank 0 applied or rejected a command; a repeated ack changes nothing."""
         now = time.time()
-        out = await self.store.write(lambda conn: st.resolve_command(conn, job_id, ack, now))
+        out = await self.store.write(lambda conn: writes.resolve_command(conn, job_id, ack, now))
         if out is not None:
             self._announce(out)
             for observer in self._observers:

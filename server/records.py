@@ -1,14 +1,14 @@
 """A worker's metric batch: decoded on the fast path, then encoded once for SQLite and dashboards.
 
 Decoding: metric batches are nearly every frame a server takes, and validating and encoding one
-with pydantic took 19-35 µs, a third or more of the event loop's time per batch (5-7 µs now).
-``decode_metrics`` reads a batch with msgspec into ``StepFigures`` (a mirror of ``protocol.StepRecord``, kept equal to it by a test) and validates the
-rarer rounds and control events with their pydantic models. Anything the fast path does not take
+with pydantic took 19-35 µs, a third or more of the event loop's time per batch (5-7 µs here).
+``decode_metrics`` reads a batch with msgspec into ``StepFigures`` (a mirror of
+``protocol.StepRecord``, kept equal to it by a test) and validates the rarer rounds and control events with their pydantic models. Anything the fast path does not take
 (another kind of message, lax input such as ``"5"`` for an int, an error) goes to the pydantic
 models, which decide and word the error: the fast path can only be faster, never different.
 
-Encoding: ingest used to keep the models until the writer stored them and the hub sent them,
-serializing every record twice. Under load those objects piled up in the writer's queue, and the
+Encoding: keeping the models until the writer stored them and the hub sent them would serialize
+every record twice, and under load those objects piled up in the writer's queue, where the
 garbage collector spent as long walking them as validation took. An ``EncodedBatch`` is a few
 lists of ``(step, text)`` tuples: the store writes the texts as they are and the hub splices them
 into its frames.

@@ -1,1 +1,1 @@
-"""x"""
+"""The dashboard's files (plain ES modules), served by the server; uPlot comes from npm."""

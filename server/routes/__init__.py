@@ -1,1 +1,1 @@
-"""x"""
+"""One router per resource: health, jobs, commands, metrics, limits, Prometheus, websockets."""

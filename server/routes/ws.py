@@ -13,17 +13,28 @@ import logging
 import re
 import time
 
+from avgctl.protocol import CommandAck, Hello, MetricsBatch, WorkerMessage, close_codes
+from avgctl.protocol.bounds import JOB_ID_MAX_LENGTH, JOB_ID_PATTERN
+from avgctl.server.deps import (
+    AutopilotDep,
+    CommandsDep,
+    HubDep,
+    SettingsDep,
+    StoreDep,
+    WorkersDep,
+)
+from avgctl.server.hub import serve_client
+from avgctl.server.records import (
+    EncodedBatch,
+    Received,
+    decode_metrics,
+    encode,
+    received,
+)
+from avgctl.server.store import Store, writes
+from avgctl.server.workers import WorkerConnection
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import TypeAdapter, ValidationError
-
-from avgctl.server import store as st
-from avgctl.server.deps import AutopilotDep, CommandsDep, HubDep, SettingsDep, StoreDep, WorkersDep
-from avgctl.server.hub import serve_client
-from avgctl.server.records import EncodedBatch, Received, decode_metrics, encode, received
-from avgctl.protocol import close_codes
-from avgctl.protocol import CommandAck, Hello, MetricsBatch, WorkerMessage
-from avgctl.protocol.bounds import JOB_ID_MAX_LENGTH, JOB_ID_PATTERN
-from avgctl.server.workers import WorkerConnection
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["websockets"])
@@ -126,11 +137,11 @@ async def worker_ingest(
     finally:
         if conn is not None and workers.remove(conn):
             job_id, rank = conn.job_id, conn.rank
-            await store.write(lambda c: st.disconnect(c, job_id, rank, normal, time.time()))
+            await store.write(lambda c: writes.disconnect(c, job_id, rank, normal, time.time()))
             commands.announce_job(job_id)
 
 
-async def _register(websocket: WebSocket, hello: Hello, store: st.Store, workers) -> WorkerConnection:
+async def _register(websocket: WebSocket, hello: Hello, store: Store, workers) -> WorkerConnection:
     current = workers.get(hello.job_id, hello.rank)
     if current is not None and (current.host, current.pid) != (hello.host, hello.pid):
         raise _Refuse(
@@ -139,8 +150,8 @@ async def _register(websocket: WebSocket, hello: Hello, store: st.Store, workers
         )
     now = time.time()
     try:
-        await store.write(lambda c: st.hello(c, hello, now))
-    except st.Conflict as err:
+        await store.write(lambda c: writes.hello(c, hello, now))
+    except writes.Conflict as err:
         raise _Refuse(close_codes.POLICY, str(err)) from None
     conn = WorkerConnection(hello.job_id, hello.rank, hello.host, hello.pid, websocket, hello.link)
     old = workers.add(conn)
@@ -150,12 +161,12 @@ async def _register(websocket: WebSocket, hello: Hello, store: st.Store, workers
     return conn
 
 
-async def _store(batch: EncodedBatch, seq: int | None, conn: WorkerConnection, store: st.Store, commands, workers) -> None:
+async def _store(batch: EncodedBatch, seq: int | None, conn: WorkerConnection, store: Store, commands, workers) -> None:
     """Store a batch; its ``seq`` (if any) is acknowledged once committed."""
     if batch.control and conn.rank == 0:
         # A control change is rare and changes the job: wait for it, then tell dashboards.
         now = time.time()
-        await store.write(lambda c: st.write_metrics(c, conn.job_id, conn.rank, batch, now))
+        await store.write(lambda c: writes.write_metrics(c, conn.job_id, conn.rank, batch, now))
         commands.announce_job(conn.job_id)
         if seq is not None:
             workers.stored([(conn, seq)])
