@@ -15,7 +15,7 @@ from avgctl.server.auth import AuthMiddleware, Tokens
 from avgctl.server.autopilot import Autopilot
 from avgctl.server.commands import CommandService
 from avgctl.server.hub import Hub
-from avgctl.server.limits import BodyLimitMiddleware
+from avgctl.server.body_limit import BodyLimitMiddleware
 from avgctl.server.pages import mount_pages
 from avgctl.server.routes import commands, health, jobs, limits, metrics, prometheus, ws
 from avgctl.server.settings import Settings, browsable_host
