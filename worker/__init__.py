@@ -3,9 +3,12 @@
     from avgctl.worker import PeriodicAverager, HierarchicalAverager, connect
 """
 
-from avgctl.worker.averagers import AveragerMetrics, HierarchicalAverager, MetricsListener, PeriodicAverager
+from avgctl.worker.averagers import HierarchicalAverager, PeriodicAverager
+from avgctl.worker.base import LiveAverager
 from avgctl.worker.control import ControlSource, InProcessControlSource
 from avgctl.worker.control_state import CommandRejected, ControlState
+from avgctl.worker.options import AveragerOptions
+from avgctl.worker.recorder import AveragerMetrics, MetricsListener
 
 
 def connect(averager, server=None, job_id=None, token=None, **options):
@@ -20,11 +23,13 @@ def connect(averager, server=None, job_id=None, token=None, **options):
 
 __all__ = [
     "AveragerMetrics",
+    "AveragerOptions",
     "CommandRejected",
     "ControlSource",
     "ControlState",
     "HierarchicalAverager",
     "InProcessControlSource",
+    "LiveAverager",
     "MetricsListener",
     "PeriodicAverager",
     "connect",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import array
-import collections
 import itertools
 import queue
 import threading
@@ -13,11 +12,10 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from avgctl.protocol import WorkerCommand, CommandAck
-from avgctl.worker import control_state as cs
-
-# How many acks rank 0 remembers so a re-delivered command is acked again, not applied again.
-_REMEMBERED_ACKS = 4096
+from avgctl.protocol import CommandAck, WorkerCommand
+from avgctl.worker import control_state
+from avgctl.worker.control_state import CommandRejected, ControlState
+from avgctl.worker.ledger import CommandLedger
 
 
 def drain(inbox: queue.SimpleQueue) -> list:
@@ -88,7 +86,7 @@ class InProcessControlSource:
 class ExchangeResult:
     """What an exchange told every rank."""
 
-    state: cs.ControlState
+    state: ControlState
     layout_changed: bool
     """Some rank's parameter set changed since the agreed one (all ranks' new sets agree)."""
     stats: list[float] | None
@@ -101,7 +99,7 @@ class PendingExchange:
 
     payload: torch.Tensor
     work: dist.Work | None
-    proposed: cs.ControlState
+    proposed: ControlState
     applied: list[int]
     carries_stats: bool
     in_tail: bool = False
@@ -144,21 +142,21 @@ class ControlExchange:
         self.is_leader = dist.get_rank(process_group) == 0
         self._rank = dist.get_rank(process_group)
         self._world = dist.get_world_size(process_group)
-        self._state_len = cs.encoded_size(levels)
-        self._acks: collections.OrderedDict[int, CommandAck] = collections.OrderedDict()
+        self._state_len = control_state.encoded_size(levels)
+        self._ledger = CommandLedger()
 
     @property
     def tail_size(self) -> int:
         """Elements of an averaging buffer's tail that carries this exchange."""
         return 2 * self._state_len + 5 * self._world
 
-    def exchange(self, state: cs.ControlState, step: int, fingerprint: int) -> cs.ControlState:
+    def exchange(self, state: ControlState, step: int, fingerprint: int) -> ControlState:
         """All ranks call this at the same step and wait; returns the state every rank now holds."""
         return self.finish(self.start(state, step, fingerprint, anchor=step, wait=True), state, step).state
 
     def start(
         self,
-        state: cs.ControlState,
+        state: ControlState,
         step: int,
         fingerprint: int,
         *,
@@ -180,7 +178,7 @@ class ControlExchange:
             values = array.array("d", self._tail_values(proposed, step, fingerprint, changed))
             tail.copy_(torch.frombuffer(values, dtype=torch.float64))
             return PendingExchange(tail, None, proposed, applied, carries_stats=False, in_tail=True)
-        head = cs.encode(proposed) if self.is_leader else [-1.0] * self._state_len
+        head = control_state.encode(proposed) if self.is_leader else [-1.0] * self._state_len
         figures = [-1.0] * (2 * self._world)
         if stats is not None:
             figures[self._rank], figures[self._world + self._rank] = stats
@@ -190,7 +188,7 @@ class ControlExchange:
         work = dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=self.process_group, async_op=not wait)
         return PendingExchange(payload, work, proposed, applied, stats is not None)
 
-    def finish(self, pending: PendingExchange, state: cs.ControlState, applied_step: int) -> ExchangeResult:
+    def finish(self, pending: PendingExchange, state: ControlState, applied_step: int) -> ExchangeResult:
         """Wait for ``pending``; every rank adopts the result at ``applied_step`` (rank 0 acks with it)."""
         if pending.work is not None:
             pending.work.wait()
@@ -213,13 +211,13 @@ class ControlExchange:
                 "ranks disagree on the parameters to average (different shapes, dtypes, or a different "
                 "set of parameters with .grad): averaging them would mix unrelated values"
             )
-        new_state = state if head == cs.encode(state) else cs.decode(head, state)
+        new_state = state if head == control_state.encode(state) else control_state.decode(head, state)
         if self.is_leader and pending.applied:
             self._ack_applied(pending.applied, applied_step, new_state)
         return ExchangeResult(new_state, changed, stats)
 
-    def _tail_values(self, proposed: cs.ControlState, step: int, fingerprint: int, changed: bool) -> list[float]:
-        head = _split(cs.encode(proposed)) if self.is_leader else [0.0] * (2 * self._state_len)
+    def _tail_values(self, proposed: ControlState, step: int, fingerprint: int, changed: bool) -> list[float]:
+        head = _split(control_state.encode(proposed)) if self.is_leader else [0.0] * (2 * self._state_len)
         mine = [0.0] * (5 * self._world)
         mine[5 * self._rank : 5 * self._rank + 5] = _split([step, fingerprint % (_SPLIT * _SPLIT)]) + [float(changed)]
         return head + mine
@@ -235,38 +233,36 @@ class ControlExchange:
             changed = changed or ranks[5 * r + 4] > 0
         return head, steps, fingerprints, changed
 
-    def _take_commands(self, state: cs.ControlState, anchor: int) -> tuple[cs.ControlState, list[int]]:
+    def _take_commands(self, state: ControlState, anchor: int) -> tuple[ControlState, list[int]]:
         if self.source is None:
             return state, []
         applied = []
         for command_id, command in self.source.poll():
-            if command_id in self._acks:  # re-delivered after a reconnect: answer, never re-apply
-                self.source.report(self._acks[command_id])
+            ack = self._ledger.ack_for(command_id)
+            if ack is not None:  # re-delivered after a reconnect: answer, never re-apply
+                self.source.report(ack)
                 continue
             try:
-                state = cs.apply_command(state, command, anchor)
-            except cs.CommandRejected as err:
+                state = control_state.apply_command(state, command, anchor)
+            except CommandRejected as err:
                 self._remember(CommandAck(command_id=command_id, status="rejected", reason=str(err)))
                 continue
             applied.append(command_id)
         return state, applied
 
-    def _ack_applied(self, applied: list[int], step: int, state: cs.ControlState) -> None:
-        view = cs.to_view(state)
+    def _ack_applied(self, applied: list[int], step: int, state: ControlState) -> None:
+        view = control_state.to_view(state)
         for command_id in applied:
             self._remember(CommandAck(command_id=command_id, status="applied", applied_step=step, control=view))
 
     def _remember(self, ack: CommandAck) -> None:
-        self._acks[ack.command_id] = ack
-        while len(self._acks) > _REMEMBERED_ACKS:
-            self._acks.popitem(last=False)
+        self._ledger.remember(ack)
         assert self.source is not None
         self.source.report(ack)
 
     def state_dict(self) -> dict:
-        return {"acked": list(self._acks)}
+        """The ids rank 0 acked, so a restarted job answers their re-delivery instead of applying it."""
+        return self._ledger.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        # Only ids survive a restart: a re-delivered one is acked as applied without its old details.
-        for command_id in state.get("acked", []):
-            self._acks[command_id] = CommandAck(command_id=command_id, status="applied")
+        self._ledger.load_state_dict(state)

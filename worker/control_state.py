@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from typing import Any
+
 from avgctl.protocol import (
     AverageNow,
+    AveragerConfig,
     WorkerCommand,
     ControlView,
     PauseAveraging,
@@ -159,6 +162,25 @@ def to_view(state: ControlState) -> ControlView:
     )
 
 
+def to_config(state: ControlState) -> AveragerConfig:
+    """How the averager was built, as a worker's ``hello`` tells the server."""
+    return AveragerConfig(
+        kind="hierarchical" if state.hierarchical else "periodic",
+        period=state.period,
+        warmup_steps=state.warmup_steps,
+        group_sizes=list(state.group_sizes) if state.group_sizes else None,
+    )
+
+
+def from_dict(saved: dict[str, Any]) -> ControlState:
+    """Inverse of ``dataclasses.asdict`` (a checkpoint's lists become the tuples again)."""
+    control = dict(saved)
+    control["periods"] = tuple(control["periods"])
+    if control.get("group_sizes") is not None:
+        control["group_sizes"] = tuple(control["group_sizes"])
+    return ControlState(**control)
+
+
 # The exchange vector: fixed fields, then one slot per level period.
 _FIELDS = ("version", "warmup_steps", "anchor", "averaging_paused", "training_paused", "average_now")
 
@@ -169,6 +191,7 @@ def encode(state: ControlState) -> list[float]:
 
 
 def encoded_size(levels: int) -> int:
+    """Length of ``encode``'s vector for a state with ``levels`` periods."""
     return len(_FIELDS) + levels
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from avgctl.protocol.flags import add_flags, from_flags
 from avgctl.worker import dist as wdist
-from avgctl.worker.averagers import HierarchicalAverager, _LiveAverager, PeriodicAverager
+from avgctl.worker.averagers import HierarchicalAverager, LiveAverager, PeriodicAverager
 
 CLASSES = 10
 FEATURES = 32
@@ -149,7 +149,7 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def make_averager(cfg: DemoConfig, world: int) -> _LiveAverager:
+def make_averager(cfg: DemoConfig, world: int) -> LiveAverager:
     if cfg.hierarchy:
         levels = {period: size for size, period in sorted(cfg.hierarchy.items()) if size != world}
         levels[cfg.period] = world
@@ -180,7 +180,7 @@ class RoundTable:
         if enabled:
             print(self.HEADER, flush=True)
 
-    def maybe_print(self, averager: _LiveAverager, loss: float, force: bool = False) -> None:
+    def maybe_print(self, averager: LiveAverager, loss: float, force: bool = False) -> None:
         now = time.monotonic()
         if not self.enabled or (not force and now - self.last_print < 0.5):
             return
@@ -214,7 +214,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_common_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, averager: _LiveAverager) -> Path | None:
+def _load_common_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, averager: LiveAverager) -> Path | None:
     """Load the newest checkpoint step that every rank has (ranks must resume at one step)."""
     mine = {}
     for candidate in (path, _previous(path)):

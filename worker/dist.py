@@ -7,6 +7,8 @@ import socket
 import uuid
 from dataclasses import dataclass
 
+from avgctl.protocol.env import RESTART_COUNT, RUN_ID, SERVER, TOKEN
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerEnv:
@@ -33,8 +35,9 @@ class WorkerEnv:
 
 
 def read_env(environ: dict[str, str] | None = None) -> WorkerEnv:
+    """This process's ``WorkerEnv``, from ``environ`` (default: ``os.environ``)."""
     env = os.environ if environ is None else environ
-    run_id = env.get("TORCHELASTIC_RUN_ID")
+    run_id = env.get(RUN_ID)
     # torchrun --standalone sets a random run id; "none" is its placeholder when none was given.
     if run_id in ("", "none"):
         run_id = None
@@ -44,10 +47,10 @@ def read_env(environ: dict[str, str] | None = None) -> WorkerEnv:
         world_size=int(env.get("WORLD_SIZE", "1")),
         local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
         run_id=run_id,
-        restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        restart_count=int(env.get(RESTART_COUNT, "0")),
         host=socket.gethostname(),
-        server=env.get("AVGCTL_SERVER") or None,
-        token=env.get("AVGCTL_TOKEN") or None,
+        server=env.get(SERVER) or None,
+        token=env.get(TOKEN) or None,
     )
 
 

@@ -1,13 +1,12 @@
 """``connect()``: each rank's websocket link to the avgctl server.
 
-The link runs on its own daemon thread with its own event loop. The training thread only appends
-records to bounded deques (the oldest go first when the server is away, and are counted), so
-training never waits on the network: not when the server is down at start, killed, restarted or
-frozen. Each batch is numbered and kept until the server says it is ``stored``; batches sent on a
-connection that broke before then are sent again on the next one, so a server killed with
-batches in its socket or its writer's queue loses none (the store keeps one copy). Rank 0's link
-is also the averager's ``ControlSource``: commands from the server are queued for it, and its acks
-are sent back from their own queue, never dropped with metrics.
+The link runs on its own daemon thread with its own event loop. The training thread only adds
+records to the link's ``Outbox`` (``worker/outbox.py``: bounded, numbered batches kept until the
+server says they are ``stored``), so training never waits on the network: not when the server is
+down at start, killed, restarted or frozen, and a server killed with batches in its socket or its
+writer's queue loses none (the store keeps one copy). Rank 0's link is also the averager's
+``ControlSource``: commands from the server are queued for it once each (its ``CommandLedger``), and
+its acks are sent back from their own queue, never dropped with metrics.
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 import websockets
@@ -32,31 +30,31 @@ from pydantic import TypeAdapter, ValidationError
 from websockets.client import backoff
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from avgctl.protocol import close_codes
 from avgctl.protocol import (
     AveragerConfig,
-    WorkerCommand,
     CommandAck,
     CommandDelivery,
     ControlEvent,
     ControlView,
     Hello,
-    MetricsBatch,
     MetricsStored,
     RoundRecord,
     ServerMessage,
     StepRecord,
+    WorkerCommand,
 )
+from avgctl.protocol import close_codes
 from avgctl.protocol.bounds import JobId
-from avgctl.worker import dist as wdist
+from avgctl.protocol.env import SERVER
 from avgctl.worker.control import drain
+from avgctl.worker.dist import WorkerEnv, default_job_id, read_env
+from avgctl.worker.ledger import CommandLedger
+from avgctl.worker.outbox import MAX_FRAME, Outbox
 
 log = logging.getLogger(__name__)
 
 _JOB_ID = TypeAdapter(JobId)
 _SERVER_MESSAGE = TypeAdapter(ServerMessage)
-_MAX_FRAME = 1024 * 1024  # the server's default max_frame_bytes
-_REMEMBERED_IDS = 4096
 # On close, how long to wait for the server to confirm the last batches (within close's timeout).
 _CLOSE_STORED_WAIT = 1.0
 
@@ -123,27 +121,14 @@ class WorkerLink:
         self._delays = reconnect_delays or functools.partial(
             backoff, initial_delay=0.5, min_delay=0.5, max_delay=10.0
         )
-        # Written by the training thread, read by the link thread: deque appends and pops are atomic.
-        self._steps: collections.deque[StepRecord] = collections.deque(maxlen=max_records)
-        self._rounds: collections.deque[RoundRecord] = collections.deque(maxlen=max(100, max_records // 10))
-        self._control: collections.deque[ControlEvent] = collections.deque(maxlen=1000)
-        self.dropped = 0
-        """Metric records dropped so far: a buffer was full, or a batch the server never confirmed
-        was pushed out of the resend buffer (it may have been stored). Sent as ``dropped``."""
-        # Batches sent (or to send) that the server has not confirmed, oldest first; only the link
-        # thread touches them.
-        self._unconfirmed: collections.deque[_Batch] = collections.deque()
-        self._unconfirmed_records = 0
-        self._max_unconfirmed = 2 * max_records
-        self._seq = -1
+        self._outbox = Outbox(max_records)
         self._id = uuid.uuid4().hex  # tells the server which batch numbers it may already have
         self._all_stored = asyncio.Event()
         # Rank 0's control source.
         self._inbox: queue.SimpleQueue[tuple[int, WorkerCommand]] = queue.SimpleQueue()
         self._arrived = threading.Event()
         self._acks_out: collections.deque[CommandAck] = collections.deque()
-        self._acked: collections.OrderedDict[int, CommandAck] = collections.OrderedDict()
-        self._queued: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._ledger = CommandLedger()  # ids queued for the averager, and the acks sent for them
         self.connected = threading.Event()
         """Set while a session with the server is open (after our hello went out)."""
         self.error: BaseException | None = None
@@ -161,23 +146,25 @@ class WorkerLink:
     @property
     def unconfirmed(self) -> int:
         """Metric records sent (or about to be) that the server has not yet confirmed as stored."""
-        return self._unconfirmed_records
+        return self._outbox.unconfirmed
+
+    @property
+    def dropped(self) -> int:
+        """Metric records dropped so far: a buffer was full, or a batch the server never confirmed
+        was pushed out of the resend buffer (it may have been stored). Sent as ``dropped``."""
+        return self._outbox.dropped
 
     # ------------------------------------------------------------ listener (training thread, O(1))
+    # No wake-up: the link collects the outbox every send_interval.
 
     def on_step(self, record: StepRecord) -> None:
-        self._append(self._steps, record)
+        self._outbox.add_step(record)
 
     def on_round(self, record: RoundRecord) -> None:
-        self._append(self._rounds, record)
+        self._outbox.add_round(record)
 
     def on_control(self, event: ControlEvent) -> None:
-        self._append(self._control, event)
-
-    def _append(self, buffer: collections.deque, item: Any) -> None:
-        if len(buffer) == buffer.maxlen:
-            self.dropped += 1
-        buffer.append(item)  # no wake-up: the link collects every send_interval
+        self._outbox.add_control(event)
 
     # ------------------------------------------------------------ ControlSource (rank 0)
 
@@ -257,7 +244,7 @@ class WorkerLink:
                 ping_interval=5,
                 ping_timeout=10,  # a frozen server is noticed within ~15 s and we reconnect
                 close_timeout=1,
-                max_size=_MAX_FRAME,
+                max_size=MAX_FRAME,
                 reconnect_delays=self._delays,
             ):
                 try:
@@ -327,49 +314,31 @@ class WorkerLink:
             ack = self._acks_out[0]
             await ws.send(ack.model_dump_json())
             self._acks_out.popleft()  # only once sent: a failed send leaves it for the next session
-            self._remember(self._acked, ack.command_id, ack)
+            self._ledger.remember(ack)
 
     async def _send_metrics(self, ws: Any, sent_through: int) -> int:
-        """Batch what the buffers hold, then send every unconfirmed batch after ``sent_through``."""
-        steps, rounds, control = _drain(self._steps), _drain(self._rounds), _drain(self._control)
-        if steps or rounds or control:
-            for text, records in _frames(steps, rounds, control, self._encoder):
-                self._seq += 1
-                self._keep(_Batch(self._seq, text, records))
-        for batch in list(self._unconfirmed):
-            if batch.seq > sent_through:
-                await ws.send(batch.text)
-                sent_through = batch.seq
+        """Batch what the outbox holds, then send every unconfirmed batch after ``sent_through``."""
+        if self._outbox.pack():
+            self._all_stored.clear()
+        for batch in self._outbox.after(sent_through):
+            await ws.send(batch.text)
+            sent_through = batch.seq
         return sent_through
 
-    def _encoder(self, steps: list, rounds: list, control: list) -> str:
-        # Numbered as the next batch: _frames asks for a text only once the previous one is kept.
-        return MetricsBatch(steps=steps, rounds=rounds, control=control, dropped=self.dropped, seq=self._seq + 1).model_dump_json()
-
-    def _keep(self, batch: _Batch) -> None:
-        self._unconfirmed.append(batch)
-        self._unconfirmed_records += batch.records
-        self._all_stored.clear()
-        while self._unconfirmed_records > self._max_unconfirmed and len(self._unconfirmed) > 1:
-            oldest = self._unconfirmed.popleft()
-            self._unconfirmed_records -= oldest.records
-            self.dropped += oldest.records
-
     def _confirm(self, stored: MetricsStored) -> None:
-        while self._unconfirmed and self._unconfirmed[0].seq <= stored.seq:
-            self._unconfirmed_records -= self._unconfirmed.popleft().records
-        if not self._unconfirmed:
+        self._outbox.confirm(stored.seq)
+        if self._outbox.all_stored:
             self._all_stored.set()
 
     async def _await_stored(self, receiver: asyncio.Task) -> None:
         """On close: wait (briefly) until the server confirms every batch, so none is in flight."""
-        if not self._unconfirmed:
+        if self._outbox.all_stored:
             return
         stored = asyncio.create_task(self._all_stored.wait())
         await asyncio.wait({stored, receiver}, timeout=_CLOSE_STORED_WAIT, return_when=asyncio.FIRST_COMPLETED)
         stored.cancel()
-        if self._unconfirmed:
-            log.info("avgctl link of rank %d closes with %d records unconfirmed", self.rank, self._unconfirmed_records)
+        if not self._outbox.all_stored:
+            log.info("avgctl link of rank %d closes with %d records unconfirmed", self.rank, self._outbox.unconfirmed)
 
     async def _receive(self, ws: Any) -> None:
         async for text in ws:
@@ -384,45 +353,13 @@ class WorkerLink:
                 self._deliver(message)
 
     def _deliver(self, delivery: CommandDelivery) -> None:
-        if delivery.id in self._acked:  # re-delivered after a reconnect: answer, never re-queue
-            self._acks_out.append(self._acked[delivery.id])
+        ack = self._ledger.ack_for(delivery.id)
+        if ack is not None:  # re-delivered after a reconnect: answer, never re-queue
+            self._acks_out.append(ack)
             self._wake.set()
-        elif delivery.id not in self._queued:  # also queued once only while the averager is busy
-            self._remember(self._queued, delivery.id, None)
+        elif self._ledger.take(delivery.id):  # also queued once only while the averager is busy
             self._inbox.put((delivery.id, delivery.command))
             self._arrived.set()
-
-    @staticmethod
-    def _remember(memory: collections.OrderedDict, key: int, value: Any) -> None:
-        memory[key] = value
-        while len(memory) > _REMEMBERED_IDS:
-            memory.popitem(last=False)
-
-
-def _drain(buffer: collections.deque) -> list:
-    out = []
-    with contextlib.suppress(IndexError):
-        for _ in range(len(buffer)):
-            out.append(buffer.popleft())
-    return out
-
-
-@dataclass(slots=True)
-class _Batch:
-    seq: int
-    text: str  # the MetricsBatch frame, sent again as it is after a reconnect
-    records: int
-
-
-def _frames(steps: list, rounds: list, control: list, encode: Callable[[list, list, list], str]) -> Iterator[tuple[str, int]]:
-    """``(text, records)`` of ``encode``d batches under the frame limit: one too large is split in halves."""
-    text = encode(steps[:10_000], rounds[:10_000], control[:10_000])
-    total = len(steps) + len(rounds) + len(control)
-    if (len(text) <= _MAX_FRAME and max(len(steps), len(rounds), len(control)) <= 10_000) or total <= 1:
-        yield text, total
-        return
-    yield from _frames(steps[: len(steps) // 2], rounds[: len(rounds) // 2], control[: len(control) // 2], encode)
-    yield from _frames(steps[len(steps) // 2 :], rounds[len(rounds) // 2 :], control[len(control) // 2 :], encode)
 
 
 def connect(
@@ -445,18 +382,18 @@ def connect(
 
     Returns the running link; ``link.close()`` (or ``with connect(...)``) flushes and stops it.
     """
-    env = wdist.read_env()
+    env = read_env()
     server = server or env.server
     if not server:
-        raise ValueError("no avgctl server: pass server= or set AVGCTL_SERVER")
+        raise ValueError(f"no avgctl server: pass server= or set {SERVER}")
     job_id = job_id or env.run_id or _shared_job_id(env)
     return WorkerLink(averager, server, job_id, token or env.token, host=env.host, pid=os.getpid(), **options)
 
 
-def _shared_job_id(env: wdist.WorkerEnv) -> str:
+def _shared_job_id(env: WorkerEnv) -> str:
     import torch.distributed as dist
 
-    job_id = wdist.default_job_id(env)
+    job_id = default_job_id(env)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [job_id if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(box, src=0)

@@ -14,6 +14,7 @@ from avgctl.server.app import create_app
 from avgctl.protocol import AveragerConfig, CommandAck, ControlEvent, ControlView, RoundRecord, StepRecord
 from avgctl.server.settings import Settings
 from avgctl.worker import control_state as cs
+from avgctl.worker.ledger import CommandLedger
 from tests.polling import wait_for
 
 CONTROL, READ, WORKER = "control-secret", "read-secret", "worker-secret"
@@ -89,7 +90,7 @@ class FakeAverager:
         self.state = cs.periodic_state(period, 0)
         self.listeners: list[Any] = []
         self.source: Any = None
-        self._acks: dict[int, CommandAck] = {}
+        self.ledger = CommandLedger()  # the averager's rule: apply an id once, answer repeats
 
     def hello_config(self) -> AveragerConfig:
         return AveragerConfig(kind="periodic", period=self.state.period, warmup_steps=self.state.warmup_steps)
@@ -126,8 +127,9 @@ class FakeAverager:
 
     def _apply(self, commands: list) -> None:
         for command_id, command in commands:
-            if command_id in self._acks:  # re-delivered: answer again, never re-apply
-                self.source.report(self._acks[command_id])
+            remembered = self.ledger.ack_for(command_id)
+            if remembered is not None:  # re-delivered: answer again, never re-apply
+                self.source.report(remembered)
                 continue
             try:
                 self.state = cs.apply_command(self.state, command, self.step)
@@ -138,5 +140,5 @@ class FakeAverager:
                 ack = CommandAck(command_id=command_id, status="applied", applied_step=self.step, control=view)
                 for listener in self.listeners:
                     listener.on_control(ControlEvent(step=self.step, control=view))
-            self._acks[command_id] = ack
+            self.ledger.remember(ack)
             self.source.report(ack)

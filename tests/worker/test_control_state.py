@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from avgctl import protocol as s
@@ -91,3 +94,17 @@ def test_encode_decode_round_trip():
         state = cs.apply_command(state, command, 7)
     assert cs.decode(cs.encode(state), cs.hierarchical_state((2, 8), (2, 4), 3)) == state
     assert len(cs.encode(state)) == cs.encoded_size(2)
+
+
+def test_a_checkpointed_state_comes_back_equal_tuples_and_all():
+    state = cs.hierarchical_state((2, 8), (2, 4), 3)
+    saved = json.loads(json.dumps(dataclasses.asdict(state)))  # as a checkpoint holds it: lists
+    assert cs.from_dict(saved) == state
+
+
+def test_the_hello_config_names_the_kind_and_group_sizes():
+    assert cs.to_config(cs.periodic_state(4, 1)).model_dump() == {
+        "kind": "periodic", "period": 4, "warmup_steps": 1, "group_sizes": None,
+    }
+    hierarchical = cs.to_config(cs.hierarchical_state((2, 8), (2, 4), 0))
+    assert (hierarchical.kind, hierarchical.period, hierarchical.group_sizes) == ("hierarchical", 8, [2, 4])

@@ -1,0 +1,122 @@
+"""What one parameter set needs to be averaged and measured: its flat buffer, samples and names.
+
+A ``Layout`` is built once per parameter set and reused every round while the set is unchanged. Its
+``average`` is where the averaging collectives run (the flat buffer's all-reduce, the two-rank
+exchange, torch's own path), so making them device-aware is a change to this module alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.model_averaging import utils as torch_utils
+
+from avgctl.worker import divergence
+from avgctl.worker.flat import FlatParams, fallback_reason, layout_fingerprint
+from avgctl.worker.options import AveragerOptions
+from avgctl.worker.pair import PairAllReduce, pair_eligible
+
+DRIFT_SAMPLE_SIZE = 2048
+"""Coordinates read every step for the drift (about 1.6% standard error for Gaussian-like moves)."""
+
+
+@dataclass(slots=True)
+class Layout:
+    """What the current parameter set needs: its flat buffer (or None), sample plans and names."""
+
+    params: list[torch.nn.Parameter]
+    flat: FlatParams | None
+    """The persistent buffer the parameters are views of; None on torch's path (see ``fallback_reason``)."""
+    fallback_reason: str | None
+    """Why these parameters cannot share a flat buffer (None on the fast path)."""
+    plan: divergence.SamplePlan
+    drift_plan: divergence.DriftPlan
+    """A smaller, uniform sample than ``plan``: drift is read every step."""
+    names: list[str]
+    fingerprint: int
+    ids: tuple[int, ...] = field(default=())
+    pairs: dict[int, PairAllReduce | None] = field(default_factory=dict)
+    """Per level: the one-exchange all-reduce for two-rank groups (None: use ``dist.all_reduce``)."""
+    agreed: bool = False
+    """Every rank confirmed the same layout at a waited-for exchange: rounds may skip the pre-check."""
+
+    def fits(self, params: list[torch.nn.Parameter]) -> bool:
+        """The same parameters, still views of the buffer: this layout can be reused for them."""
+        if self.ids != tuple(id(p) for p in params):
+            return False
+        return self.flat is None or self.flat.still_views()
+
+    @property
+    def tail(self) -> torch.Tensor | None:
+        """Room at the end of the buffer for a message that rides in the averaging all-reduce."""
+        return None if self.flat is None else self.flat.tail
+
+    def samples(self) -> torch.Tensor:
+        """The divergence plan's coordinates, in float64."""
+        if self.flat is not None:
+            return divergence.gather(self.flat.buffer, self.plan)
+        return divergence.gather_params(self.params, self.plan)
+
+    def drift_sample(self) -> torch.Tensor:
+        """The drift plan's coordinates."""
+        if self.flat is not None:
+            return divergence.drift_sample(self.flat.buffer, self.drift_plan)
+        return divergence.drift_sample_params(self.params, self.drift_plan)
+
+    def average(self, level: int, group: dist.ProcessGroup, size: int) -> int:
+        """Replace the parameters by their mean over ``group`` (level ``level``); returns the bytes all-reduced.
+
+        The same arithmetic as torch (divide, then all-reduce SUM), so values match its averagers bit
+        for bit. On the flat buffer the tail goes along: its SUM is the exchange riding in it.
+        """
+        if self.flat is None:
+            torch_utils.average_parameters(iter(self.params), group)
+            return sum(p.numel() * p.element_size() for p in self.params)
+        storage = self.flat.storage
+        synchronize_accelerator()
+        self.flat.buffer.div_(size)
+        if level not in self.pairs:
+            self.pairs[level] = PairAllReduce(group, storage) if pair_eligible(group, storage) else None
+        pair = self.pairs[level]
+        if pair is not None:
+            pair(storage)
+        else:
+            dist.all_reduce(storage, group=group)
+        return storage.numel() * storage.element_size()
+
+
+def build_layout(
+    params: list[torch.nn.Parameter], *, names_by_id: dict[int, str], options: AveragerOptions, tail: int
+) -> Layout:
+    """Flatten ``params`` (with ``tail`` spare elements) when they allow it, and plan their samples.
+
+    Args:
+        params: the parameters to average, in torch's order (``get_params_to_average``).
+        names_by_id: ``id(parameter) -> name`` for per-layer reports; others get a shape-based name.
+        options: the averager's sample sizes.
+        tail: spare elements after the parameters for the exchange (0: none).
+    """
+    reason = fallback_reason(params)
+    flat = FlatParams(params, tail=tail) if reason is None else None
+    numels = [p.numel() for p in params]
+    return Layout(
+        params=list(params),
+        flat=flat,
+        fallback_reason=reason,
+        plan=divergence.make_plan(numels, None if options.exact_divergence else options.sample_size),
+        drift_plan=divergence.make_drift_plan(numels, min(options.sample_size, DRIFT_SAMPLE_SIZE)),
+        names=[names_by_id.get(id(p), f"param{i}{list(p.shape)}") for i, p in enumerate(params)],
+        fingerprint=flat.fingerprint if flat else layout_fingerprint(params),
+        ids=tuple(id(p) for p in params),
+    )
+
+
+def synchronize_accelerator() -> None:
+    """torch synchronizes before its all-reduce so it cannot overlap other process groups' work."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        accelerator.synchronize()
+    elif torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -1,0 +1,161 @@
+"""An averager's figures: the latest step and round records, and the listeners they go to."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from avgctl.protocol import ControlEvent, ControlView, RoundRecord, StepRecord
+from avgctl.protocol.bounds import MAX_SCALARS
+from avgctl.worker import divergence
+
+log = logging.getLogger(__name__)
+
+
+class MetricsListener(Protocol):
+    """Receives metrics on the training thread: implementations must return at once."""
+
+    def on_step(self, record: StepRecord) -> None: ...
+    def on_round(self, record: RoundRecord) -> None: ...
+    def on_control(self, event: ControlEvent) -> None: ...
+
+
+@dataclass(slots=True)
+class AveragerMetrics:
+    """The latest figures, for code that wants them without a server."""
+
+    rounds: int = 0
+    bytes_moved: int = 0
+    averaging_seconds: float = 0.0
+    fallback_reason: str | None = None
+    """Why torch's own averaging path is used instead of the flat buffer (None on the fast path)."""
+    listener_errors: int = 0
+    # The latest records, or their fields until someone asks: with no listener attached, building
+    # pydantic objects every step would be most of what the metrics cost. The averager computed
+    # every field, so the records skip validation.
+    _step: StepRecord | dict | None = None
+    _round: RoundRecord | dict | None = None
+
+    @property
+    def last_step(self) -> StepRecord | None:
+        """The last step's record (``step``, ``loss``, ``drift``, ``scalars``...)."""
+        if isinstance(self._step, dict):
+            self._step = StepRecord.model_construct(**self._step)
+        return self._step
+
+    @property
+    def last_round(self) -> RoundRecord | None:
+        """The last round whose group figures arrived (``divergence``, ``divergence_mean``...)."""
+        if isinstance(self._round, dict):
+            self._round = RoundRecord.model_construct(**self._round)
+        return self._round
+
+
+@dataclass(slots=True)
+class RoundDraft:
+    """A round's local figures, waiting for the group's: they ride on the exchange that follows."""
+
+    step: int
+    group_size: int
+    seconds: float
+    moved: int
+    exact: bool
+    top_layers: list[tuple[str, float]]
+
+
+class Recorder:
+    """Turns an averager's figures into records: kept in ``metrics``, sent to every listener.
+
+    Args:
+        rank: this rank in the averager's process group (its slot in the group's figures).
+        world_size: ranks in that group.
+    """
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank = rank
+        self.world_size = world_size
+        self.metrics = AveragerMetrics()
+        self._listeners: list[MetricsListener] = []
+        self._pending_loss: float | None = None
+        self._pending_scalars: dict[str, float] = {}
+
+    def add_listener(self, listener: MetricsListener) -> None:
+        """Send every later record to ``listener`` too; one that raises is counted, never fatal."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: MetricsListener) -> None:
+        """Stop sending records to ``listener``."""
+        self._listeners.remove(listener)
+
+    def record(self, loss: float | None = None, **scalars: float) -> None:
+        """Attach figures to the next step record (floats or 0-dim tensors)."""
+        if loss is not None:
+            self._pending_loss = float(loss)
+        self._pending_scalars.update({str(k): float(v) for k, v in scalars.items()})
+        if len(self._pending_scalars) > MAX_SCALARS:
+            raise ValueError(f"at most {MAX_SCALARS} scalars per step, got {sorted(self._pending_scalars)}")
+
+    def note_fallback(self, reason: str | None) -> None:
+        """The averaging path the current layout takes; a new reason for torch's path is logged once."""
+        if reason is not None and reason != self.metrics.fallback_reason:
+            log.warning("avgctl: averaging with torch's path (%s)", reason)
+        self.metrics.fallback_reason = reason
+
+    def step(self, step: int, step_time: float | None, drift: float | None) -> None:
+        """Close a step's record with the figures ``record`` attached since the last one."""
+        fields = dict(
+            step=step,
+            time=time.time(),
+            step_time=step_time,
+            drift=drift,
+            loss=self._pending_loss,
+            scalars=self._pending_scalars,
+        )
+        self._pending_loss, self._pending_scalars = None, {}
+        self.metrics._step = fields
+        if self._listeners:
+            self._emit("on_step", self.metrics.last_step)
+
+    def count_round(self, draft: RoundDraft) -> None:
+        """Add a round that just ended to the running totals (its record waits for the group's figures)."""
+        metrics = self.metrics
+        metrics.rounds += 1
+        metrics.bytes_moved += draft.moved
+        metrics.averaging_seconds += draft.seconds
+
+    def round(self, draft: RoundDraft, stats: list[float]) -> None:
+        """A round's record, from its local figures and every rank's ``[squared...] + [mean_norm_squared...]``."""
+        world = self.world_size
+        group = divergence.group_divergence(stats[:world], stats[world:])
+        fields = dict(
+            step=draft.step,
+            group_size=draft.group_size,
+            divergence=group.per_rank[self.rank],
+            relative_divergence=group.relative_per_rank[self.rank],
+            divergence_mean=group.mean,
+            divergence_max=group.max,
+            relative_mean=group.relative_mean,
+            relative_max=group.relative_max,
+            seconds=draft.seconds,
+            bytes=draft.moved,
+            exact=draft.exact,
+            top_layers=draft.top_layers,
+        )
+        self.metrics._round = fields
+        if self._listeners:
+            self._emit("on_round", self.metrics.last_round)
+
+    def control(self, step: int, view: ControlView) -> None:
+        """The control state changed, taking effect at ``step``."""
+        self._emit("on_control", ControlEvent(step=step, control=view))
+
+    def _emit(self, method: str, record: Any) -> None:
+        for listener in self._listeners:
+            try:
+                getattr(listener, method)(record)
+            except Exception:  # a broken listener must never stop training
+                self.metrics.listener_errors += 1
+                if self.metrics.listener_errors == 1:
+                    log.exception("avgctl: metrics listener failed; training goes on")
