@@ -85,10 +85,10 @@ class SetAutotune(Message):
 
 _WORKER_COMMANDS = (SetPeriod, PauseAveraging, ResumeAveraging, PauseTraining, ResumeTraining, AverageNow, SetHierarchy)
 
-WorkerCommand = Annotated[Union[_WORKER_COMMANDS], Field(discriminator="type")]
+WorkerCommand = Annotated[Union[_WORKER_COMMANDS], Field(discriminator="type")]  # noqa: UP007 (a tuple of members)
 """A command rank 0 carries out."""
 
-Command = Annotated[Union[(*_WORKER_COMMANDS, SetAutotune)], Field(discriminator="type")]
+Command = Annotated[Union[(*_WORKER_COMMANDS, SetAutotune)], Field(discriminator="type")]  # noqa: UP007
 """Any command a person, the CLI or the autopilot may post."""
 
 WORKER_COMMAND_TYPES = frozenset(cls.model_fields["type"].default for cls in _WORKER_COMMANDS)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -112,7 +112,7 @@ class CommandAck(Message):
     control: ControlView | None = None
 
 
-WorkerMessage = Annotated[Union[Hello, MetricsBatch, CommandAck], Field(discriminator="kind")]
+WorkerMessage = Annotated[Hello | MetricsBatch | CommandAck, Field(discriminator="kind")]
 
 
 # ------------------------------------------------------------------ server -> worker
@@ -134,4 +134,4 @@ class MetricsStored(Message):
     seq: int
 
 
-ServerMessage = Annotated[Union[CommandDelivery, MetricsStored], Field(discriminator="kind")]
+ServerMessage = Annotated[CommandDelivery | MetricsStored, Field(discriminator="kind")]

@@ -13,9 +13,9 @@ from fastapi import FastAPI
 
 from avgctl.server.auth import AuthMiddleware, Tokens
 from avgctl.server.autopilot import Autopilot
+from avgctl.server.body_limit import BodyLimitMiddleware
 from avgctl.server.commands import CommandService
 from avgctl.server.hub import Hub
-from avgctl.server.body_limit import BodyLimitMiddleware
 from avgctl.server.pages import mount_pages
 from avgctl.server.routes import commands, health, jobs, limits, metrics, prometheus, ws
 from avgctl.server.settings import Settings, browsable_host
@@ -89,5 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     mount_pages(app)
     # Outermost first: auth before anything reads the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AuthMiddleware, tokens=Tokens(settings.control_token, settings.read_token, settings.worker_token))
+    app.add_middleware(
+        AuthMiddleware, tokens=Tokens(settings.control_token, settings.read_token, settings.worker_token)
+    )
     return app

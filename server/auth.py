@@ -26,6 +26,8 @@ from avgctl.server.pages import is_page_file
 COOKIE = "avgctl_token"
 OPEN_PATHS = frozenset({"/api/health"})
 WORKER_PATH = "/ws/worker"
+
+
 class Role(enum.Enum):
     CONTROL = "control"
     READ = "read"
@@ -36,7 +38,9 @@ class Tokens:
     """The configured tokens; ``role(token)`` compares in constant time."""
 
     def __init__(self, control: str | None, read: str | None, worker: str | None):
-        self._tokens = [(t.encode(), role) for t, role in ((control, Role.CONTROL), (read, Role.READ), (worker, Role.WORKER)) if t]
+        self._tokens = [
+            (t.encode(), role) for t, role in ((control, Role.CONTROL), (read, Role.READ), (worker, Role.WORKER)) if t
+        ]
 
     def role(self, token: str | None) -> Role | None:
         if not token:

@@ -210,10 +210,20 @@ class Autopilot:
             target_divergence=s.user_target,
             state=s.mode,
             calibrated_target=s.target if s.user_target is None else None,
-            last_proposal=None if p is None else AutotuneProposalView(
-                step=p.step, period=p.period, current=p.current, reason=p.reason, delta=p.delta,
-                growth=p.growth, target=p.target, raw_period=p.raw_period, tau_cost=p.tau_cost,
-                communication_bound=p.communication_bound, pending_command=job.pending if job.pending != _ISSUING else None,
+            last_proposal=None
+            if p is None
+            else AutotuneProposalView(
+                step=p.step,
+                period=p.period,
+                current=p.current,
+                reason=p.reason,
+                delta=p.delta,
+                growth=p.growth,
+                target=p.target,
+                raw_period=p.raw_period,
+                tau_cost=p.tau_cost,
+                communication_bound=p.communication_bound,
+                pending_command=job.pending if job.pending != _ISSUING else None,
             ),
             note=s.note,
         )

@@ -11,6 +11,8 @@ import logging
 import time
 from typing import Protocol
 
+from pydantic import TypeAdapter
+
 from avgctl.protocol import (
     WORKER_COMMAND_TYPES,
     Command,
@@ -23,7 +25,6 @@ from avgctl.server.api import AutotuneView, CommandOut
 from avgctl.server.hub import Hub
 from avgctl.server.store import Store, writes
 from avgctl.server.workers import WorkerRegistry
-from pydantic import TypeAdapter
 
 log = logging.getLogger(__name__)
 AUTOPILOT = "autopilot"

@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import Depends, Path
 from starlette.requests import HTTPConnection
 
+from avgctl.protocol.bounds import JOB_ID_MAX_LENGTH, JOB_ID_PATTERN
 from avgctl.server.autopilot import Autopilot
 from avgctl.server.commands import CommandService
 from avgctl.server.hub import Hub
-from avgctl.protocol.bounds import JOB_ID_MAX_LENGTH, JOB_ID_PATTERN
 from avgctl.server.settings import Settings
 from avgctl.server.store import Store
 from avgctl.server.workers import WorkerRegistry

@@ -25,7 +25,6 @@ from pydantic import TypeAdapter, ValidationError
 from avgctl.protocol import ControlEvent, MetricsBatch, RoundRecord
 from avgctl.protocol.bounds import MAX_BATCH_RECORDS, MAX_SCALARS, SQLITE_INT_MAX
 
-
 _STORABLE = msgspec.Meta(ge=0, le=SQLITE_INT_MAX)  # protocol.StorableInt
 
 

@@ -1,6 +1,6 @@
 """The training side of avgctl: drop-in averagers, divergence metrics, live control.
 
-    from avgctl.worker import PeriodicAverager, HierarchicalAverager, connect
+from avgctl.worker import PeriodicAverager, HierarchicalAverager, connect
 """
 
 from avgctl.worker.averagers import HierarchicalAverager, PeriodicAverager

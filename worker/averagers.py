@@ -19,7 +19,14 @@ from avgctl.worker.base import LiveAverager
 from avgctl.worker.options import AveragerOptions
 from avgctl.worker.recorder import AveragerMetrics, MetricsListener
 
-__all__ = ["AveragerMetrics", "AveragerOptions", "HierarchicalAverager", "LiveAverager", "MetricsListener", "PeriodicAverager"]
+__all__ = [
+    "AveragerMetrics",
+    "AveragerOptions",
+    "HierarchicalAverager",
+    "LiveAverager",
+    "MetricsListener",
+    "PeriodicAverager",
+]
 
 
 def _warn_period_one(when: str) -> None:

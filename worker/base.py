@@ -275,7 +275,9 @@ class LiveAverager(ModelAverager):
             self._state = dataclasses.replace(self._state, average_now=False)
         pending = None
         if layout.tail is not None and self._level_groups[level] is self._level_groups[-1]:
-            pending = self._exchange.start(self._state, step, fingerprint, anchor=step, changed=changed, tail=layout.tail)
+            pending = self._exchange.start(
+                self._state, step, fingerprint, anchor=step, changed=changed, tail=layout.tail
+            )
         before = layout.samples()
         moved = self._combine(layout, level, step)
         mine = divergence.rank_divergence(before, layout.samples(), layout.plan)

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-
 from typing import Any
 
 from avgctl.protocol import (
     AverageNow,
     AveragerConfig,
-    WorkerCommand,
     ControlView,
     PauseAveraging,
     PauseTraining,
@@ -22,6 +20,7 @@ from avgctl.protocol import (
     ResumeTraining,
     SetHierarchy,
     SetPeriod,
+    WorkerCommand,
 )
 
 
@@ -136,8 +135,7 @@ def _checked_hierarchy(state: ControlState, by_size: dict[str, int]) -> tuple[in
     sizes = {int(k) for k in by_size}
     if sizes != set(state.group_sizes):
         raise CommandRejected(
-            f"hierarchy must give a period for exactly the group sizes {list(state.group_sizes)}, "
-            f"got {sorted(sizes)}"
+            f"hierarchy must give a period for exactly the group sizes {list(state.group_sizes)}, got {sorted(sizes)}"
         )
     periods = tuple(by_size[str(size)] for size in state.group_sizes)
     if any(not isinstance(p, int) or p < 1 for p in periods):

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from avgctl.protocol.flags import add_flags, from_flags
-from avgctl.worker import dist as wdist
 from avgctl.worker.averagers import HierarchicalAverager, LiveAverager, PeriodicAverager
+from avgctl.worker.dist import read_env
 
 CLASSES = 10
 FEATURES = 32
@@ -83,7 +83,8 @@ class DemoConfig:
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints"})
     quiet: bool = field(default=False, metadata={"help": "no metrics table"})
     server: str | None = field(
-        default=None, metadata={"help": "avgctl server URL (default: $AVGCTL_SERVER; without one, metrics print locally)"}
+        default=None,
+        metadata={"help": "avgctl server URL (default: $AVGCTL_SERVER; without one, metrics print locally)"},
     )
     job_id: str | None = field(default=None, metadata={"help": "job id (default: torchrun's run id)"})
     token: str | None = None
@@ -214,7 +215,9 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_common_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, averager: LiveAverager) -> Path | None:
+def _load_common_checkpoint(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, averager: LiveAverager
+) -> Path | None:
     """Load the newest checkpoint step that every rank has (ranks must resume at one step)."""
     mine = {}
     for candidate in (path, _previous(path)):
@@ -271,7 +274,10 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
             averager.average_parameters(model.parameters())
             table.maybe_print(averager, loss_value)
             if ckpt is not None and averager.step % cfg.checkpoint_every == 0:
-                _save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "averager": averager.state_dict()})
+                _save_checkpoint(
+                    ckpt,
+                    {"model": model.state_dict(), "optimizer": opt.state_dict(), "averager": averager.state_dict()},
+                )
             if cfg.step_delay:
                 time.sleep(cfg.step_delay)
         averager.flush()  # the last round's group figures and command acks
@@ -301,8 +307,22 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
 
 
 # The flags, in the order --help lists them; the other fields are for code that builds a DemoConfig.
-FLAGS = ("server", "job_id", "steps", "period", "warmup_steps", "hierarchy", "lr", "lr_schedule", "seed", "skew",
-         "step_delay", "checkpoint", "checkpoint_every", "quiet")
+FLAGS = (
+    "server",
+    "job_id",
+    "steps",
+    "period",
+    "warmup_steps",
+    "hierarchy",
+    "lr",
+    "lr_schedule",
+    "seed",
+    "skew",
+    "step_delay",
+    "checkpoint",
+    "checkpoint_every",
+    "quiet",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, Path | None]:
@@ -323,7 +343,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, Path | None]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, result_path = parse_args(argv)
-    env = wdist.read_env()
+    env = read_env()
     cfg.server = cfg.server or env.server
     cfg.token = env.token
     torch.set_num_threads(1)  # several ranks share a CPU

@@ -47,7 +47,7 @@ def make_plan(numels: list[int], budget: int | None, *, seed: int = 0, min_per_l
     gen = torch.Generator().manual_seed(seed)
     starts, pieces, weights = [], [], []
     offset = 0
-    for layer, n in enumerate(numels):
+    for n in numels:
         starts.append(offset)
         if exact or n <= min_per_layer:
             k, local = n, torch.arange(n)

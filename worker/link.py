@@ -42,8 +42,8 @@ from avgctl.protocol import (
     ServerMessage,
     StepRecord,
     WorkerCommand,
+    close_codes,
 )
-from avgctl.protocol import close_codes
 from avgctl.protocol.bounds import JobId
 from avgctl.protocol.env import SERVER
 from avgctl.worker.control import drain
@@ -118,9 +118,7 @@ class WorkerLink:
         self.pid = pid
         self.send_interval = send_interval
         self._token = token
-        self._delays = reconnect_delays or functools.partial(
-            backoff, initial_delay=0.5, min_delay=0.5, max_delay=10.0
-        )
+        self._delays = reconnect_delays or functools.partial(backoff, initial_delay=0.5, min_delay=0.5, max_delay=10.0)
         self._outbox = Outbox(max_records)
         self._id = uuid.uuid4().hex  # tells the server which batch numbers it may already have
         self._all_stored = asyncio.Event()
@@ -296,7 +294,9 @@ class WorkerLink:
                 wake = asyncio.create_task(self._wake.wait())
                 stop = asyncio.create_task(self._stopping.wait())
                 timeout = max(0.0, self.send_interval - (time.monotonic() - last_metrics))
-                done, _ = await asyncio.wait({wake, stop, receiver}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {wake, stop, receiver}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
                 wake.cancel()
                 stop.cancel()
                 self._wake.clear()

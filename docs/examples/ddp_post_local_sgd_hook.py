@@ -1,6 +1,6 @@
 """DDP with torch's post_localSGD_hook: all-reduce gradients during warm-up, then average models.
 
-    torchrun --standalone --nproc-per-node 2 docs/examples/ddp_post_local_sgd_hook.py
+torchrun --standalone --nproc-per-node 2 docs/examples/ddp_post_local_sgd_hook.py
 """
 
 import os
@@ -20,7 +20,9 @@ model = DDP(torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.
 # After warm-up the hook all-reduces gradients within a subgroup (on GPUs, dist.new_subgroups() makes
 # one per machine). In this CPU example each rank is its own "machine", so ranks train locally.
 subgroup, _ = dist.new_subgroups(group_size=1)
-model.register_comm_hook(PostLocalSGDState(process_group=None, subgroup=subgroup, start_localSGD_iter=WARMUP), post_localSGD_hook)
+model.register_comm_hook(
+    PostLocalSGDState(process_group=None, subgroup=subgroup, start_localSGD_iter=WARMUP), post_localSGD_hook
+)
 
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 averager = PeriodicAverager(period=8, warmup_steps=WARMUP)

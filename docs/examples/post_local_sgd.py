@@ -1,6 +1,6 @@
 """Local SGD with PostLocalSGDOptimizer and a live-controlled averager.
 
-    torchrun --standalone --nproc-per-node 2 docs/examples/post_local_sgd.py
+torchrun --standalone --nproc-per-node 2 docs/examples/post_local_sgd.py
 """
 
 import os

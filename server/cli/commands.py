@@ -153,4 +153,6 @@ def add_resume_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_average_now_parser(subparsers: argparse._SubParsersAction) -> None:
-    _add_command_parser(subparsers, "average-now", "one averaging round over all ranks now", lambda a: {"type": "average_now"})
+    _add_command_parser(
+        subparsers, "average-now", "one averaging round over all ranks now", lambda a: {"type": "average_now"}
+    )

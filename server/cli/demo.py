@@ -76,8 +76,17 @@ def serve_args(launch: DemoLaunch, control_token: str, worker_token: str) -> lis
     """``avgctl serve`` arguments for the demo's server. Tokens go as ``--flag=value``: a generated
     token may start with ``-``, which argparse would take for an option."""
     return [
-        "serve", "--host", launch.host, "--port", str(launch.port), "--db", str(launch.db),
-        f"--control-token={control_token}", f"--worker-token={worker_token}", "--log-level", "warning",
+        "serve",
+        "--host",
+        launch.host,
+        "--port",
+        str(launch.port),
+        "--db",
+        str(launch.db),
+        f"--control-token={control_token}",
+        f"--worker-token={worker_token}",
+        "--log-level",
+        "warning",
     ]
 
 
@@ -137,7 +146,9 @@ class ProgressBar:
         step, control = job.get("step", 0) + 1, job.get("control", {})  # the server keeps the last step index
         width = 30
         filled = int(width * min(step, self.total) / self.total)
-        state = "paused" if control.get("training_paused") else ("no averaging" if control.get("averaging_paused") else "")
+        state = (
+            "paused" if control.get("training_paused") else ("no averaging" if control.get("averaging_paused") else "")
+        )
         line = (
             f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total} "
             f"period {control.get('period', '?')} {state}".rstrip()
@@ -169,14 +180,32 @@ def run_demo(launch: DemoLaunch) -> int:
         server = _spawn([sys.executable, "-m", "avgctl.server.cli", *serve_args(launch, control_token, worker_token)])
         _wait_healthy(client, server)
         print(f"avgctl demo: dashboard  {base}/?token={control_token}", flush=True)
-        print(f"avgctl demo: job {job_id}, {launch.nproc} CPU ranks, {launch.steps} steps; worker log {log_path}", flush=True)
+        print(
+            f"avgctl demo: job {job_id}, {launch.nproc} CPU ranks, {launch.steps} steps; worker log {log_path}",
+            flush=True,
+        )
         print("avgctl demo: Ctrl-C stops everything", flush=True)
         launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
         with open(log_path, "w") as log:
             workers = _spawn(
-                [*launcher, "--standalone", "--nproc-per-node", str(launch.nproc), "-m", "avgctl.worker.demo",
-                 "--server", base, "--job-id", job_id, "--steps", str(launch.steps), "--period", str(launch.period),
-                 "--step-delay", str(launch.step_delay)],
+                [
+                    *launcher,
+                    "--standalone",
+                    "--nproc-per-node",
+                    str(launch.nproc),
+                    "-m",
+                    "avgctl.worker.demo",
+                    "--server",
+                    base,
+                    "--job-id",
+                    job_id,
+                    "--steps",
+                    str(launch.steps),
+                    "--period",
+                    str(launch.period),
+                    "--step-delay",
+                    str(launch.step_delay),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "AVGCTL_TOKEN": worker_token, "OMP_NUM_THREADS": "1"},

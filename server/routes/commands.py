@@ -4,10 +4,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, HTTPException, Path
 
-from avgctl.server.commands import AUTOPILOT
-from avgctl.server.deps import CommandsDep, JobIdPath, StoreDep
 from avgctl.protocol import Command
 from avgctl.server.api import CommandOut
+from avgctl.server.commands import AUTOPILOT
+from avgctl.server.deps import CommandsDep, JobIdPath, StoreDep
 from avgctl.server.store import UnknownJob
 
 router = APIRouter(prefix="/api/jobs/{job_id}/commands", tags=["commands"])
@@ -15,8 +15,13 @@ router = APIRouter(prefix="/api/jobs/{job_id}/commands", tags=["commands"])
 CommandIdPath = Annotated[int, Path(ge=1, le=2**62)]
 AuthorHeader = Annotated[
     str | None,
-    Header(alias="X-Avgctl-Author", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@+ -]+$",
-           description="Who sends the command (shown in the log); default 'api'."),
+    Header(
+        alias="X-Avgctl-Author",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:@+ -]+$",
+        description="Who sends the command (shown in the log); default 'api'.",
+    ),
 ]
 
 

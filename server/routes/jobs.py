@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter, HTTPException
 
-from avgctl.server.deps import JobIdPath, StoreDep
 from avgctl.server.api import JobDetail, JobOut
+from avgctl.server.deps import JobIdPath, StoreDep
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 

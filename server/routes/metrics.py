@@ -4,8 +4,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 
-from avgctl.server.deps import JobIdPath, StoreDep
 from avgctl.server.api import MetricsOut
+from avgctl.server.deps import JobIdPath, StoreDep
 
 router = APIRouter(prefix="/api/jobs/{job_id}/metrics", tags=["metrics"])
 

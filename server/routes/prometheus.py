@@ -43,7 +43,8 @@ class StoreCollector(Collector):
                 commands.add_metric([jid, status], job["commands"].get(status, 0))
             dropped.add_metric([jid], job["dropped"])
         server_dropped = CounterMetricFamily(
-            "avgctl_dropped_metric_batches", "Metric batches the server did not store: its writer fell behind, or its writer process died"
+            "avgctl_dropped_metric_batches",
+            "Metric batches the server did not store: its writer fell behind, or its writer process died",
         )
         server_dropped.add_metric([], self.store.dropped_batches)
         yield from (step, period, mean, mx, ranks, commands, dropped, server_dropped)

@@ -13,6 +13,9 @@ import logging
 import re
 import time
 
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import TypeAdapter, ValidationError
+
 from avgctl.protocol import CommandAck, Hello, MetricsBatch, WorkerMessage, close_codes
 from avgctl.protocol.bounds import JOB_ID_MAX_LENGTH, JOB_ID_PATTERN
 from avgctl.server.deps import (
@@ -33,8 +36,6 @@ from avgctl.server.records import (
 )
 from avgctl.server.store import Store, writes
 from avgctl.server.workers import WorkerConnection
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from pydantic import TypeAdapter, ValidationError
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["websockets"])

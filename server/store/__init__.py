@@ -86,7 +86,9 @@ class Store:
             raise ValueError("history_records must be positive")
         self.path = path
         self.retention = None if retention_steps is None else Retention(retention_steps, history_records)
-        self._writer = Writer(path, metrics_queue, None if self.retention is None else self.retention.prune, prune_interval)
+        self._writer = Writer(
+            path, metrics_queue, None if self.retention is None else self.retention.prune, prune_interval
+        )
         self._readers = Readers(path)
         # Ingest's path, once per metric batch: the writer's own method, not a call through this one.
         self.add_metrics = self._writer.add_metrics

@@ -47,7 +47,9 @@ _ROUND_COLUMNS = ("job_id", "rank", "step", "group_size", "body")
 # (job_id, rank, received_at, steps [(step, body)], rounds [(step, group_size, body)],
 #  control events [(step, control body)], rank 0's new control view (body, version) or None,
 #  dropped, top step or None, latest round (step, divergence mean, divergence max) or None)
-Entry = tuple[str, int, float, list, list, list, tuple[str, int] | None, int, int | None, tuple[int, float, float] | None]
+Entry = tuple[
+    str, int, float, list, list, list, tuple[str, int] | None, int, int | None, tuple[int, float, float] | None
+]
 
 
 class MetricRows(NamedTuple):
@@ -164,13 +166,19 @@ def _insert_rows(conn: sqlite3.Connection, table: str, columns: tuple[str, ...],
     than ``OR REPLACE`` per row when no key is taken (nearly always); a chunk that met a taken key
     is written again with ``OR REPLACE``."""
     _in_chunks(
-        conn, functools.partial(_insert_sql, table, columns, "IGNORE"), values, len(columns),
+        conn,
+        functools.partial(_insert_sql, table, columns, "IGNORE"),
+        values,
+        len(columns),
         again=functools.partial(_insert_sql, table, columns, "REPLACE"),
     )
 
 
 def _in_chunks(
-    conn: sqlite3.Connection, sql_for: Callable[[int], str], values: list, width: int,
+    conn: sqlite3.Connection,
+    sql_for: Callable[[int], str],
+    values: list,
+    width: int,
     again: Callable[[int], str] | None = None,
 ) -> None:
     """Run ``sql_for(count)`` (a statement taking ``count`` rows' values) over ``values``, the rows'

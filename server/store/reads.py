@@ -171,7 +171,9 @@ def metrics(
     return out
 
 
-def snapshot_json(conn: sqlite3.Connection, job_id: str, budget: int, commands: int = 200, events: int = 1000) -> str | None:
+def snapshot_json(
+    conn: sqlite3.Connection, job_id: str, budget: int, commands: int = 200, events: int = 1000
+) -> str | None:
     """What a dashboard needs on connect, as JSON text: the job, recent series (bounded,
     downsampled), control events and commands. The records are spliced from their stored text,
     not parsed (a snapshot holds thousands)."""

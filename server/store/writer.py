@@ -63,7 +63,9 @@ class Writer:
         self.housekeeping = housekeeping
         self.housekeeping_interval = housekeeping_interval
         self._next_housekeeping = 0.0
-        self.dropped_batches = 0  # metric batches not stored: refused (the writer fell behind) or lost with the writer process
+        self.dropped_batches = (
+            0  # metric batches not stored: refused (the writer fell behind) or lost with the writer process
+        )
         self.on_stored: Callable[[list[Any]], None] | None = None
         self.on_lost: Callable[[list[Any]], None] | None = None
         # Metric batches waiting for the writer: ingest appends here, and the first batch of a burst

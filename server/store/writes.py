@@ -32,8 +32,16 @@ def hello(conn: sqlite3.Connection, msg: Hello, now: float) -> None:
         conn.execute(
             "INSERT INTO jobs (id, world_size, status, step, control, autotune, config, created_at, updated_at)"
             " VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
-            (msg.job_id, msg.world_size, msg.step, control, AutotuneView().model_dump_json(),
-             msg.config.model_dump_json(), now, now),
+            (
+                msg.job_id,
+                msg.world_size,
+                msg.step,
+                control,
+                AutotuneView().model_dump_json(),
+                msg.config.model_dump_json(),
+                now,
+                now,
+            ),
         )
     elif row[0] != msg.world_size:
         (connected,) = conn.execute(
@@ -95,7 +103,15 @@ def metric_entry(job_id: str, rank: int, batch: EncodedBatch, now: float) -> pro
         control = _control_view(batch.control[-1].control) if rank == 0 else None
     latest = batch.latest
     return (
-        job_id, rank, now, batch.steps, batch.rounds, events, control, batch.dropped, batch.top,
+        job_id,
+        rank,
+        now,
+        batch.steps,
+        batch.rounds,
+        events,
+        control,
+        batch.dropped,
+        batch.top,
         None if latest is None else (latest.step, latest.divergence_mean, latest.divergence_max),
     )
 
