@@ -27,7 +27,6 @@ import functools
 import json
 import multiprocessing as mp
 import os
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -35,39 +34,29 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
-from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvicorn
 import websockets
 from fastapi import FastAPI, WebSocket
 
-from avgctl.protocol import AveragerConfig, ControlView, Hello, MetricsBatch, StepRecord
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-TOKEN = "bench-token"
-JOB = "bench"
-RECORDS_PER_BATCH = 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def hello(rank: int, world: int, link: str) -> str:
-    return Hello(
-        job_id=JOB, rank=rank, world_size=world, host="bench", pid=10_000 + rank, link=link,
-        config=AveragerConfig(kind="periodic", period=8, warmup_steps=0), control=ControlView(period=8, warmup_steps=0),
-    ).model_dump_json()
-
-
-def batch(first_step: int, sent_at: float, seq: int) -> str:
-    """A numbered batch, as a worker link sends it (avgctl answers ``stored`` for it)."""
-    steps = [StepRecord(step=first_step + i, time=sent_at, step_time=0.02, drift=0.1, loss=2.0) for i in range(RECORDS_PER_BATCH)]
-    return MetricsBatch(steps=steps, seq=seq).model_dump_json()
-
+from tests.support.load import (  # noqa: E402
+    JOB,
+    RECORDS_PER_BATCH,
+    TOKEN,
+    batch,
+    free_port,
+    open_ranks,
+    send_paced,
+    start_dashboards,
+    wait_http,
+)
 
 # ------------------------------------------------------------------------------ bare ceiling
 
@@ -113,76 +102,8 @@ def floor_server_main(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", ws_per_message_deflate=False)
 
 
-# ------------------------------------------------------------------------------ dashboards
-
-
-async def _dashboards(url: str, n: int, duration: float, ready, out) -> None:
-    latencies: list[float] = []
-    messages = 0
-    waiting = n
-
-    async def one() -> None:
-        nonlocal messages, waiting
-        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"}, max_size=2**26) as ws:
-            json.loads(await ws.recv())  # the snapshot: parsed before the clock starts
-            waiting -= 1
-            if not waiting:
-                ready.set()
-            end = time.time() + duration
-            while time.time() < end:
-                try:
-                    text = await asyncio.wait_for(ws.recv(), max(0.01, end - time.time()))
-                except asyncio.TimeoutError:
-                    break
-                now = time.time()
-                msg = json.loads(text)
-                # One sample per rank per message: the oldest record of that rank in it.
-                if msg.get("kind") == "metrics_batch":
-                    messages += 1
-                    latencies.extend(now - item["steps"][0]["time"] for item in msg["items"] if item["steps"])
-                elif msg.get("kind") == "metrics":  # servers from before metrics_batch: one per rank
-                    messages += 1
-                    latencies.extend(now - s["time"] for s in msg["steps"][:1])
-
-    await asyncio.gather(*(one() for _ in range(n)))
-    out.put((latencies, messages))
-
-
-def dashboards_main(url: str, n: int, duration: float, ready, out) -> None:
-    asyncio.run(_dashboards(url, n, duration, ready, out))
-
-
-def start_dashboards(ctx, url: str, n: int, duration: float, out):
-    """The dashboards' process, once every one of them has its snapshot."""
-    ready = ctx.Event()
-    dash = ctx.Process(target=dashboards_main, args=(url, n, duration, ready, out), daemon=True)
-    dash.start()
-    if not ready.wait(60):
-        raise RuntimeError("the dashboards did not get their snapshots within 60 s")
-    return dash
-
-
-# ------------------------------------------------------------------------------ senders
-
-
-async def _read_all(ws) -> None:
-    # A link reads what the server says (avgctl's ``stored``); unread, it would pile up here.
-    with contextlib.suppress(websockets.ConnectionClosed):
-        async for _ in ws:
-            pass
-
-
-async def open_ranks(url: str, ranks: int, headers: dict) -> list:
-    t0 = time.perf_counter()
-    conns = []
-    link = uuid.uuid4().hex  # one sender's id: its batch numbers start again at 0
-    for rank in range(ranks):
-        ws = await websockets.connect(url, additional_headers=headers, max_size=2**20, compression=None)
-        await ws.send(hello(rank, ranks, link))
-        ws.reader = asyncio.create_task(_read_all(ws))  # held by its connection, so it is not collected
-        conns.append(ws)
-    print(f"  opened {ranks} connections in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
-    return conns
+# ------------------------------------------------------------------------------ floods
+# (the ranks, the paced sender and the dashboards are tests/support/load.py's, shared with bench/load.py)
 
 
 @dataclass
@@ -266,33 +187,6 @@ async def poll(read: Callable[[], int], target: int, timeout: float = 60.0) -> i
     return value
 
 
-async def send_paced(url: str, ranks: int, rate: float, duration: float) -> int:
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    conns = await open_ranks(url, ranks, headers)
-    sent = 0
-
-    async def run(rank: int, ws) -> None:
-        nonlocal sent
-        step = 10_000_000
-        sent_by_rank = 0
-        # Spread the ranks over the interval, as real ranks would be.
-        await asyncio.sleep(rank / ranks / rate)
-        next_at = time.perf_counter()
-        end = next_at + duration
-        while next_at < end:
-            await ws.send(batch(step, time.time(), sent_by_rank))
-            step += RECORDS_PER_BATCH
-            sent += 1
-            sent_by_rank += 1
-            next_at += 1 / rate
-            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-
-    await asyncio.gather(*(run(r, ws) for r, ws in enumerate(conns)))
-    for ws in conns:
-        await ws.close()
-    return sent
-
-
 def read_one(db: str, sql: str):
     """The one value ``sql`` (with the job id for its ``?``) reads, from a read-only connection."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -323,17 +217,6 @@ def ranks_at(db: str, step: int) -> int:
     """Ranks whose stored step has reached ``step``: a rank's batches are written in order, so by
     then all of its batches are in (a read of 64 rows; counting the steps table would scan it)."""
     return read_one(db, f"SELECT COUNT(*) FROM ranks WHERE job_id = ? AND step >= {int(step)}")
-
-
-def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"server did not answer at {url}")
 
 
 def _stat(pid: int) -> list[str]:

@@ -10,138 +10,16 @@ a job without retention, and the bound the default retention keeps it under.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import multiprocessing as mp
-import os
-import sqlite3
-import subprocess
 import sys
 import tempfile
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.ingest import JOB, RECORDS_PER_BATCH, TOKEN, free_port, send_paced, start_dashboards, wait_http  # noqa: E402
-from bench.faults import rss_bytes  # noqa: E402
 from avgctl.server.settings import Settings  # noqa: E402
-
-
-@dataclass
-class LoadRun:
-    ranks: int
-    rate: float
-    seconds: float
-    dashboards: int
-    sent_batches: int = 0
-    stored_records: int = 0
-    server_dropped_batches: int = 0
-    latencies: list[float] = field(default_factory=list)
-    dashboard_messages: int = 0
-    rss: list[int] = field(default_factory=list)
-    db_bytes_start: int = 0
-    db_bytes_end: int = 0
-    elapsed: float = 0.0
-
-    @property
-    def sent_records(self) -> int:
-        return self.sent_batches * RECORDS_PER_BATCH
-
-    @property
-    def lost_records(self) -> int:
-        """Records neither stored nor counted as dropped by the server."""
-        return self.sent_records - self.stored_records - self.server_dropped_batches * RECORDS_PER_BATCH
-
-    def latency(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[int(q * (len(ordered) - 1))] if ordered else float("nan")
-
-    @property
-    def bytes_per_record(self) -> float:
-        return (self.db_bytes_end - self.db_bytes_start) / max(1, self.stored_records)
-
-    @property
-    def growth_per_hour(self) -> float:
-        """At the nominal record rate of this job, with every record kept."""
-        return self.bytes_per_record * self.ranks * self.rate * RECORDS_PER_BATCH * 3600
-
-
-def db_bytes(db: str) -> int:
-    return sum(os.path.getsize(p) for p in (db, db + "-wal") if os.path.exists(p))
-
-
-def stored(db: str) -> int:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute("SELECT COUNT(*) FROM steps WHERE job_id = ?", (JOB,)).fetchone()[0]
-    finally:
-        conn.close()
-
-
-def server_dropped(base: str) -> int:
-    import urllib.request
-
-    req = urllib.request.Request(base + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("avgctl_dropped_metric_batches") and not line.startswith("#"):
-                return int(float(line.split()[-1]))
-    return 0
-
-
-def run_load(tmp: Path, ranks: int = 64, rate: float = 10.0, seconds: float = 60.0, dashboards: int = 20,
-             env: dict[str, str] | None = None) -> LoadRun:
-    run = LoadRun(ranks, rate, seconds, dashboards)
-    db = str(tmp / "load.db")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "avgctl.server.cli", "serve", "--port", str(port), "--db", db,
-         "--control-token", TOKEN, "--log-level", "warning"],
-        env={**os.environ, **(env or {})},
-    )
-    ctx = mp.get_context("spawn")
-    sampling = threading.Event()
-
-    def sample() -> None:
-        while not sampling.wait(0.5):
-            run.rss.append(rss_bytes(server.pid))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    try:
-        wait_http(base + "/api/health")
-        ws_url = f"ws://127.0.0.1:{port}/ws/worker"
-        # One batch per rank, so the job exists and dashboards can subscribe; the paced phase below
-        # starts at the same steps and overwrites these records (stored once per step).
-        asyncio.run(send_paced(ws_url, ranks, 1.0, 0.1))
-        out = ctx.Queue()
-        dash = start_dashboards(ctx, f"ws://127.0.0.1:{port}/ws/jobs/{JOB}", dashboards, seconds + 4, out)
-        run.rss.append(rss_bytes(server.pid))
-        sampler.start()
-        run.db_bytes_start = db_bytes(db)
-        start = time.perf_counter()
-        run.sent_batches += asyncio.run(send_paced(ws_url, ranks, rate, seconds))
-        # Everything sent is stored, or counted as dropped, once the writer catches up.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            run.stored_records = stored(db)
-            run.server_dropped_batches = server_dropped(base)
-            if run.lost_records <= 0:
-                break
-            time.sleep(0.1)
-        run.elapsed = time.perf_counter() - start
-        run.db_bytes_end = db_bytes(db)
-        run.latencies, run.dashboard_messages = out.get(timeout=seconds + 60)
-        dash.join(10)
-    finally:
-        sampling.set()
-        server.terminate()
-        server.wait(30)
-    return run
+from tests.support.load import RECORDS_PER_BATCH, LoadRun, run_load  # noqa: E402
 
 
 def report(run: LoadRun) -> None:

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.e2e.procs import WORKER, ServerProcess, free_port, stop_tree, wait_for
+from tests.support.processes import WORKER, ServerProcess, free_port, stop_tree, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 # Debian's docker-compose package ships the Compose specification's JSON schema (Makefile installs it).

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.e2e.procs import CONTROL, ServerProcess, Workers, wait_for
-from tests.web.helpers import Console
+from tests.support.browser import ARTIFACTS, Console, launch_chromium
+from tests.support.processes import CONTROL, ServerProcess, Workers, wait_for
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
 
 pytestmark = [pytest.mark.dist, pytest.mark.browser]
-ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 
 
 def _points(page, chart: str) -> int:
@@ -28,9 +25,7 @@ def test_dashboard_drives_a_real_job(tmp_path):
     try:
         wait_for(lambda: (j := api.try_get(f"/api/jobs/{job}")) and j["step"] > 10, 90, what="job running")
         with playwright_api.sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-            )
+            browser = launch_chromium(p)
             page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
             page.set_default_timeout(20_000)
             console = Console(page)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import Api, free_port, wait_for
+from tests.support.processes import Api, free_port, wait_for
 
 pytestmark = pytest.mark.dist
 

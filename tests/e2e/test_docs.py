@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import CONTROL, ServerProcess, Workers, wait_for
+from tests.support.processes import CONTROL, ServerProcess, Workers, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -21,7 +21,7 @@ ELSEWHERE = {
     "make demo": "Makefile runs `avgctl demo`: tests/e2e/test_demo_cli.py",
     "make test": ".ci/run runs it on every submission",
     "docker compose up --build": "no Docker engine here: tests/e2e/test_compose.py validates the file and runs its worker command",
-    "avgctl serve --port 8000 --db avgctl.db": "tests/e2e/procs.py ServerProcess runs `avgctl serve --port P --db D`",
+    "avgctl serve --port 8000 --db avgctl.db": "tests/support/processes.py ServerProcess runs `avgctl serve --port P --db D`",
     "torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint node0:29400 --rdzv-id my-job train.py":
         "the same flags as docker-compose.yml's worker command, run as two nodes in tests/e2e/test_compose.py",
     "srun --nodes 2 --ntasks-per-node 1 torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint "

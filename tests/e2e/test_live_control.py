@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.e2e.procs import ServerProcess, Workers, descendants, wait_for
+from tests.support.processes import ServerProcess, Workers, descendants, wait_for
 
 pytestmark = pytest.mark.dist
 

@@ -17,7 +17,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from avgctl.server.app import create_app
 from avgctl.server.auth import OPEN_PATHS
-from tests.server.helpers import CONTROL, READ, WORKER, auth, make_settings
+from tests.support.servers import CONTROL, READ, WORKER, auth, make_settings
 
 JOB = "auth-job"
 TOKENS = {"none": None, "read": READ, "worker": WORKER, "control": CONTROL}
@@ -82,7 +82,7 @@ def client(tmp_path_factory):
 
 
 def _hello() -> str:
-    from tests.server.test_rest import hello
+    from tests.support.frames import hello
 
     return hello(world_size=1).replace("job-1", JOB)
 

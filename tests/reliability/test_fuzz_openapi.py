@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect
 
-from tests.e2e.procs import CONTROL, WORKER, ServerProcess, wait_for
-from tests.server.test_rest import batch, hello
+from tests.support.frames import batch, hello
+from tests.support.processes import CONTROL, WORKER, ServerProcess, wait_for
 
 schemathesis = pytest.importorskip("schemathesis")
 

@@ -11,8 +11,9 @@ import pytest
 from websockets.sync.client import connect
 
 from avgctl.protocol import AveragerConfig, CommandAck, ControlView, Hello, MetricsBatch, RoundRecord, StepRecord
-from tests.e2e.procs import CONTROL, WORKER, ServerProcess, wait_for
-from tests.reliability.test_ws_fuzz import close_of
+from tests.support.browser import launch_chromium
+from tests.support.frames import close_of
+from tests.support.processes import CONTROL, WORKER, ServerProcess, wait_for
 
 XSS = '<img src=x onerror="window.__pwned=1">'
 SCRIPT = "<script>window.__pwned=2</script>"
@@ -130,8 +131,7 @@ def test_dashboard_shows_injected_text_inertly(server):
         wait_for(lambda: server.api.get(f"/api/jobs/{job}/commands/{command['id']}")["status"] == "rejected", 10)
 
         with playwright_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium",
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            browser = launch_chromium(p)
             try:
                 page = browser.new_page()
                 dialogs: list[str] = []

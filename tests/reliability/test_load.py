@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.load import run_load
+from tests.support.load import run_load
 
 pytestmark = pytest.mark.dist
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from websockets.sync.client import connect
 
-from tests.e2e.procs import CONTROL, WORKER, ServerProcess, free_port, wait_for
+from tests.support.processes import CONTROL, WORKER, ServerProcess, free_port, wait_for
 
 pytestmark = pytest.mark.dist
 

@@ -12,10 +12,10 @@ import pytest
 from websockets.client import backoff
 
 from avgctl.worker.link import connect
-from bench.faults import run_faults
-from tests.e2e.procs import WORKER, ServerProcess
-from tests.polling import wait_for
-from tests.server.helpers import FakeAverager
+from tests.support.fakes import FakeAverager
+from tests.support.faults import run_faults
+from tests.support.polling import wait_for
+from tests.support.processes import WORKER, ServerProcess
 
 pytestmark = pytest.mark.dist
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from tests.e2e.procs import CONTROL, WORKER, ServerProcess, wait_for
-from tests.server.test_rest import batch, hello
+from tests.support.frames import batch, close_of, hello
+from tests.support.processes import CONTROL, WORKER, ServerProcess, wait_for
 
 READ_ONLY = "not-a-token"
 HUGE = 2 * 1024 * 1024  # over the default 1 MiB max_frame_bytes
@@ -34,15 +34,6 @@ def ws_url(server, path: str = "/ws/worker") -> str:
 def open_ws(server, path: str = "/ws/worker", token: str | None = WORKER):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return connect(ws_url(server, path), additional_headers=headers, max_size=None, open_timeout=10, close_timeout=5)
-
-
-def close_of(ws, timeout: float = 10.0) -> tuple[int | None, str]:
-    """Read until the server closes; its close code and reason."""
-    with pytest.raises(ConnectionClosed) as info:
-        while True:
-            ws.recv(timeout=timeout)
-    rcvd = info.value.rcvd
-    return (rcvd.code, rcvd.reason) if rcvd else (None, "")
 
 
 def job_ids(server) -> set[str]:

@@ -4,7 +4,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from avgctl.server.app import create_app
-from tests.server.helpers import CONTROL, make_settings
+from tests.support.servers import CONTROL, make_settings
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
+from avgctl.protocol import Hello
 from avgctl.server import store as st
 from avgctl.server.announce import JobAnnouncer
 from avgctl.server.hub import Hub
-from avgctl.protocol import Hello
-from tests.server.test_rest import hello
+from tests.support.frames import hello
 
 
 def _job_messages(client) -> list[dict]:

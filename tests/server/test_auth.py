@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketDenialResponse
 
 from avgctl.server.app import create_app
-from tests.server.helpers import CONTROL, READ, WORKER, auth
+from tests.support.servers import CONTROL, READ, WORKER, auth
 
 HTTP_CASES = [
     ("GET", "/api/jobs"),

@@ -8,11 +8,11 @@ import random
 
 import pytest
 
-from avgctl.server import autotune as at
 from avgctl.protocol import CommandAck, ControlView, MetricsBatch, RoundRecord, StepRecord
-from tests.polling import wait_for
-from tests.server.helpers import WORKER, auth
-from tests.server.test_rest import hello
+from avgctl.server import autotune as at
+from tests.support.frames import hello
+from tests.support.polling import wait_for
+from tests.support.servers import WORKER, auth
 
 CFG = at.AutotuneConfig()
 

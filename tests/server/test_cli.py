@@ -13,8 +13,9 @@ from avgctl.server.cli.exits import CliError
 from avgctl.server.cli.serve import add_serve_parser, serve_settings
 from avgctl.server.settings import Settings
 from avgctl.worker.link import connect  # the full signature (with link options)
-from tests.polling import wait_for
-from tests.server.helpers import CONTROL, WORKER, FakeAverager, make_settings, running_server
+from tests.support.fakes import FakeAverager
+from tests.support.polling import wait_for
+from tests.support.servers import CONTROL, WORKER, make_settings, running_server
 
 
 @pytest.mark.parametrize("argv", [[], ["nope"], ["set-period", "j"], ["set-period", "j", "0"], ["set-period", "j", "x"],

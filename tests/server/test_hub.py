@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 
+from avgctl.protocol import ControlEvent, ControlView
 from avgctl.server import store as st
-from avgctl.server.store import process
-from avgctl.server.hub import Hub, Thinned
-from avgctl.server.records import EncodedBatch, decode_metrics, encode
-from avgctl.protocol import ControlEvent, ControlView, Hello
 from avgctl.server.api import DashboardMetrics
-from tests.server.test_rest import batch, hello
-
-
-def encoded(text: str) -> EncodedBatch:
-    batch = decode_metrics(text)
-    assert batch is not None
-    return encode(batch)
+from avgctl.server.hub import Hub, Thinned
+from avgctl.server.store import process
+from tests.support.frames import batch, encoded, store_with_two_ranks
 
 
 def test_one_frame_per_job_per_tick_shared_by_its_clients():
@@ -53,16 +45,8 @@ def test_the_spliced_frame_is_what_its_schema_serializes():
     assert DashboardMetrics.model_validate_json(text).model_dump_json() == text
 
 
-def _store_with_two_ranks(tmp_path) -> st.Store:
-    store = st.Store(str(tmp_path / "s.db"))
-    store.start()
-    for rank in (0, 1):
-        store.submit(lambda c, rank=rank: st.hello(c, Hello.model_validate_json(hello(rank=rank, pid=100 + rank)), time.time())).result()
-    return store
-
-
 def test_metric_batches_are_written_together(tmp_path):
-    store = _store_with_two_ranks(tmp_path)
+    store = store_with_two_ranks(tmp_path)
     try:
         entries = [
             ("job-1", 1, encoded(batch(1, 8)), 10.0),
@@ -91,7 +75,7 @@ def test_metric_batches_are_written_together(tmp_path):
 
 
 def test_a_commits_rank_progress_touches_only_ranks_that_said_hello_and_keeps_their_identity(tmp_path):
-    store = _store_with_two_ranks(tmp_path)
+    store = store_with_two_ranks(tmp_path)
     try:
         before = {r.rank: (r.host, r.pid, r.connected) for r in store.get_job("job-1").ranks}
         entries = [("job-1", rank, encoded(batch(1, 4 + rank)), 20.0 + rank) for rank in (0, 1, 7)]
@@ -109,7 +93,7 @@ def test_a_commits_rank_progress_touches_only_ranks_that_said_hello_and_keeps_th
 
 
 def test_the_writer_checkpoints_its_wal_at_its_own_size_and_trims_it_back(tmp_path):
-    store = _store_with_two_ranks(tmp_path)
+    store = store_with_two_ranks(tmp_path)
     try:
         pragmas = store.submit(lambda c: [c.execute(f"PRAGMA {p}").fetchone()[0]
                                           for p in ("wal_autocheckpoint", "journal_size_limit", "journal_mode")]).result()
@@ -119,7 +103,7 @@ def test_the_writer_checkpoints_its_wal_at_its_own_size_and_trims_it_back(tmp_pa
 
 
 def test_a_snapshots_older_records_say_how_many_each_stands_for(tmp_path):
-    store = _store_with_two_ranks(tmp_path)
+    store = store_with_two_ranks(tmp_path)
     try:
         entries = [("job-1", rank, encoded(batch(1, 1000)), 10.0) for rank in (0, 1)]  # rounds every 4 steps
         store.submit(lambda c: st.write_metric_batches(c, entries)).result()
@@ -138,7 +122,7 @@ def test_a_snapshots_older_records_say_how_many_each_stands_for(tmp_path):
 
 
 def test_a_job_read_is_one_snapshot_even_when_a_write_lands_between_its_queries(tmp_path):
-    store = _store_with_two_ranks(tmp_path)
+    store = store_with_two_ranks(tmp_path)
     try:
         reader = store._readers.connection()
         landed = []
@@ -161,7 +145,7 @@ def test_a_job_read_is_one_snapshot_even_when_a_write_lands_between_its_queries(
 
 
 def test_rows_beyond_one_statements_parameter_limit_are_all_written(tmp_path):
-    store = _store_with_two_ranks(tmp_path)
+    store = store_with_two_ranks(tmp_path)
     store.close()
     conn = process.connect(store.path)
     try:

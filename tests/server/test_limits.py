@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 
 from avgctl.protocol import SetAutotune, bounds
 from avgctl.server.app import create_app
-from tests.server.helpers import CONTROL, READ, WORKER, auth
+from tests.support.servers import CONTROL, READ, WORKER, auth
 
 
 def test_limits_are_the_protocols_bounds(client):

@@ -9,10 +9,10 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from avgctl.server.records import StepFigures, _WireBatch, decode_metrics, encode, received
 from avgctl.protocol import MetricsBatch, StepRecord
+from avgctl.server.records import StepFigures, _WireBatch, decode_metrics, encode, received
 from avgctl.server.routes.ws import _WORKER_MESSAGE
-from tests.server.test_rest import batch
+from tests.support.frames import batch
 
 
 def test_step_figures_mirror_the_step_record_fields_defaults_and_required_ones():

@@ -5,39 +5,11 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from avgctl.protocol import CommandAck, ControlView
 from avgctl.server.app import create_app
-from avgctl.protocol import (
-    AveragerConfig,
-    CommandAck,
-    ControlEvent,
-    ControlView,
-    Hello,
-    MetricsBatch,
-    RoundRecord,
-    StepRecord,
-)
-from tests.polling import wait_for
-from tests.server.helpers import WORKER, auth, make_settings
-
-
-def hello(job_id: str = "job-1", rank: int = 0, world_size: int = 2, pid: int = 100,
-          control: ControlView | None = None, link: str | None = None) -> str:
-    return Hello(
-        job_id=job_id, rank=rank, world_size=world_size, host="h", pid=pid,
-        config=AveragerConfig(kind="periodic", period=4, warmup_steps=0),
-        control=control or ControlView(period=4, warmup_steps=0), link=link,
-    ).model_dump_json()
-
-
-def batch(first: int, n: int, rank_loss: float = 1.0, rounds: bool = True, seq: int | None = None,
-          control: list[ControlEvent] | None = None) -> str:
-    steps = [StepRecord(step=s, time=1000.0 + s, loss=rank_loss, drift=0.5, scalars={"lr": 0.1}) for s in range(first, first + n)]
-    rnds = [
-        RoundRecord(step=s, group_size=2, divergence=0.1, relative_divergence=0.01, divergence_mean=0.1,
-                    divergence_max=0.3, relative_mean=0.01, relative_max=0.03, seconds=0.0, bytes=8, exact=True)
-        for s in range(first, first + n) if rounds and s % 4 == 0
-    ]
-    return MetricsBatch(steps=steps, rounds=rnds, control=control or [], dropped=3, seq=seq).model_dump_json()
+from tests.support.frames import batch, hello
+from tests.support.polling import wait_for
+from tests.support.servers import WORKER, auth, make_settings
 
 
 def test_health_needs_no_token(settings):

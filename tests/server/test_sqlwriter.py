@@ -8,18 +8,16 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
+from avgctl.protocol import ControlEvent, ControlView
 from avgctl.server import store as st
 from avgctl.server.store import process
-from avgctl.protocol import ControlEvent, ControlView
-from tests.polling import wait_for
-from tests.server.helpers import WORKER, auth
-from tests.server.test_hub import _store_with_two_ranks, encoded
-from tests.server.test_rest import batch, hello
+from tests.support.frames import batch, encoded, hello, store_with_two_ranks
+from tests.support.polling import wait_for
+from tests.support.servers import WORKER, auth
 
 _TABLES = {
     "steps": "SELECT job_id, rank, step, body FROM steps ORDER BY job_id, rank, step",
@@ -52,7 +50,7 @@ def _entries() -> list[tuple]:
 def test_the_process_stores_what_the_writer_thread_would(tmp_path):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
-    by_thread, by_process = _store_with_two_ranks(tmp_path / "a"), _store_with_two_ranks(tmp_path / "b")
+    by_thread, by_process = store_with_two_ranks(tmp_path / "a"), store_with_two_ranks(tmp_path / "b")
     try:
         by_thread.submit(lambda c: st.write_metric_batches(c, _entries())).result()
         for entry in _entries():
@@ -88,7 +86,7 @@ def test_a_failed_write_is_answered_with_its_error_and_the_process_goes_on(tmp_p
 
 
 def test_close_lets_the_process_finish_and_exit(tmp_path):
-    store = _store_with_two_ranks(tmp_path)
+    store = store_with_two_ranks(tmp_path)
     child = store._writer.process._child
     assert store.add_metrics("job-1", 0, encoded(batch(1, 4)))
     store.close()
@@ -97,7 +95,7 @@ def test_close_lets_the_process_finish_and_exit(tmp_path):
 
 
 def test_a_killed_process_loses_only_its_write_and_the_next_batch_starts_a_new_one(tmp_path):
-    store = _store_with_two_ranks(tmp_path)
+    store = store_with_two_ranks(tmp_path)
     lost: list = []
     store.on_lost = lost.extend
     try:
@@ -163,7 +161,7 @@ def test_batches_the_writer_lost_are_sent_again_on_a_new_connection(client):
 
 
 def test_steps_run_again_replace_what_was_stored_and_a_repeat_changes_nothing(tmp_path):
-    store = _store_with_two_ranks(tmp_path)
+    store = store_with_two_ranks(tmp_path)
     try:
         for first, loss in ((1, 1.0), (3, 2.0), (3, 2.0)):  # steps 3-4 re-run after a restart, then a repeat
             assert store.add_metrics("job-1", 0, encoded(batch(first, 4, rank_loss=loss)))
@@ -176,7 +174,7 @@ def test_steps_run_again_replace_what_was_stored_and_a_repeat_changes_nothing(tm
 
 
 def test_a_ctrl_c_to_the_process_group_leaves_the_writer_to_its_server(tmp_path):
-    store = _store_with_two_ranks(tmp_path)
+    store = store_with_two_ranks(tmp_path)
     try:
         assert store.add_metrics("job-1", 0, encoded(batch(1, 4)))
         store.submit(lambda c: None).result()  # the process is up and serving

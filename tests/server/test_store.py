@@ -7,13 +7,12 @@ import sqlite3
 import time
 
 import pytest
+
 from avgctl.protocol import CommandAck, ControlEvent, ControlView, Hello
 from avgctl.server import store as st
 from avgctl.server.api import AutotuneView
 from avgctl.server.store import schema
-
-from tests.server.test_hub import encoded
-from tests.server.test_rest import batch, hello
+from tests.support.frames import batch, encoded, hello
 
 # The tables as the first release made them, before the schema had versions (user_version 0):
 # no commands.note, jobs.last_seen or jobs.divergence_step, and the autopilot's settings inside

@@ -8,11 +8,11 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from avgctl.server.app import create_app
 from avgctl.protocol import ControlEvent, ControlView
-from tests.polling import wait_for
-from tests.server.helpers import CONTROL, WORKER, auth, make_settings
-from tests.server.test_rest import batch, hello
+from avgctl.server.app import create_app
+from tests.support.frames import batch, hello
+from tests.support.polling import wait_for
+from tests.support.servers import CONTROL, WORKER, auth, make_settings
 
 
 def closed_with(ws) -> tuple[int, str]:

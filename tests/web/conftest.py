@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server.helpers import CONTROL, ServerThread, make_settings
-from tests.web.helpers import Console, FakeJob
+from tests.support.browser import ARTIFACTS, Console, launch_chromium
+from tests.support.fakes import FakeJob
+from tests.support.servers import CONTROL, ServerThread, make_settings
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 playwright_api.expect.set_options(timeout=15_000)
-
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 
 
 @pytest.fixture
@@ -53,9 +50,7 @@ def fake_job(server) -> Iterator[FakeJob]:
 @pytest.fixture(scope="session")
 def browser():
     with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-        )
+        chromium = launch_chromium(p)
         yield chromium
         chromium.close()
 

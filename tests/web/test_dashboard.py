@@ -11,9 +11,10 @@ from playwright.sync_api import expect
 
 from avgctl.protocol.bounds import MAX_PERIOD
 from avgctl.worker import control_state as cs
-from tests.polling import wait_for
-from tests.server.helpers import READ, ServerThread, auth, make_settings
-from tests.web.helpers import FakeJob, login
+from tests.support.browser import login
+from tests.support.fakes import FakeJob
+from tests.support.polling import wait_for
+from tests.support.servers import READ, ServerThread, auth, make_settings
 
 pytestmark = pytest.mark.browser
 

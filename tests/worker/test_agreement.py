@@ -12,8 +12,8 @@ import torch
 
 from avgctl import protocol as s
 from avgctl.worker import HierarchicalAverager, InProcessControlSource, PeriodicAverager
-from tests.distributed import run_ranks
-from tests.worker.workloads import RoundLog, flat_copy, make_model, sgd_step
+from tests.support.distributed import run_ranks
+from tests.support.workloads import RoundLog, flat_copy, make_model, sgd_step
 
 pytestmark = pytest.mark.dist
 

@@ -8,8 +8,8 @@ import torch
 from avgctl.protocol import SetPeriod
 from avgctl.worker import InProcessControlSource, PeriodicAverager
 from avgctl.worker.control import _join, _split
-from tests.distributed import run_ranks
-from tests.worker.workloads import make_model, sgd_step
+from tests.support.distributed import run_ranks
+from tests.support.workloads import make_model, sgd_step
 
 
 def test_integers_split_into_parts_exact_in_float32_up_to_2_to_the_40():

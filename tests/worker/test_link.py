@@ -10,8 +10,9 @@ import pytest
 from websockets.client import backoff
 
 from avgctl.worker.link import connect  # the full signature (with link options)
-from tests.polling import wait_for
-from tests.server.helpers import CONTROL, WORKER, FakeAverager, ServerThread, auth, make_settings, running_server
+from tests.support.fakes import FakeAverager
+from tests.support.polling import wait_for
+from tests.support.servers import CONTROL, WORKER, ServerThread, auth, make_settings, running_server
 
 FAST = functools.partial(backoff, initial_delay=0.05, min_delay=0.1, max_delay=0.5)
 

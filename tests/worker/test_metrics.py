@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 from avgctl.worker import PeriodicAverager
-from tests.distributed import run_ranks
-from tests.worker.workloads import flat_copy, make_model, sgd_step
+from tests.support.distributed import run_ranks
+from tests.support.workloads import flat_copy, make_model, sgd_step
 
 pytestmark = pytest.mark.dist
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from avgctl.worker.pair import MAX_PAIR_BYTES, PairAllReduce, pair_eligible
-from tests.distributed import run_ranks
+from tests.support.distributed import run_ranks
 
 pytestmark = pytest.mark.dist
 

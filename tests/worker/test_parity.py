@@ -11,8 +11,8 @@ from torch.distributed.algorithms.model_averaging.hierarchical_model_averager im
 from torch.distributed.optim import PostLocalSGDOptimizer
 
 from avgctl.worker import HierarchicalAverager, PeriodicAverager
-from tests.distributed import run_ranks
-from tests.worker.workloads import RoundLog, flat_copy, make_model, sgd_step
+from tests.support.distributed import run_ranks
+from tests.support.workloads import RoundLog, flat_copy, make_model, sgd_step
 
 pytestmark = pytest.mark.dist
 

@@ -1,4 +1,8 @@
-"""Shared by the browser tests: fake ranks speaking the worker protocol, console capture, login."""
+"""Stand-ins for the worker side: an averager for one link, and a job's ranks over /ws/worker.
+
+Both apply commands with the workers' own rules (``avgctl.worker.control_state``); the averager
+also keeps the real ``CommandLedger``, so a re-delivered command is answered, never re-applied.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import dataclasses
 import math
 import threading
 import time
+from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
@@ -16,13 +21,79 @@ from avgctl.protocol import (
     CommandAck,
     CommandDelivery,
     ControlEvent,
+    ControlView,
     Hello,
     MetricsBatch,
     RoundRecord,
     StepRecord,
 )
 from avgctl.worker import control_state as cs
-from tests.server.helpers import CONTROL, WORKER
+from avgctl.worker.ledger import CommandLedger
+from tests.support.tokens import WORKER
+
+
+class FakeAverager:
+    """The averager surface the link uses, applying commands with the real control_state rules."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, period: int = 4):
+        self.rank = rank
+        self.world_size = world_size
+        self.step = 0
+        self.state = cs.periodic_state(period, 0)
+        self.listeners: list[Any] = []
+        self.source: Any = None
+        self.ledger = CommandLedger()  # the averager's rule: apply an id once, answer repeats
+
+    def hello_config(self) -> AveragerConfig:
+        return AveragerConfig(kind="periodic", period=self.state.period, warmup_steps=self.state.warmup_steps)
+
+    def control_view(self) -> ControlView:
+        return cs.to_view(self.state)
+
+    def add_listener(self, listener: Any) -> None:
+        self.listeners.append(listener)
+
+    def remove_listener(self, listener: Any) -> None:
+        self.listeners.remove(listener)
+
+    def set_control_source(self, source: Any) -> None:
+        assert self.rank == 0, "only rank 0 has a control source"
+        self.source = source
+
+    def train_step(self, loss: float = 1.0) -> None:
+        """One step: records go to the listeners; rank 0 applies whatever commands arrived."""
+        self.step += 1
+        now = time.time()
+        for listener in self.listeners:
+            listener.on_step(StepRecord(step=self.step, time=now, loss=loss, step_time=0.01))
+        if self.step % self.state.period == 0:
+            record = RoundRecord(
+                step=self.step, group_size=self.world_size, divergence=0.1, relative_divergence=0.01,
+                divergence_mean=0.1, divergence_max=0.2, relative_mean=0.01, relative_max=0.02,
+                seconds=0.001, bytes=100, exact=True,
+            )
+            for listener in self.listeners:
+                listener.on_round(record)
+        if self.source is not None:
+            self._apply(self.source.poll())
+
+    def _apply(self, commands: list) -> None:
+        for command_id, command in commands:
+            remembered = self.ledger.ack_for(command_id)
+            if remembered is not None:  # re-delivered: answer again, never re-apply
+                self.source.report(remembered)
+                continue
+            try:
+                self.state = cs.apply_command(self.state, command, self.step)
+            except cs.CommandRejected as err:
+                ack = CommandAck(command_id=command_id, status="rejected", reason=str(err))
+            else:
+                view = cs.to_view(self.state)
+                ack = CommandAck(command_id=command_id, status="applied", applied_step=self.step, control=view)
+                for listener in self.listeners:
+                    listener.on_control(ControlEvent(step=self.step, control=view))
+            self.ledger.remember(ack)
+            self.source.report(ack)
 
 
 class FakeJob:
@@ -120,17 +191,3 @@ class FakeJob:
             ws.send(MetricsBatch(steps=steps, rounds=rounds, control=events).model_dump_json())
         for ack in acks:
             sockets[0].send(ack.model_dump_json())
-
-
-class Console:
-    """Console errors and uncaught exceptions of one page."""
-
-    def __init__(self, page):
-        self.errors: list[str] = []
-        page.on("console", lambda msg: msg.type == "error" and self.errors.append(msg.text))
-        page.on("pageerror", lambda err: self.errors.append(f"uncaught: {err}"))
-
-
-def login(page, server, token: str = CONTROL, route: str = "") -> None:
-    """Open the dashboard as a person would: the URL with ?token= (then the cookie carries it)."""
-    page.goto(f"{server.url}/?token={token}{route}")

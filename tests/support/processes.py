@@ -1,4 +1,5 @@
-"""Real processes for end-to-end tests: ``avgctl serve`` and ``torchrun`` demo workers on loopback."""
+"""Real processes on loopback: ``avgctl serve`` as a child, ``torchrun`` demo workers, and what
+stops, finds and measures processes (free ports, process trees, RSS)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from avgctl.server.cli.client import Client
-from tests import polling
+from tests.support import polling
+from tests.support.tokens import CONTROL, WORKER
 
-CONTROL, WORKER = "e2e-control-token", "e2e-worker-token"
+__all__ = ["CONTROL", "WORKER", "Api", "ServerProcess", "Workers", "descendants", "free_port", "rss_bytes", "stop_tree", "wait_for"]
 
 
 def free_port() -> int:
@@ -42,6 +44,12 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def rss_bytes(pid: int) -> int:
+    """The resident set size of process ``pid`` (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def stop_tree(proc: subprocess.Popen, grace: float = 20.0) -> None:
     """SIGTERM a launcher (torchrun stops its ranks), then SIGKILL whatever is left below it."""
     if proc.poll() is not None:
@@ -61,7 +69,7 @@ def stop_tree(proc: subprocess.Popen, grace: float = 20.0) -> None:
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
-    """``tests.polling.wait_for`` with slower defaults: these are whole processes starting up."""
+    """``tests.support.polling.wait_for`` with slower defaults: these are whole processes starting up."""
     return polling.wait_for(condition, timeout, interval, what)
 
 
