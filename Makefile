@@ -32,4 +32,6 @@ demo: setup
 	$(VENV)/bin/avgctl demo
 
 test: setup system-deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest

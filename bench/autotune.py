@@ -50,13 +50,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from gloo_ranks import gloo_rank, spawned_ranks  # bench/ is first on sys.path when this runs as a script
 from torch import nn
 
-from avgctl.server import autotune as at
 from avgctl.protocol import ControlEvent, RoundRecord, SetPeriod, StepRecord
-from avgctl.worker import InProcessControlSource
-from avgctl.worker import demo
-from gloo_ranks import gloo_rank, spawned_ranks  # bench/ is first on sys.path when this runs as a script
+from avgctl.server import autotune as at
+from avgctl.worker import InProcessControlSource, demo
 
 GOAL_LOSS = 0.01  # within 1% of the best fixed final loss
 GOAL_ROUNDS = 0.5  # with at most half the rounds
@@ -154,7 +153,11 @@ class LocalPilot:
             self.pending = None
         delta = at.round_delta([record.relative_divergence], self.world, record.relative_mean)
         self.state, proposal = at.observe_round(
-            self.state, self.config, step=record.step, delta=delta, seconds=record.seconds,
+            self.state,
+            self.config,
+            step=record.step,
+            delta=delta,
+            seconds=record.seconds,
             period=self.averager.control.period,
         )
         if self.calibrated is None:
@@ -170,8 +173,13 @@ class LocalPilot:
 def run(spec: Spec, rank: int, world: int, args: argparse.Namespace) -> dict | None:
     """One training run on every rank (``demo.train``'s loop); rank 0 returns its figures."""
     cfg = demo.DemoConfig(
-        steps=args.steps, period=spec.period, lr=args.lr, lr_schedule=args.lr_schedule, skew=args.skew,
-        seed=args.seed, quiet=True,
+        steps=args.steps,
+        period=spec.period,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        skew=args.skew,
+        seed=args.seed,
+        quiet=True,
     )
     centers = demo.class_centers(cfg.seed)
     model = demo.make_model(cfg.seed)
@@ -264,8 +272,10 @@ def verdict(results: list[dict]) -> list[str]:
     near = [r for r in fixed if r["final_loss"] <= best * (1 + GOAL_LOSS)]
     cheapest = min(near, key=lambda r: r["rounds"])
     dominating = [
-        r["name"] for r in fixed
-        if r["final_loss"] <= auto["final_loss"] and r["rounds"] <= auto["rounds"]
+        r["name"]
+        for r in fixed
+        if r["final_loss"] <= auto["final_loss"]
+        and r["rounds"] <= auto["rounds"]
         and (r["final_loss"] < auto["final_loss"] or r["rounds"] < auto["rounds"])
     ]
 
@@ -282,7 +292,8 @@ def verdict(results: list[dict]) -> list[str]:
         *(
             f"schedule {r['name']}: {100 * (r['final_loss'] / best - 1):+.2f}% at {r['rounds']} rounds"
             f"{' (within the goal)' if all(meets(r)) else ''}"
-            for r in results if r["schedule"]
+            for r in results
+            if r["schedule"]
         ),
         f"goal (within 1% with <= half the rounds of {cheapest['name']}): "
         f"{'MET' if within and half else 'NOT MET'} (within 1%: {'yes' if within else 'no'}; half the rounds: {'yes' if half else 'no'})",
@@ -295,9 +306,7 @@ def plot(results: list[dict], path: str, steps: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, middle, right) = plt.subplots(
-        1, 3, figsize=(13, 3.8), dpi=90, gridspec_kw={"width_ratios": [3, 3, 2]}
-    )
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 3.8), dpi=90, gridspec_kw={"width_ratios": [3, 3, 2]})
     for r in results:
         style = dict(color="black", linewidth=1.5) if r["autopilot"] else dict(linewidth=0.8, alpha=0.8)
         deltas = [(step, d) for step, d in r["deltas"] if d > 0.0]
@@ -353,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the task's seed: class centers, weights and data")
     parser.add_argument("--periods", default="1,2,4,8,16,32", help="fixed periods, comma-separated")
     parser.add_argument(
-        "--schedules", default="16:750:4,4:750:16,16:1125:4:1400:16",
+        "--schedules",
+        default="16:750:4,4:750:16,16:1125:4:1400:16",
         help="hand-made schedules A:S:B[:S2:C...] (period A until step S, then B, ...), comma-separated; "
         "they show which part of training the period matters in",
     )
@@ -375,12 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results = []
     with spawned_ranks(_rank_main, args.world, (specs, args)) as next_result:
-        for spec in specs:
+        for _ in specs:
             out = next_result(900)
             results.append(out)
             print(f"  {out['name']}: {out['wall']:.0f}s", flush=True)
-    print(f"\n{args.world} ranks x {args.steps} steps, lr {args.lr:g} {args.lr_schedule}, skew {args.skew:g}, seed {args.seed}; "
-          f"total {time.perf_counter() - started:.0f}s\n")
+    print(
+        f"\n{args.world} ranks x {args.steps} steps, lr {args.lr:g} {args.lr_schedule}, skew {args.skew:g}, seed {args.seed}; "
+        f"total {time.perf_counter() - started:.0f}s\n"
+    )
     print(table(results))
     auto = next(r for r in results if r["autopilot"])
     how = "set by --target" if args.target is not None else f"calibrated at period {args.start_period}"

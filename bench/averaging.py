@@ -27,10 +27,10 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from gloo_ranks import gloo_rank, run_ranks  # bench/ is first on sys.path when this runs as a script
 from torch.distributed.algorithms.model_averaging.utils import average_parameters_or_parameter_groups
 
 from avgctl.worker.averagers import PeriodicAverager
-from gloo_ranks import gloo_rank, run_ranks  # bench/ is first on sys.path when this runs as a script
 
 LAYERS = 16
 VARIANTS = ("raw", "torch", "ours", "ours exact")
@@ -59,45 +59,52 @@ def make_params(total: int, rank: int) -> list[torch.nn.Parameter]:
     return params
 
 
-def run_rank(rank: int, world: int, store_path: str, sizes: list[int], reps: list[int], warmup: int, exact: bool, out) -> None:
+def run_rank(
+    rank: int, world: int, store_path: str, sizes: list[int], reps: list[int], warmup: int, exact: bool, out
+) -> None:
     with gloo_rank(rank, world, store_path):
         rows = []
         variants = VARIANTS if exact else VARIANTS[:3]
         for total, n_reps in zip(sizes, reps):
-            torch_params = make_params(total, rank)
-            ours_params = make_params(total, rank)
-            numel = sum(p.numel() for p in ours_params)
-            raw = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "When period is 1, no need to use model averaging..."
-                ours = PeriodicAverager(period=1)
-                ours_exact = PeriodicAverager(period=1, exact_divergence=True) if exact else None
-            exact_params = make_params(total, rank) if exact else None
-            calls = {
-                "raw": lambda: dist.all_reduce(raw),
-                "torch": lambda: average_parameters_or_parameter_groups(torch_params, dist.group.WORLD),
-                "ours": lambda: ours.average_parameters(ours_params),
-                "ours exact": lambda: ours_exact.average_parameters(exact_params),
-            }
-            times: dict[str, list[float]] = {v: [] for v in variants}
-            for rep in range(warmup + n_reps):
-                for i in range(len(variants)):
-                    name = variants[(rep + i) % len(variants)]
-                    dist.barrier()
-                    started = time.perf_counter()
-                    calls[name]()
-                    elapsed = time.perf_counter() - started
-                    if rep >= warmup:
-                        times[name].append(elapsed)
-            assert ours.metrics.fallback_reason is None, ours.metrics.fallback_reason
-            # A round lasts as long as its slower rank.
-            flat = torch.tensor([t for v in variants for t in times[v]], dtype=torch.float64)
-            dist.all_reduce(flat, op=dist.ReduceOp.MAX)
-            slowest = flat.view(len(variants), n_reps).tolist()
-            rows.append((numel, n_reps, {v: statistics.median(slowest[i]) * 1e3 for i, v in enumerate(variants)}))
-            del torch_params, ours_params, raw, exact_params, ours, ours_exact, calls
+            rows.append(_time_size(rank, total, n_reps, warmup, variants))  # one size's tensors freed before the next
         if rank == 0:
             out.put(rows)
+
+
+def _time_size(rank: int, total: int, n_reps: int, warmup: int, variants: tuple[str, ...]) -> tuple:
+    """Median round time of each variant at one model size (slower rank), taking turns."""
+    torch_params = make_params(total, rank)
+    ours_params = make_params(total, rank)
+    numel = sum(p.numel() for p in ours_params)
+    raw = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
+    exact = "ours exact" in variants
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "When period is 1, no need to use model averaging..."
+        ours = PeriodicAverager(period=1)
+        ours_exact = PeriodicAverager(period=1, exact_divergence=True) if exact else None
+    exact_params = make_params(total, rank) if exact else None
+    calls = {
+        "raw": lambda: dist.all_reduce(raw),
+        "torch": lambda: average_parameters_or_parameter_groups(torch_params, dist.group.WORLD),
+        "ours": lambda: ours.average_parameters(ours_params),
+        "ours exact": lambda: ours_exact.average_parameters(exact_params),
+    }
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for rep in range(warmup + n_reps):
+        for i in range(len(variants)):
+            name = variants[(rep + i) % len(variants)]
+            dist.barrier()
+            started = time.perf_counter()
+            calls[name]()
+            elapsed = time.perf_counter() - started
+            if rep >= warmup:
+                times[name].append(elapsed)
+    assert ours.metrics.fallback_reason is None, ours.metrics.fallback_reason
+    # A round lasts as long as its slower rank.
+    flat = torch.tensor([t for v in variants for t in times[v]], dtype=torch.float64)
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+    slowest = flat.view(len(variants), n_reps).tolist()
+    return numel, n_reps, {v: statistics.median(slowest[i]) * 1e3 for i, v in enumerate(variants)}
 
 
 def parse_size(text: str) -> int:
@@ -109,7 +116,9 @@ def parse_size(text: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1M,10M,40M", help="parameter counts, comma-separated (default 1M,10M,40M)")
-    parser.add_argument("--reps", default="30,10,5", help="timed repetitions per size (default 30,10,5); one value applies to all")
+    parser.add_argument(
+        "--reps", default="30,10,5", help="timed repetitions per size (default 30,10,5); one value applies to all"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per size first (default 1)")
     parser.add_argument("--world", type=int, default=2, help="gloo ranks (default 2)")
     parser.add_argument("--no-exact", action="store_true", help="skip the exact-divergence row")
@@ -121,13 +130,20 @@ def main() -> None:
     if len(reps) != len(sizes):
         parser.error("--reps needs one value, or one per size")
 
-    print(f"machine: {os.cpu_count()} cores; torch {torch.__version__}; {args.world} gloo ranks, 1 thread each", flush=True)
+    print(
+        f"machine: {os.cpu_count()} cores; torch {torch.__version__}; {args.world} gloo ranks, 1 thread each",
+        flush=True,
+    )
     started = time.perf_counter()
     rows = run_ranks(run_rank, args.world, (sizes, reps, args.warmup, not args.no_exact), timeout=900)
     wall = time.perf_counter() - started
 
     variants = VARIANTS if not args.no_exact else VARIANTS[:3]
-    header = f"{'params':>11} {'reps':>4} " + " ".join(f"{v + ' ms':>13}" for v in variants) + f" {'ours/raw':>9} {'ours/torch':>10}"
+    header = (
+        f"{'params':>11} {'reps':>4} "
+        + " ".join(f"{v + ' ms':>13}" for v in variants)
+        + f" {'ours/raw':>9} {'ours/torch':>10}"
+    )
     if not args.no_exact:
         header += f" {'exact/raw':>9}"
     print(header)
@@ -139,8 +155,10 @@ def main() -> None:
         print(line)
     numel, _, ms = rows[-1]
     vs_raw, vs_torch = ms["ours"] / ms["raw"], ms["ours"] / ms["torch"]
-    print(f"goal at {numel:,} params: ours/raw {vs_raw:.2f}x <= {GOAL_RAW}x: {'met' if vs_raw <= GOAL_RAW else 'MISSED'}; "
-          f"ours/torch {vs_torch:.2f}x <= {GOAL_TORCH}x: {'met' if vs_torch <= GOAL_TORCH else 'MISSED'}")
+    print(
+        f"goal at {numel:,} params: ours/raw {vs_raw:.2f}x <= {GOAL_RAW}x: {'met' if vs_raw <= GOAL_RAW else 'MISSED'}; "
+        f"ours/torch {vs_torch:.2f}x <= {GOAL_TORCH}x: {'met' if vs_torch <= GOAL_TORCH else 'MISSED'}"
+    )
     print(f"(median ms per round, slower rank; {wall:.0f} s in all)")
 
 

@@ -31,21 +31,26 @@ def report(base: FaultRun | None, faults: FaultRun) -> None:
         line = f"rank {rank}: step time p50 {f.p50 * 1e3:.1f} ms, p99 {f.p99 * 1e3:.1f} ms"
         if base is not None and base.ranks:
             b = base.ranks[rank]
-            line += (f" (no server: p50 {b.p50 * 1e3:.1f} ms, p99 {b.p99 * 1e3:.1f} ms; "
-                     f"p99 ratio {f.p99 / b.p99:.3f})")
+            line += f" (no server: p50 {b.p50 * 1e3:.1f} ms, p99 {b.p99 * 1e3:.1f} ms; p99 ratio {f.p99 / b.p99:.3f})"
         line += f"; worker RSS growth {f.rss_growth / 2**20:.1f} MiB (peak {max(f.rss) / 2**20:.0f} MiB)"
         print(line)
     print(f"server frozen {faults.freeze_seconds:.1f} s; killed and restarted once")
     for rank in sorted(faults.missing):
-        print(f"rank {rank}: {faults.missing[rank]} step records missing from the store, "
-              f"{faults.dropped[rank]} counted as dropped by the link")
+        print(
+            f"rank {rank}: {faults.missing[rank]} step records missing from the store, "
+            f"{faults.dropped[rank]} counted as dropped by the link"
+        )
     print(f"server-side dropped batches: {faults.server_dropped}")
     for c in faults.commands:
-        print(f"command {c['id']} ({c['type']} {c['command'].get('period')}): {c['status']} at step {c['applied_step']}; "
-              f"rank 0's control events with that period at steps {faults.applied[c['id']]}")
+        print(
+            f"command {c['id']} ({c['type']} {c['command'].get('period')}): {c['status']} at step {c['applied_step']}; "
+            f"rank 0's control events with that period at steps {faults.applied[c['id']]}"
+        )
     # Commands applied at one exchange share one event (it shows the last one's state).
-    print(f"control version {faults.control_version} after {len(faults.commands)} commands "
-          f"(each applied command adds one: none was applied twice)")
+    print(
+        f"control version {faults.control_version} after {len(faults.commands)} commands "
+        f"(each applied command adds one: none was applied twice)"
+    )
 
 
 def main() -> int:

@@ -114,7 +114,7 @@ class Target:
 
     name: str
     url: str
-    meter: "CpuMeter"
+    meter: CpuMeter
     arrived: Callable[[int], Awaitable[int]] | None
     """Returns once flood ``repeat`` is all in, with how many batches arrived; None (the bare
     loop): every rank's ping is answered, which its server does after reading every frame before it."""
@@ -135,7 +135,10 @@ class Target:
         """Every rank sends ``args.batches`` frames as fast as it can; timed from the first frame
         until the server has them all."""
         first_step = 1 + repeat * args.batches * RECORDS_PER_BATCH  # new rows, not replaced ones
-        frames = [batch(first_step + i * RECORDS_PER_BATCH, time.time(), repeat * args.batches + i) for i in range(args.batches)]
+        frames = [
+            batch(first_step + i * RECORDS_PER_BATCH, time.time(), repeat * args.batches + i)
+            for i in range(args.batches)
+        ]
 
         async def run(ws) -> None:
             for text in frames:
@@ -255,7 +258,7 @@ class CpuMeter:
         self.used = dict.fromkeys(self.clocks, 0.0)
         self._start: dict[str, float] = {}
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> CpuMeter:
         self._start = {name: clock() for name, clock in self.clocks.items()}
         return self
 
@@ -300,8 +303,20 @@ def main() -> None:
         db = os.path.join(tmp, "bench.db")
         port = free_port()
         server = subprocess.Popen(
-            [sys.executable, "-m", "avgctl.server.cli", "serve", "--port", str(port), "--db", db,
-             "--control-token", TOKEN, "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "avgctl.server.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--db",
+                db,
+                "--control-token",
+                TOKEN,
+                "--log-level",
+                "warning",
+            ],
         )
         try:
             base = f"http://127.0.0.1:{port}"
@@ -333,21 +348,35 @@ def main() -> None:
                 "bare", f"ws://127.0.0.1:{bare_port}", CpuMeter({"server": bare.pid, "senders": senders}), None
             )
             floor_t = Target(
-                "floor", f"ws://127.0.0.1:{floor_port}/ws", CpuMeter({"server": floor.pid, "senders": senders}),
+                "floor",
+                f"ws://127.0.0.1:{floor_port}/ws",
+                CpuMeter({"server": floor.pid, "senders": senders}),
                 floor_arrived,
             )
             ours_t = Target(
-                "avgctl", ws_url, CpuMeter({"server": server.pid, "dashboards": dash.pid, "senders": senders}, {"its SQLite writer process": server.pid}),
-                stored, headers, registered,
+                "avgctl",
+                ws_url,
+                CpuMeter(
+                    {"server": server.pid, "dashboards": dash.pid, "senders": senders},
+                    {"its SQLite writer process": server.pid},
+                ),
+                stored,
+                headers,
+                registered,
             )
             asyncio.run(compare([bare_t, floor_t, ours_t], args))
             missing = initial + total * args.repeats * RECORDS_PER_BATCH - stored_steps(db)
             if missing:  # the server's bounded queue shed them under the flood: count only what is stored
                 per_round = args.batches * RECORDS_PER_BATCH
                 for repeat in range(args.repeats):
-                    kept = steps_between(db, 1 + repeat * per_round, (repeat + 1) * per_round) / (total * RECORDS_PER_BATCH)
+                    kept = steps_between(db, 1 + repeat * per_round, (repeat + 1) * per_round) / (
+                        total * RECORDS_PER_BATCH
+                    )
                     ours_t.rates[repeat] *= kept
-                print(f"  note: {missing} step records were dropped; avgctl's rates count only what was stored", file=sys.stderr)
+                print(
+                    f"  note: {missing} step records were dropped; avgctl's rates count only what was stored",
+                    file=sys.stderr,
+                )
             dash.terminate()
             dash.join()
             for proc in (bare, floor):
@@ -370,20 +399,32 @@ def main() -> None:
     p99 = latencies[int(0.99 * (len(latencies) - 1))] * 1000 if latencies else float("nan")
     flooded = total * args.repeats
     ours, floor_r = ratios(ours_t, bare_t), ratios(floor_t, bare_t)
-    print(f"{args.repeats} rounds of floods, {total} batches each ({args.ranks} connections x {args.batches}); medians:")
+    print(
+        f"{args.repeats} rounds of floods, {total} batches each ({args.ranks} connections x {args.batches}); medians:"
+    )
     print(f"bare websockets loop:    {statistics.median(bare_t.rates):8.0f} batches/s")
-    print(f"uvicorn + FastAPI floor: {statistics.median(floor_t.rates):8.0f} batches/s "
-          f"({statistics.median(floor_r):.0%} of bare, {floor_r[0]:.0%}-{floor_r[-1]:.0%} by round; a route that only parses each frame)")
-    print(f"avgctl ingest + SQLite:  {statistics.median(ours_t.rates):8.0f} batches/s "
-          f"({statistics.median(ours):.0%} of bare, {ours[0]:.0%}-{ours[-1]:.0%} by round; "
-          f"{args.dashboards} dashboards listening; {RECORDS_PER_BATCH} step records per batch)")
+    print(
+        f"uvicorn + FastAPI floor: {statistics.median(floor_t.rates):8.0f} batches/s "
+        f"({statistics.median(floor_r):.0%} of bare, {floor_r[0]:.0%}-{floor_r[-1]:.0%} by round; a route that only parses each frame)"
+    )
+    print(
+        f"avgctl ingest + SQLite:  {statistics.median(ours_t.rates):8.0f} batches/s "
+        f"({statistics.median(ours):.0%} of bare, {ours[0]:.0%}-{ours[-1]:.0%} by round; "
+        f"{args.dashboards} dashboards listening; {RECORDS_PER_BATCH} step records per batch)"
+    )
     took = sorted(total / (end - start) / bare for end, start, bare in zip(taken, ours_t.started, bare_t.rates))
-    print(f"  of which its event loop took the frames at {statistics.median(took):.0%} of bare "
-          f"({took[0]:.0%}-{took[-1]:.0%} by round); the rest of the time the SQLite writer caught up")
-    print(f"CPU per batch in the floods (processes share the cores): bare: {bare_t.meter.per_batch(flooded)}; "
-          f"floor: {floor_t.meter.per_batch(flooded)}; avgctl: {ours_t.meter.per_batch(flooded)}")
-    print(f"paced {args.ranks} ranks x {args.rate:g}/s: {sent / paced_s:6.0f} batches/s sent; dashboards got "
-          f"{messages} metrics messages; latency p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(latencies)} samples)")
+    print(
+        f"  of which its event loop took the frames at {statistics.median(took):.0%} of bare "
+        f"({took[0]:.0%}-{took[-1]:.0%} by round); the rest of the time the SQLite writer caught up"
+    )
+    print(
+        f"CPU per batch in the floods (processes share the cores): bare: {bare_t.meter.per_batch(flooded)}; "
+        f"floor: {floor_t.meter.per_batch(flooded)}; avgctl: {ours_t.meter.per_batch(flooded)}"
+    )
+    print(
+        f"paced {args.ranks} ranks x {args.rate:g}/s: {sent / paced_s:6.0f} batches/s sent; dashboards got "
+        f"{messages} metrics messages; latency p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(latencies)} samples)"
+    )
 
 
 if __name__ == "__main__":

@@ -26,16 +26,26 @@ def report(run: LoadRun) -> None:
     mib = 2**20
     defaults = Settings(_env_file=None)
     bound = run.ranks * (defaults.retention_steps + defaults.history_records) * run.bytes_per_record
-    print(f"{run.ranks} ranks x {run.rate:g} batches/s ({RECORDS_PER_BATCH} steps each), {run.dashboards} dashboards, {run.seconds:g} s")
-    print(f"server RSS: start {run.rss[0] / mib:.0f} MiB, peak {max(run.rss) / mib:.0f} MiB, end {run.rss[-1] / mib:.0f} MiB")
-    print(f"records: sent {run.sent_records}, stored {run.stored_records}, counted dropped "
-          f"{run.server_dropped_batches * RECORDS_PER_BATCH}, lost {max(0, run.lost_records)}")
-    print(f"dashboards: {run.dashboard_messages} metrics messages; latency p50 {run.latency(0.5) * 1e3:.1f} ms, "
-          f"p99 {run.latency(0.99) * 1e3:.1f} ms ({len(run.latencies)} samples)")
-    print(f"SQLite: {run.bytes_per_record:.0f} bytes per stored step record; {run.growth_per_hour / 2**30:.2f} GiB per hour "
-          f"of this job without retention; the default retention ({defaults.retention_steps} steps full, "
-          f"{defaults.history_records} thinned, per rank) bounds it near {bound / 2**30:.2f} GiB "
-          f"(step records; round records add about 1/period of that)")
+    print(
+        f"{run.ranks} ranks x {run.rate:g} batches/s ({RECORDS_PER_BATCH} steps each), {run.dashboards} dashboards, {run.seconds:g} s"
+    )
+    print(
+        f"server RSS: start {run.rss[0] / mib:.0f} MiB, peak {max(run.rss) / mib:.0f} MiB, end {run.rss[-1] / mib:.0f} MiB"
+    )
+    print(
+        f"records: sent {run.sent_records}, stored {run.stored_records}, counted dropped "
+        f"{run.server_dropped_batches * RECORDS_PER_BATCH}, lost {max(0, run.lost_records)}"
+    )
+    print(
+        f"dashboards: {run.dashboard_messages} metrics messages; latency p50 {run.latency(0.5) * 1e3:.1f} ms, "
+        f"p99 {run.latency(0.99) * 1e3:.1f} ms ({len(run.latencies)} samples)"
+    )
+    print(
+        f"SQLite: {run.bytes_per_record:.0f} bytes per stored step record; {run.growth_per_hour / 2**30:.2f} GiB per hour "
+        f"of this job without retention; the default retention ({defaults.retention_steps} steps full, "
+        f"{defaults.history_records} thinned, per rank) bounds it near {bound / 2**30:.2f} GiB "
+        f"(step records; round records add about 1/period of that)"
+    )
 
 
 def main() -> int:

@@ -27,13 +27,13 @@ import time
 
 import torch
 import torch.distributed as dist
+from gloo_ranks import gloo_rank, run_ranks  # bench/ is first on sys.path when this runs as a script
 from torch import nn
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
 from avgctl.worker.averagers import PeriodicAverager
 from avgctl.worker.control import InProcessControlSource
 from avgctl.worker.demo import class_centers, make_model, rank_labels, sample
-from gloo_ranks import gloo_rank, run_ranks  # bench/ is first on sys.path when this runs as a script
 
 VARIANTS = ("torch", "ours")
 GOAL = 1.0
@@ -93,11 +93,13 @@ def run_rank(rank: int, world: int, store_path: str, period: int, steps: int, bl
         dist.all_reduce(flat, op=dist.ReduceOp.MAX)  # a block lasts as long as its slower rank
         slowest = flat.view(len(VARIANTS), blocks).tolist()
         if rank == 0:
-            out.put({
-                "steps_per_s": {v: steps / statistics.median(slowest[i]) for i, v in enumerate(VARIANTS)},
-                "rounds": ours.metrics.rounds,
-                "avg_ms": 1e3 * ours.metrics.averaging_seconds / max(ours.metrics.rounds, 1),
-            })
+            out.put(
+                {
+                    "steps_per_s": {v: steps / statistics.median(slowest[i]) for i, v in enumerate(VARIANTS)},
+                    "rounds": ours.metrics.rounds,
+                    "avg_ms": 1e3 * ours.metrics.averaging_seconds / max(ours.metrics.rounds, 1),
+                }
+            )
 
 
 def main() -> None:
@@ -109,14 +111,19 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=2, help="gloo ranks (default 2)")
     args = parser.parse_args()
 
-    print(f"machine: {os.cpu_count()} cores; torch {torch.__version__}; {args.world} gloo ranks, 1 thread each", flush=True)
+    print(
+        f"machine: {os.cpu_count()} cores; torch {torch.__version__}; {args.world} gloo ranks, 1 thread each",
+        flush=True,
+    )
     started = time.perf_counter()
     result = run_ranks(run_rank, args.world, (args.period, args.steps, args.blocks, args.warmup), timeout=600)
     wall = time.perf_counter() - started
 
     rate = result["steps_per_s"]
     ratio = rate["ours"] / rate["torch"]
-    print(f"demo task, period {args.period}, {args.blocks} blocks x {args.steps} steps per averager (median block, slower rank)")
+    print(
+        f"demo task, period {args.period}, {args.blocks} blocks x {args.steps} steps per averager (median block, slower rank)"
+    )
     print(f"{'averager':<42} {'steps/s':>9}")
     print(f"{'torch PeriodicModelAverager':<42} {rate['torch']:>9.0f}")
     print(f"{'ours PeriodicAverager (+control, metrics)':<42} {rate['ours']:>9.0f}")

@@ -9,11 +9,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 
 from tests.support.processes import WORKER, ServerProcess, free_port, stop_tree, wait_for
@@ -27,7 +27,11 @@ def _rendered(**env: str) -> dict:
     """The file as Compose renders it (variables substituted), via `docker-compose config`."""
     out = subprocess.run(
         ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
-        capture_output=True, text=True, check=True, env={**os.environ, **env}, timeout=60,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env},
+        timeout=60,
     ).stdout
     return yaml.safe_load(out)
 
@@ -36,7 +40,12 @@ def test_compose_file_validates_against_the_compose_schema():
     raw = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     schema = json.loads(COMPOSE_SCHEMA.read_text())
     jsonschema.Draft201909Validator(schema).validate(raw)  # the draft its $schema names
-    assert subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], timeout=60).returncode == 0
+    assert (
+        subprocess.run(
+            ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], timeout=60
+        ).returncode
+        == 0
+    )
 
 
 def test_compose_services_ports_health_and_tokens():
@@ -44,7 +53,11 @@ def test_compose_services_ports_health_and_tokens():
     services = spec["services"]
     assert set(services) == {"server", "node0", "node1"}
     server = services["server"]
-    assert server["ports"][0]["host_ip"] == "127.0.0.1" if isinstance(server["ports"][0], dict) else server["ports"][0].startswith("127.0.0.1:")
+    assert (
+        server["ports"][0]["host_ip"] == "127.0.0.1"
+        if isinstance(server["ports"][0], dict)
+        else server["ports"][0].startswith("127.0.0.1:")
+    )
     assert "/api/health" in " ".join(server["healthcheck"]["test"])
     assert server["environment"]["AVGCTL_CONTROL_TOKEN"] == "c"
     for node in ("node0", "node1"):
@@ -55,7 +68,10 @@ def test_compose_services_ports_health_and_tokens():
 
 def test_every_referenced_file_and_command_exists():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for source in re.findall(r"^COPY (?!--from)(\S+)", dockerfile, flags=re.M) + ["web/package.json", "web/package-lock.json"]:
+    for source in re.findall(r"^COPY (?!--from)(\S+)", dockerfile, flags=re.M) + [
+        "web/package.json",
+        "web/package-lock.json",
+    ]:
         assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     spec = _rendered()
@@ -77,19 +93,32 @@ def test_the_compose_worker_command_runs_as_two_nodes_against_a_real_server(tmp_
             service = spec["services"][name]
             # The only change: Compose's host names become loopback.
             argv = [a.replace("node0:29400", f"127.0.0.1:{rdzv_port}") for a in service["command"]]
-            env = {**os.environ, **service["environment"], "AVGCTL_SERVER": server.base, "OMP_NUM_THREADS": "1",
-                   "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+            env = {
+                **os.environ,
+                **service["environment"],
+                "AVGCTL_SERVER": server.base,
+                "OMP_NUM_THREADS": "1",
+                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+            }
             log = open(tmp_path / f"{name}.log", "w")
-            nodes.append((subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+            nodes.append(
+                (subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log)
+            )
         codes = [proc.wait(240) for proc, _ in nodes]
         assert codes == [0, 0], [(tmp_path / f"{n}.log").read_text()[-3000:] for n in ("node0", "node1")]
         job_id = "avgctl-compose-demo"  # torchrun's --rdzv-id is the job id
-        job = wait_for(lambda: (j := server.api.try_get(f"/api/jobs/{job_id}")) and j["status"] == "finished" and j, 30, what="finished")
+        job = wait_for(
+            lambda: (j := server.api.try_get(f"/api/jobs/{job_id}")) and j["status"] == "finished" and j,
+            30,
+            what="finished",
+        )
         assert job["world_size"] == 4 and sorted(r["rank"] for r in job["ranks"]) == [0, 1, 2, 3]
         assert job["control"]["hierarchy"] == {"2": 4, "4": 32}
         rounds = server.api.get(f"/api/jobs/{job_id}/metrics?ranks=0")["rounds"]
         sizes = {r["step"]: r["group_size"] for r in rounds}
-        assert sizes[4] == 2 and sizes[32] == 4 and sizes[64] == 4 and sizes[36] == 2  # within nodes often, across rarely
+        assert (
+            sizes[4] == 2 and sizes[32] == 4 and sizes[64] == 4 and sizes[36] == 2
+        )  # within nodes often, across rarely
     finally:
         for proc, log in nodes:
             stop_tree(proc)

@@ -20,7 +20,9 @@ def _points(page, chart: str) -> int:
 def test_dashboard_drives_a_real_job(tmp_path):
     server = ServerProcess(tmp_path / "avgctl.db").start()
     job = "browser-e2e"
-    workers = Workers(server.base, job, "--steps", "100000", "--period", "4", "--step-delay", "0.02", log=tmp_path / "w.log")
+    workers = Workers(
+        server.base, job, "--steps", "100000", "--period", "4", "--step-delay", "0.02", log=tmp_path / "w.log"
+    )
     api = server.api
     try:
         wait_for(lambda: (j := api.try_get(f"/api/jobs/{job}")) and j["step"] > 10, 90, what="job running")
@@ -35,7 +37,11 @@ def test_dashboard_drives_a_real_job(tmp_path):
             expect(page.locator("#connection-state")).to_have_attribute("data-state", "connected")
 
             # Live data reaches the charts.
-            wait_for(lambda: _points(page, "#chart-loss") > 5 and _points(page, "#chart-divergence") > 2, 30, what="chart data")
+            wait_for(
+                lambda: _points(page, "#chart-loss") > 5 and _points(page, "#chart-divergence") > 2,
+                30,
+                what="chart data",
+            )
             first = _points(page, "#chart-loss")
             wait_for(lambda: _points(page, "#chart-loss") > first, 30, what="more chart data")
 

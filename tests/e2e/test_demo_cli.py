@@ -32,9 +32,22 @@ def _processes_mentioning(text: str) -> list[int]:
 def _start_demo(tmp_path, *args: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "avgctl.server.cli", "demo", "--port", str(port), "--db", str(tmp_path / "demo.db"),
-         "--log", str(tmp_path / "workers.log"), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "avgctl.server.cli",
+            "demo",
+            "--port",
+            str(port),
+            "--db",
+            str(tmp_path / "demo.db"),
+            "--log",
+            str(tmp_path / "workers.log"),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     return proc, port
 
@@ -49,7 +62,9 @@ def test_demo_prints_the_dashboard_url_and_stops_cleanly_on_ctrl_c(tmp_path):
         url = re.search(r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)", line)
         assert url and url.group(1) == f"http://127.0.0.1:{port}"
         api = Api(url.group(1), url.group(2))
-        job = wait_for(lambda: (jobs := api.try_get("/api/jobs")) and jobs[0]["step"] > 20 and jobs[0], 90, what="training")
+        job = wait_for(
+            lambda: (jobs := api.try_get("/api/jobs")) and jobs[0]["step"] > 20 and jobs[0], 90, what="training"
+        )
         assert job["world_size"] == 2 and job["status"] == "running"
         assert _processes_mentioning(str(port))  # the server is ours and alive
         proc.send_signal(signal.SIGINT)
@@ -71,5 +86,7 @@ def test_demo_runs_to_the_end_of_its_steps(tmp_path):
 
 
 def test_demo_reports_bad_arguments_with_exit_code_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "avgctl.server.cli", "demo", "--nproc", "0"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "avgctl.server.cli", "demo", "--nproc", "0"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "--nproc must be at least 1" in proc.stderr

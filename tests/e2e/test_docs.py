@@ -22,11 +22,9 @@ ELSEWHERE = {
     "make test": ".ci/run runs it on every submission",
     "docker compose up --build": "no Docker engine here: tests/e2e/test_compose.py validates the file and runs its worker command",
     "avgctl serve --port 8000 --db avgctl.db": "tests/support/processes.py ServerProcess runs `avgctl serve --port P --db D`",
-    "torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint node0:29400 --rdzv-id my-job train.py":
-        "the same flags as docker-compose.yml's worker command, run as two nodes in tests/e2e/test_compose.py",
+    "torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint node0:29400 --rdzv-id my-job train.py": "the same flags as docker-compose.yml's worker command, run as two nodes in tests/e2e/test_compose.py",
     "srun --nodes 2 --ntasks-per-node 1 torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint "
-    "$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29400 --rdzv-id $SLURM_JOB_ID train.py":
-        "needs a SLURM cluster: not exercised here",
+    "$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29400 --rdzv-id $SLURM_JOB_ID train.py": "needs a SLURM cluster: not exercised here",
 }
 
 
@@ -42,8 +40,20 @@ def _commands() -> list[str]:
 
 
 def _runs_here(command: str) -> bool:
-    return command.startswith(("curl ", "avgctl jobs", "avgctl status", "avgctl set-period", "avgctl pause",
-                               "avgctl resume", "avgctl average-now")) or "docs/examples/" in command
+    return (
+        command.startswith(
+            (
+                "curl ",
+                "avgctl jobs",
+                "avgctl status",
+                "avgctl set-period",
+                "avgctl pause",
+                "avgctl resume",
+                "avgctl average-now",
+            )
+        )
+        or "docs/examples/" in command
+    )
 
 
 def test_every_doc_command_is_run_or_accounted_for():
@@ -64,8 +74,13 @@ def test_doc_commands_run_against_a_live_job(tmp_path):
     server = ServerProcess(tmp_path / "avgctl.db").start()
     job = "docs-job"
     workers = Workers(server.base, job, "--steps", "100000", "--step-delay", "0.01", log=tmp_path / "w.log")
-    env = {**os.environ, "AVGCTL_SERVER": server.base, "AVGCTL_TOKEN": CONTROL, "JOB": job,
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    env = {
+        **os.environ,
+        "AVGCTL_SERVER": server.base,
+        "AVGCTL_TOKEN": CONTROL,
+        "JOB": job,
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    }
     try:
         wait_for(lambda: (j := server.api.try_get(f"/api/jobs/{job}")) and j["step"] > 5, 90, what="job running")
         for command in _commands():
@@ -81,12 +96,19 @@ def test_doc_commands_run_against_a_live_job(tmp_path):
 @pytest.mark.dist
 def test_doc_examples_run_under_torchrun_and_stream_to_a_server(tmp_path):
     server = ServerProcess(tmp_path / "avgctl.db").start()
-    env = {**os.environ, "AVGCTL_SERVER": server.base, "AVGCTL_TOKEN": CONTROL, "OMP_NUM_THREADS": "1",
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    env = {
+        **os.environ,
+        "AVGCTL_SERVER": server.base,
+        "AVGCTL_TOKEN": CONTROL,
+        "OMP_NUM_THREADS": "1",
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    }
     try:
         for command in _commands():
             if "docs/examples/" in command:
-                proc = subprocess.run(shlex.split(command), cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+                proc = subprocess.run(
+                    shlex.split(command), cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+                )
                 assert proc.returncode == 0, proc.stderr[-3000:]
                 assert "rounds" in proc.stdout
         jobs = server.api.get("/api/jobs")

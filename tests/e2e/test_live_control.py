@@ -32,7 +32,9 @@ def _per_rank(events, key):
 
 def test_rest_commands_apply_on_every_rank_at_one_step(server, tmp_path):
     api, job = server.api, "e2e-control"
-    workers = Workers(server.base, job, "--steps", "500", "--period", "4", "--step-delay", "0.02", log=tmp_path / "w.log")
+    workers = Workers(
+        server.base, job, "--steps", "500", "--period", "4", "--step-delay", "0.02", log=tmp_path / "w.log"
+    )
     try:
         wait_for(lambda: _running(api, job), 60, what="both ranks connected")
         applied = api.wait_done(job, api.command(job, {"type": "set_period", "period": 5}))
@@ -47,7 +49,9 @@ def test_rest_commands_apply_on_every_rank_at_one_step(server, tmp_path):
         workers.stop()
     metrics = api.get(f"/api/jobs/{job}/metrics")
     # Every rank reported each control change at the command's applied step.
-    events = _per_rank(metrics["control_events"], lambda e: (e["step"], e["control"]["period"], e["control"]["averaging_paused"]))
+    events = _per_rank(
+        metrics["control_events"], lambda e: (e["step"], e["control"]["period"], e["control"]["averaging_paused"])
+    )
     assert set(events) == {0, 1} and events[0] == events[1]
     s1, s2, s3 = applied["applied_step"], pause["applied_step"], resume["applied_step"]
     assert (s1, 5, False) in events[0] and (s2, 5, True) in events[0] and (s3, 5, False) in events[0]
@@ -86,7 +90,9 @@ def _cmdline(pid: int) -> bytes:
 
 def test_server_killed_and_restarted_mid_run(server, tmp_path):
     api, job = server.api, "e2e-restart"
-    workers = Workers(server.base, job, "--steps", "700", "--period", "8", "--step-delay", "0.02", log=tmp_path / "w.log")
+    workers = Workers(
+        server.base, job, "--steps", "700", "--period", "8", "--step-delay", "0.02", log=tmp_path / "w.log"
+    )
     try:
         wait_for(lambda: _running(api, job), 60, what="both ranks connected")
         wait_for(lambda: api.get(f"/api/jobs/{job}")["step"] > 50, 30, what="50 steps")

@@ -26,7 +26,9 @@ class Example:
     schedule: Literal["flat", "cosine"] = "flat"
     log: Path | None = None
     quiet: bool = field(default=False, metadata={"help": "print nothing"})
-    pairs: dict[int, int] | None = field(default=None, metadata={"parse": lambda text: dict([map(int, text.split(":"))])})
+    pairs: dict[int, int] | None = field(
+        default=None, metadata={"parse": lambda text: dict([map(int, text.split(":"))])}
+    )
     tags: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -62,9 +64,17 @@ def test_flags_carry_the_fields_defaults_and_help():
 
 
 def test_flags_parse_by_the_fields_types():
-    args = _parser().parse_args(["--steps", "7", "--rate", "2", "--schedule", "cosine", "--log", "x.log", "--quiet",
-                                 "--pairs", "2:4"])
-    assert (args.steps, args.rate, args.schedule, args.log, args.quiet, args.pairs) == (7, 2.0, "cosine", Path("x.log"), True, {2: 4})
+    args = _parser().parse_args(
+        ["--steps", "7", "--rate", "2", "--schedule", "cosine", "--log", "x.log", "--quiet", "--pairs", "2:4"]
+    )
+    assert (args.steps, args.rate, args.schedule, args.log, args.quiet, args.pairs) == (
+        7,
+        2.0,
+        "cosine",
+        Path("x.log"),
+        True,
+        {2: 4},
+    )
 
 
 @pytest.mark.parametrize("argv", [["--steps", "x"], ["--schedule", "linear"], ["--tags", "a"]])

@@ -32,7 +32,10 @@ MATRIX: dict[tuple[str, str], tuple[str, dict[str, int | str]]] = {
     ("GET", "/api/jobs"): ("/api/jobs", GET),
     ("GET", "/api/limits"): ("/api/limits", GET),
     ("GET", "/api/jobs/{job_id}"): (f"/api/jobs/{JOB}", GET),
-    ("POST", "/api/jobs/{job_id}/commands"): (f"/api/jobs/{JOB}/commands", {"none": 401, "read": 403, "worker": 403, "control": 202}),
+    ("POST", "/api/jobs/{job_id}/commands"): (
+        f"/api/jobs/{JOB}/commands",
+        {"none": 401, "read": 403, "worker": 403, "control": 202},
+    ),
     ("GET", "/api/jobs/{job_id}/commands"): (f"/api/jobs/{JOB}/commands", GET),
     ("GET", "/api/jobs/{job_id}/commands/{command_id}"): (f"/api/jobs/{JOB}/commands/1", GET),
     ("GET", "/api/jobs/{job_id}/metrics"): (f"/api/jobs/{JOB}/metrics", GET),
@@ -77,7 +80,9 @@ def client(tmp_path_factory):
             while c.get(f"/api/jobs/{JOB}", headers=auth(CONTROL)).status_code != 200:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
-        assert c.post(f"/api/jobs/{JOB}/commands", json={"type": "average_now"}, headers=auth(CONTROL)).status_code == 202
+        assert (
+            c.post(f"/api/jobs/{JOB}/commands", json={"type": "average_now"}, headers=auth(CONTROL)).status_code == 202
+        )
         yield c
 
 
@@ -110,7 +115,9 @@ def test_http_route(client, key, who):
 
 
 @pytest.mark.parametrize("who", list(TOKENS))
-@pytest.mark.parametrize("key", [k for k, _ in HTTP_ROWS if k[0] != "MOUNT"], ids=[f"{m} {p}" for (m, p), _ in HTTP_ROWS if m != "MOUNT"])
+@pytest.mark.parametrize(
+    "key", [k for k, _ in HTTP_ROWS if k[0] != "MOUNT"], ids=[f"{m} {p}" for (m, p), _ in HTTP_ROWS if m != "MOUNT"]
+)
 def test_other_methods_are_refused(client, key, who):
     """Methods a route does not have: never served (404 or 405), and tokens are checked first."""
     path, _ = MATRIX[key]

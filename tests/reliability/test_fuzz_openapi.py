@@ -56,8 +56,13 @@ def test_no_input_gets_a_server_error(server):
     for operation in operations:
 
         @given(case=operation.as_strategy(), real_job=st.booleans())
-        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def fuzz(case, real_job):
             if real_job and "job_id" in (case.path_parameters or {}):
                 case.path_parameters["job_id"] = JOB

@@ -47,10 +47,19 @@ def server(tmp_path_factory):
 
 
 def hello(job_id: str, rank: int = 0, world_size: int = 1, host: str = "h") -> str:
-    return Hello(
-        job_id="placeholder", rank=rank, world_size=world_size, host=host, pid=4242 + rank,
-        config=AveragerConfig(kind="periodic", period=4, warmup_steps=0), control=ControlView(period=4, warmup_steps=0),
-    ).model_dump_json().replace('"placeholder"', json.dumps(job_id))
+    return (
+        Hello(
+            job_id="placeholder",
+            rank=rank,
+            world_size=world_size,
+            host=host,
+            pid=4242 + rank,
+            config=AveragerConfig(kind="periodic", period=4, warmup_steps=0),
+            control=ControlView(period=4, warmup_steps=0),
+        )
+        .model_dump_json()
+        .replace('"placeholder"', json.dumps(job_id))
+    )
 
 
 def open_ws(server):
@@ -89,11 +98,17 @@ def test_injection_through_query_parameters(server):
         ws.send(hello("inject-q"))
         ws.send(MetricsBatch(steps=[StepRecord(step=1, time=0.0, loss=1.0)]).model_dump_json())
         wait_for(lambda: (server.api.try_get("/api/jobs/inject-q") or {}).get("step") == 1, 10, what="stored")
-    for query in ("names=loss'--", "names=" + urllib.parse.quote("loss) UNION SELECT * FROM commands--"),
-                  "names=" + urllib.parse.quote(SCRIPT)):
+    for query in (
+        "names=loss'--",
+        "names=" + urllib.parse.quote("loss) UNION SELECT * FROM commands--"),
+        "names=" + urllib.parse.quote(SCRIPT),
+    ):
         out = server.api.get(f"/api/jobs/inject-q/metrics?{query}")
         assert [set(s) for s in out["steps"]] == [{"rank", "step"}]  # an unknown name selects nothing
-    for query in ("ranks=" + urllib.parse.quote("0) OR 1=1--"), "since_step=" + urllib.parse.quote("0; DELETE FROM steps")):
+    for query in (
+        "ranks=" + urllib.parse.quote("0) OR 1=1--"),
+        "since_step=" + urllib.parse.quote("0; DELETE FROM steps"),
+    ):
         assert status_of(server, f"/api/jobs/inject-q/metrics?{query}") == 422
     assert len(server.api.get("/api/jobs/inject-q/metrics")["steps"]) == 1
 
@@ -118,10 +133,26 @@ def test_dashboard_shows_injected_text_inertly(server):
     layers = [(SCRIPT, 0.5), (XSS, 0.25)]
     with open_ws(server) as ws:
         ws.send(hello(job, world_size=1, host=XSS))
-        steps = [StepRecord(step=s, time=0.0, step_time=0.01, loss=1.0, scalars={XSS: 1.0, SCRIPT: 2.0}) for s in range(1, 9)]
-        rounds = [RoundRecord(step=s, group_size=1, divergence=0.1, relative_divergence=0.01, divergence_mean=0.1,
-                              divergence_max=0.1, relative_mean=0.01, relative_max=0.01, seconds=0.0, bytes=8,
-                              exact=True, top_layers=layers) for s in (4, 8)]
+        steps = [
+            StepRecord(step=s, time=0.0, step_time=0.01, loss=1.0, scalars={XSS: 1.0, SCRIPT: 2.0}) for s in range(1, 9)
+        ]
+        rounds = [
+            RoundRecord(
+                step=s,
+                group_size=1,
+                divergence=0.1,
+                relative_divergence=0.01,
+                divergence_mean=0.1,
+                divergence_max=0.1,
+                relative_mean=0.01,
+                relative_max=0.01,
+                seconds=0.0,
+                bytes=8,
+                exact=True,
+                top_layers=layers,
+            )
+            for s in (4, 8)
+        ]
         ws.send(MetricsBatch(steps=steps, rounds=rounds).model_dump_json())
         wait_for(lambda: (server.api.try_get(f"/api/jobs/{job}") or {}).get("step") == 8, 10, what="stored")
         command = server.api.command(job, {"type": "set_period", "period": 3})
@@ -145,7 +176,10 @@ def test_dashboard_shows_injected_text_inertly(server):
                 body = page.locator("body").inner_text()
                 assert XSS + SCRIPT in body  # the reason, verbatim
                 assert page.evaluate("window.__pwned") is None, "injected markup ran"
-                assert page.locator("img[src=x]").count() == 0 and page.locator("script:not([src]):not([type])").count() == 0
+                assert (
+                    page.locator("img[src=x]").count() == 0
+                    and page.locator("script:not([src]):not([type])").count() == 0
+                )
                 assert dialogs == []
             finally:
                 browser.close()

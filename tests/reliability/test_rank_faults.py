@@ -31,10 +31,30 @@ def server(tmp_path):
 def torchrun(server, job: str, log: Path, *args: str, restarts: int = 0) -> subprocess.Popen:
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-             "--max-restarts", str(restarts), "--monitor-interval", "0.1",
-             "-m", "avgctl.worker.demo", "--server", server.base, "--job-id", job, "--period", "4", *args],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "--max-restarts",
+                str(restarts),
+                "--monitor-interval",
+                "0.1",
+                "-m",
+                "avgctl.worker.demo",
+                "--server",
+                server.base,
+                "--job-id",
+                job,
+                "--period",
+                "4",
+                *args,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, "AVGCTL_TOKEN": WORKER, "OMP_NUM_THREADS": "1"},
         )
 
@@ -92,8 +112,20 @@ def checkpoint_step(path: Path) -> int | None:
 def test_killed_rank_is_seen_and_the_job_resumes_from_its_checkpoint(server, tmp_path):
     api, job = server.api, "rank-kill"
     ckpt = tmp_path / "ckpt"
-    proc = torchrun(server, job, tmp_path / "w.log", "--steps", "300", "--step-delay", "0.02",
-                    "--checkpoint", str(ckpt), "--checkpoint-every", "20", restarts=1)
+    proc = torchrun(
+        server,
+        job,
+        tmp_path / "w.log",
+        "--steps",
+        "300",
+        "--step-delay",
+        "0.02",
+        "--checkpoint",
+        str(ckpt),
+        "--checkpoint-every",
+        "20",
+        restarts=1,
+    )
     watch = None
     try:
         first = wait_for(lambda: both_connected(api, job), 60, what="both ranks connected")
@@ -111,14 +143,30 @@ def test_killed_rank_is_seen_and_the_job_resumes_from_its_checkpoint(server, tmp
         killed_at = time.monotonic()
         os.kill(pid1, signal.SIGKILL)
         # The server marks rank 1 disconnected within 5 s, and tells the dashboards.
-        seen = wait_for(lambda: not rank(api.get(f"/api/jobs/{job}"), 1)["connected"] or rank(api.get(f"/api/jobs/{job}"), 1)["pid"] != pid1,
-                        5, interval=0.02, what="rank 1 seen disconnected")
+        seen = wait_for(
+            lambda: (
+                not rank(api.get(f"/api/jobs/{job}"), 1)["connected"]
+                or rank(api.get(f"/api/jobs/{job}"), 1)["pid"] != pid1
+            ),
+            5,
+            interval=0.02,
+            what="rank 1 seen disconnected",
+        )
         assert seen
-        pushed = wait_for(lambda: watch.first(lambda j: not rank(j, 1)["connected"], killed_at), 5, what="dashboard told")
+        pushed = wait_for(
+            lambda: watch.first(lambda j: not rank(j, 1)["connected"], killed_at), 5, what="dashboard told"
+        )
         assert pushed - killed_at < 5
         # torchrun restarts both ranks; they resume from the checkpoint and say hello again.
-        again = wait_for(lambda: (j := both_connected(api, job)) and all(r["pid"] != rank(first, r["rank"])["pid"] for r in j["ranks"]) and j,
-                         90, what="both ranks back with new pids")
+        again = wait_for(
+            lambda: (
+                (j := both_connected(api, job))
+                and all(r["pid"] != rank(first, r["rank"])["pid"] for r in j["ranks"])
+                and j
+            ),
+            90,
+            what="both ranks back with new pids",
+        )
         assert all(r["step"] >= saved for r in again["ranks"])
         assert proc.wait(120) == 0
         log = (tmp_path / "w.log").read_text()
@@ -137,25 +185,53 @@ def test_killed_rank_is_seen_and_the_job_resumes_from_its_checkpoint(server, tmp
 def rank_process(server, job: str, log: Path, rank: int, port: int, *args: str) -> subprocess.Popen:
     """One demo rank started the way torchrun would, without torchrun's agent: nothing can SIGTERM
     the survivor before it meets its dead peer on its own, which is what the test is about."""
-    env = {**os.environ, "AVGCTL_TOKEN": WORKER, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {
+        **os.environ,
+        "AVGCTL_TOKEN": WORKER,
+        "OMP_NUM_THREADS": "1",
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "avgctl.worker.demo", "--server", server.base, "--job-id", job, "--period", "4", *args],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+            [
+                sys.executable,
+                "-m",
+                "avgctl.worker.demo",
+                "--server",
+                server.base,
+                "--job-id",
+                job,
+                "--period",
+                "4",
+                *args,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
         )
 
 
 def test_rank_killed_while_training_is_paused_fails_the_job_without_a_hang(server, tmp_path):
     api, job, port = server.api, "pause-kill", free_port()
-    ranks = [rank_process(server, job, tmp_path / f"w{r}.log", r, port, "--steps", "100000", "--step-delay", "0.01")
-             for r in (0, 1)]
+    ranks = [
+        rank_process(server, job, tmp_path / f"w{r}.log", r, port, "--steps", "100000", "--step-delay", "0.01")
+        for r in (0, 1)
+    ]
     try:
         wait_for(lambda: both_connected(api, job), 60, what="both ranks connected")
         paused = api.wait_done(job, api.command(job, {"type": "pause_training"}))
         assert paused["status"] == "applied"
-        wait_for(lambda: all(r["step"] == paused["applied_step"] for r in api.get(f"/api/jobs/{job}")["ranks"]), 10,
-                 what="both ranks held")
+        wait_for(
+            lambda: all(r["step"] == paused["applied_step"] for r in api.get(f"/api/jobs/{job}")["ranks"]),
+            10,
+            what="both ranks held",
+        )
         killed_at = time.monotonic()
         os.kill(ranks[1].pid, signal.SIGKILL)
         code = ranks[0].wait(30)  # bounded: no hang in the held ranks' exchange

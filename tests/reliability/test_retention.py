@@ -7,24 +7,47 @@ import time
 
 import pytest
 
+from avgctl.protocol import AveragerConfig, ControlEvent, ControlView, Hello, MetricsBatch, RoundRecord, StepRecord
 from avgctl.server import store as st
 from avgctl.server.records import EncodedBatch, encode, received
-from avgctl.protocol import AveragerConfig, ControlEvent, ControlView, Hello, MetricsBatch, RoundRecord, StepRecord
 from avgctl.server.settings import Settings
 
 JOB = "retention"
 
 
 def _hello(rank: int) -> Hello:
-    return Hello(job_id=JOB, rank=rank, world_size=2, host="h", pid=rank + 1,
-                 config=AveragerConfig(kind="periodic", period=4, warmup_steps=0), control=ControlView(period=4, warmup_steps=0))
+    return Hello(
+        job_id=JOB,
+        rank=rank,
+        world_size=2,
+        host="h",
+        pid=rank + 1,
+        config=AveragerConfig(kind="periodic", period=4, warmup_steps=0),
+        control=ControlView(period=4, warmup_steps=0),
+    )
 
 
 def _batch(first: int, n: int) -> EncodedBatch:
-    steps = [StepRecord(step=s, time=0.0, step_time=0.01, loss=1.0, scalars={"acc": 0.5}) for s in range(first, first + n)]
-    rounds = [RoundRecord(step=s, group_size=2, divergence=0.1, relative_divergence=0.01, divergence_mean=0.1,
-                          divergence_max=0.1, relative_mean=0.01, relative_max=0.01, seconds=0.0, bytes=8, exact=True)
-              for s in range(first, first + n) if s % 4 == 0]
+    steps = [
+        StepRecord(step=s, time=0.0, step_time=0.01, loss=1.0, scalars={"acc": 0.5}) for s in range(first, first + n)
+    ]
+    rounds = [
+        RoundRecord(
+            step=s,
+            group_size=2,
+            divergence=0.1,
+            relative_divergence=0.01,
+            divergence_mean=0.1,
+            divergence_max=0.1,
+            relative_mean=0.01,
+            relative_max=0.01,
+            seconds=0.0,
+            bytes=8,
+            exact=True,
+        )
+        for s in range(first, first + n)
+        if s % 4 == 0
+    ]
     control = [ControlEvent(step=first, control=ControlView(period=4, warmup_steps=0))] if first % 1000 == 0 else []
     return encode(received(MetricsBatch(steps=steps, rounds=rounds, control=control)))
 

@@ -44,7 +44,9 @@ def test_batches_a_killed_server_never_stored_are_sent_again(tmp_path):
     server = ServerProcess(tmp_path / "avgctl.db").start()
     averager = FakeAverager(world_size=1)
     fast = functools.partial(backoff, initial_delay=0.05, min_delay=0.1, max_delay=0.5)
-    link = connect(averager, server=server.base, job_id="job-k", token=WORKER, reconnect_delays=fast, send_interval=0.05)
+    link = connect(
+        averager, server=server.base, job_id="job-k", token=WORKER, reconnect_delays=fast, send_interval=0.05
+    )
 
     def stored() -> list[int]:
         data = server.api.try_get("/api/jobs/job-k/metrics?names=loss")

@@ -19,21 +19,49 @@ HTTP_CASES = [
 ]
 # (token, method, path) -> expected status; 404 means "allowed" for the unknown job.
 ALLOWED = {
-    CONTROL: {("GET", "/api/jobs"): 200, ("GET", "/api/jobs/none"): 404, ("GET", "/metrics"): 200,
-              ("GET", "/docs"): 200, ("GET", "/openapi.json"): 200, ("POST", "/api/jobs/none/commands"): 404},
-    READ: {("GET", "/api/jobs"): 200, ("GET", "/api/jobs/none"): 404, ("GET", "/metrics"): 200,
-           ("GET", "/docs"): 200, ("GET", "/openapi.json"): 200, ("POST", "/api/jobs/none/commands"): 403},
+    CONTROL: {
+        ("GET", "/api/jobs"): 200,
+        ("GET", "/api/jobs/none"): 404,
+        ("GET", "/metrics"): 200,
+        ("GET", "/docs"): 200,
+        ("GET", "/openapi.json"): 200,
+        ("POST", "/api/jobs/none/commands"): 404,
+    },
+    READ: {
+        ("GET", "/api/jobs"): 200,
+        ("GET", "/api/jobs/none"): 404,
+        ("GET", "/metrics"): 200,
+        ("GET", "/docs"): 200,
+        ("GET", "/openapi.json"): 200,
+        ("POST", "/api/jobs/none/commands"): 403,
+    },
     WORKER: {case: 403 for case in HTTP_CASES},
     "wrong": {case: 401 for case in HTTP_CASES},
     None: {case: 401 for case in HTTP_CASES},
 }
 TOKENS = pytest.mark.parametrize("token", list(ALLOWED), ids=["control", "read", "worker", "wrong", "none"])
 # The dashboard's own files hold no data: anyone may load them, so the page can explain a bad token.
-PAGE_FILES = ["/", "/index.html", "/app.js", "/job.js", "/style.css", "/vendor/uplot/uPlot.esm.js", "/vendor/uplot/uPlot.min.css"]
+PAGE_FILES = [
+    "/",
+    "/index.html",
+    "/app.js",
+    "/job.js",
+    "/style.css",
+    "/vendor/uplot/uPlot.esm.js",
+    "/vendor/uplot/uPlot.min.css",
+]
 # Everything else in web/ is not served, with or without a token.
-NOT_SERVED = ["/__init__.py", "/package.json", "/package-lock.json", "/node_modules/uplot/package.json",
-              "/node_modules/uplot/dist/uPlot.esm.js", "/vendor/uplot/uPlot.d.ts", "/vendor/uplot/../package.json",
-              "/nothing.js", "/web/app.js"]
+NOT_SERVED = [
+    "/__init__.py",
+    "/package.json",
+    "/package-lock.json",
+    "/node_modules/uplot/package.json",
+    "/node_modules/uplot/dist/uPlot.esm.js",
+    "/vendor/uplot/uPlot.d.ts",
+    "/vendor/uplot/../package.json",
+    "/nothing.js",
+    "/web/app.js",
+]
 
 
 @pytest.fixture
@@ -67,7 +95,9 @@ def test_only_the_dashboard_files_are_served(anon, path):
     assert anon.get(path).status_code in (401, 404)  # never the file
 
 
-@pytest.mark.parametrize("path", ["/api", "/api/", "/api/jobs/", "/ws/jobs/x", "/metrics/", "/redoc", "/docs/oauth2-redirect"])
+@pytest.mark.parametrize(
+    "path", ["/api", "/api/", "/api/jobs/", "/ws/jobs/x", "/metrics/", "/redoc", "/docs/oauth2-redirect"]
+)
 def test_everything_else_is_guarded(anon, path):
     assert anon.get(path).status_code == 401
     assert anon.post("/", json={}).status_code == 401  # only GET/HEAD of the page is open

@@ -27,7 +27,9 @@ def feed(state, cfg, rounds, period, start=0, loss=None):
     step = start
     for delta in rounds:
         if loss is not None:
-            state = at.observe_steps(state, cfg, [(s, loss(s), None) for s in range(max(0, step - period + 1), step + 1)])
+            state = at.observe_steps(
+                state, cfg, [(s, loss(s), None) for s in range(max(0, step - period + 1), step + 1)]
+            )
         state, proposal = at.observe_round(state, cfg, step=step, delta=delta, seconds=None, period=period)
         proposals.append(proposal)
         step += period
@@ -251,9 +253,19 @@ def test_off_ignores_everything():
 
 @pytest.mark.parametrize(
     "fields",
-    [dict(tau_min=0), dict(tau_min=8, tau_max=4), dict(max_change=1.0), dict(dead_band=1.0), dict(gain=0.0),
-     dict(growth_smoothing=0.0), dict(calibration_rounds=0), dict(calibration_skip=-1), dict(comm_share=1.0), dict(jump_window=0),
-     dict(loss_jump=0.0)],
+    [
+        dict(tau_min=0),
+        dict(tau_min=8, tau_max=4),
+        dict(max_change=1.0),
+        dict(dead_band=1.0),
+        dict(gain=0.0),
+        dict(growth_smoothing=0.0),
+        dict(calibration_rounds=0),
+        dict(calibration_skip=-1),
+        dict(comm_share=1.0),
+        dict(jump_window=0),
+        dict(loss_jump=0.0),
+    ],
 )
 def test_config_checks(fields):
     with pytest.raises(ValueError):
@@ -269,10 +281,21 @@ def send_rounds(ws, first: int, last: int, period: int, relative: float) -> None
         span = range(lo, min(lo + 8, last + 1))
         steps = [StepRecord(step=s, time=1000.0 + s, step_time=0.01, loss=1.0) for s in span]
         rounds = [
-            RoundRecord(step=s, group_size=1, divergence=relative, relative_divergence=relative,
-                        divergence_mean=relative, divergence_max=relative, relative_mean=relative,
-                        relative_max=relative, seconds=0.001, bytes=8, exact=True)
-            for s in span if s % period == 0
+            RoundRecord(
+                step=s,
+                group_size=1,
+                divergence=relative,
+                relative_divergence=relative,
+                divergence_mean=relative,
+                divergence_max=relative,
+                relative_mean=relative,
+                relative_max=relative,
+                seconds=0.001,
+                bytes=8,
+                exact=True,
+            )
+            for s in span
+            if s % period == 0
         ]
         ws.send_text(MetricsBatch(steps=steps, rounds=rounds).model_dump_json())
 
@@ -284,7 +307,9 @@ def test_the_autopilot_retunes_through_the_command_log_and_a_person_suspends_it(
     with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r0:
         r0.send_text(hello(rank=0, world_size=1))  # period 4
         wait_for(lambda: client.get("/api/jobs/job-1").status_code == 200)
-        on = client.post("/api/jobs/job-1/commands", json={"type": "set_autotune", "enabled": True, "target_divergence": 0.01})
+        on = client.post(
+            "/api/jobs/job-1/commands", json={"type": "set_autotune", "enabled": True, "target_divergence": 0.01}
+        )
         assert on.json()["status"] == "applied"
         # Divergence grows 0.005 a step (relative 0.1414 after 4 steps): the budget 0.01 lasts 2 steps.
         send_rounds(r0, 1, 12, period=4, relative=math.sqrt(0.02))
@@ -304,23 +329,36 @@ def test_the_autopilot_retunes_through_the_command_log_and_a_person_suspends_it(
         assert [c["author"] for c in commands()].count("autopilot") == 1
 
         view = ControlView(period=2, warmup_steps=0, version=1)
-        r0.send_text(CommandAck(command_id=cmd["id"], status="applied", applied_step=24, control=view).model_dump_json())
+        r0.send_text(
+            CommandAck(command_id=cmd["id"], status="applied", applied_step=24, control=view).model_dump_json()
+        )
         wait_for(lambda: client.get(f"/api/jobs/job-1/commands/{cmd['id']}").json()["status"] == "applied")
 
         # A person's command suspends it: rounds that would call for a change change nothing.
-        manual = client.post("/api/jobs/job-1/commands", json={"type": "set_period", "period": 8},
-                             headers={"X-Avgctl-Author": "alice"}).json()
+        manual = client.post(
+            "/api/jobs/job-1/commands", json={"type": "set_period", "period": 8}, headers={"X-Avgctl-Author": "alice"}
+        ).json()
         assert r0.receive_json()["id"] == manual["id"]
-        report = wait_for(lambda: (a := client.get("/api/jobs/job-1").json()["control"]["autotune"]).get("state") == "suspended" and a)
+        report = wait_for(
+            lambda: (a := client.get("/api/jobs/job-1").json()["control"]["autotune"]).get("state") == "suspended" and a
+        )
         assert report["enabled"] is False and "alice" in report["note"] and f"command {manual['id']}" in report["note"]
-        r0.send_text(CommandAck(command_id=manual["id"], status="applied", applied_step=24,
-                                control=ControlView(period=8, warmup_steps=0, version=2)).model_dump_json())
+        r0.send_text(
+            CommandAck(
+                command_id=manual["id"],
+                status="applied",
+                applied_step=24,
+                control=ControlView(period=8, warmup_steps=0, version=2),
+            ).model_dump_json()
+        )
         send_rounds(r0, 25, 64, period=8, relative=0.5)
         wait_for(lambda: client.get("/api/jobs/job-1").json()["step"] == 64)
         assert [c["author"] for c in commands()].count("autopilot") == 1
 
         # Switched on again, it acts again (from the period in force, 8).
-        client.post("/api/jobs/job-1/commands", json={"type": "set_autotune", "enabled": True, "target_divergence": 0.01})
+        client.post(
+            "/api/jobs/job-1/commands", json={"type": "set_autotune", "enabled": True, "target_divergence": 0.01}
+        )
         send_rounds(r0, 65, 96, period=8, relative=0.5)
         again = wait_for(lambda: [c for c in commands() if c["author"] == "autopilot"][1:])
         assert again[0]["command"] == {"type": "set_period", "period": 4} and "limited to x1/2" in again[0]["note"]

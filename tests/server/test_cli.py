@@ -18,8 +18,18 @@ from tests.support.polling import wait_for
 from tests.support.servers import CONTROL, WORKER, make_settings, running_server
 
 
-@pytest.mark.parametrize("argv", [[], ["nope"], ["set-period", "j"], ["set-period", "j", "0"], ["set-period", "j", "x"],
-                                  ["serve", "--port", "x"], ["pause"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["nope"],
+        ["set-period", "j"],
+        ["set-period", "j", "0"],
+        ["set-period", "j", "x"],
+        ["serve", "--port", "x"],
+        ["pause"],
+    ],
+)
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)

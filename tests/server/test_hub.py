@@ -41,7 +41,7 @@ def test_the_spliced_frame_is_what_its_schema_serializes():
     hub.publish_metrics("job-1", 1, encoded(with_control))
     hub.publish_metrics("job-1", 0, encoded(batch(1, 2, rounds=False)))
     hub._flush()
-    (_, text), = client._queue
+    ((_, text),) = client._queue
     assert DashboardMetrics.model_validate_json(text).model_dump_json() == text
 
 
@@ -95,8 +95,12 @@ def test_a_commits_rank_progress_touches_only_ranks_that_said_hello_and_keeps_th
 def test_the_writer_checkpoints_its_wal_at_its_own_size_and_trims_it_back(tmp_path):
     store = store_with_two_ranks(tmp_path)
     try:
-        pragmas = store.submit(lambda c: [c.execute(f"PRAGMA {p}").fetchone()[0]
-                                          for p in ("wal_autocheckpoint", "journal_size_limit", "journal_mode")]).result()
+        pragmas = store.submit(
+            lambda c: [
+                c.execute(f"PRAGMA {p}").fetchone()[0]
+                for p in ("wal_autocheckpoint", "journal_size_limit", "journal_mode")
+            ]
+        ).result()
         assert pragmas == [process.WAL_CHECKPOINT_PAGES, process.WAL_SIZE_LIMIT, "wal"]
     finally:
         store.close()
@@ -107,7 +111,9 @@ def test_a_snapshots_older_records_say_how_many_each_stands_for(tmp_path):
     try:
         entries = [("job-1", rank, encoded(batch(1, 1000)), 10.0) for rank in (0, 1)]  # rounds every 4 steps
         store.submit(lambda c: st.write_metric_batches(c, entries)).result()
-        snap = json.loads(store.snapshot_json("job-1", 200))  # 100 records per rank: steps from 950 in full, 50 older ones
+        snap = json.loads(
+            store.snapshot_json("job-1", 200)
+        )  # 100 records per rank: steps from 950 in full, 50 older ones
         for table, total in (("steps", 949), ("rounds", 237)):  # of each rank's, below step 950
             stored = {(r["rank"], r["step"]): r for r in store.metrics("job-1")[table]}
             assert all({k: v for k, v in r.items() if k != "w"} == stored[r["rank"], r["step"]] for r in snap[table])
@@ -185,7 +191,7 @@ def test_a_fast_rank_is_thinned_for_dashboards_and_a_slow_one_is_not():
     hub.publish_metrics("job-1", 0, encoded(batch(9, 8, rounds=False)))  # steps 9-16
     hub.publish_metrics("job-1", 1, encoded(batch(1, 4, rounds=False)))  # steps 1-4
     hub._flush()
-    (_, text), = client._queue
+    ((_, text),) = client._queue
     fast, slow = json.loads(text)["items"]
     assert [s["step"] for s in fast["steps"]] == [1, 5, 9, 13, 16]  # every 4th, and the newest
     assert fast["step_weight"] == 16 / 5  # each stands for this many steps, for sums of step time

@@ -40,6 +40,8 @@ def test_generated_tokens_that_start_with_a_dash_reach_the_server_intact():
     assert (args.control_token, args.worker_token) == ("-ctl_token", "--wrk")
 
 
-@pytest.mark.parametrize(("host", "browsed"), [("0.0.0.0", "127.0.0.1"), ("::", "127.0.0.1"), ("", "127.0.0.1"), ("10.1.2.3", "10.1.2.3")])
+@pytest.mark.parametrize(
+    ("host", "browsed"), [("0.0.0.0", "127.0.0.1"), ("::", "127.0.0.1"), ("", "127.0.0.1"), ("10.1.2.3", "10.1.2.3")]
+)
 def test_a_server_on_every_interface_is_browsed_on_loopback(host, browsed):
     assert browsable_host(host) == browsed

@@ -20,7 +20,7 @@ def test_step_figures_mirror_the_step_record_fields_defaults_and_required_ones()
     assert StepFigures.__struct_fields__ == tuple(fields)
     required = StepFigures.__struct_fields__[: len(fields) - len(StepFigures.__struct_defaults__)]
     assert set(required) == {name for name, f in fields.items() if f.is_required()}
-    for name, default in zip(StepFigures.__struct_fields__[len(required):], StepFigures.__struct_defaults__):
+    for name, default in zip(StepFigures.__struct_fields__[len(required) :], StepFigures.__struct_defaults__):
         value = default.factory() if isinstance(default, msgspec._core.Factory) else default
         assert value == fields[name].get_default(call_default_factory=True), name
     assert set(_WireBatch.__struct_fields__) == set(MetricsBatch.model_fields)
@@ -33,7 +33,9 @@ def test_a_batch_decodes_to_the_models_values_and_record_texts():
     assert [msgspec.structs.asdict(s) for s in fast.steps] == [r.model_dump() for r in model.steps]
     assert fast.rounds == model.rounds
     enc = encode(fast)
-    assert [(s, json.loads(t)) for s, t in enc.steps] == [(r.step, json.loads(r.model_dump_json())) for r in model.steps]
+    assert [(s, json.loads(t)) for s, t in enc.steps] == [
+        (r.step, json.loads(r.model_dump_json())) for r in model.steps
+    ]
     assert enc.rounds == [(r.step, r.group_size, r.model_dump_json()) for r in model.rounds]
     assert (enc.top, enc.latest.step, enc.dropped) == (8, 8, 3)
     assert encode(received(model)).steps == enc.steps  # the models' path ends in the same texts
@@ -50,16 +52,25 @@ def test_what_the_fast_path_leaves_goes_to_the_models():
 
 # Values of the wrong types, out of range, or that json.dumps would not write.
 _ODD = st.one_of(
-    st.integers(-3, -1), st.integers(min_value=2**62, max_value=2**65), st.floats(allow_nan=False, width=64),
+    st.integers(-3, -1),
+    st.integers(min_value=2**62, max_value=2**65),
+    st.floats(allow_nan=False, width=64),
     st.sampled_from(["NaN", "Infinity", "1e999"]).map(lambda s: ("raw", s)),
-    st.text(max_size=3), st.booleans(), st.none(), st.lists(st.integers(), max_size=2),
+    st.text(max_size=3),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(), max_size=2),
 )
 _FLOAT = st.floats(allow_nan=False, allow_infinity=False) | st.integers(-5, 5)
 _VALID_STEP = st.fixed_dictionaries(
     {"step": st.integers(0, 10**6), "time": _FLOAT},
-    optional={"step_time": _FLOAT | st.none(), "drift": _FLOAT | st.none(), "loss": _FLOAT | st.none(),
-              "scalars": st.dictionaries(st.text(max_size=4), _FLOAT, max_size=3)
-              | st.integers(30, 34).map(lambda n: {f"s{i}": 0.5 for i in range(n)})},  # about the bound of 32
+    optional={
+        "step_time": _FLOAT | st.none(),
+        "drift": _FLOAT | st.none(),
+        "loss": _FLOAT | st.none(),
+        "scalars": st.dictionaries(st.text(max_size=4), _FLOAT, max_size=3)
+        | st.integers(30, 34).map(lambda n: {f"s{i}": 0.5 for i in range(n)}),
+    },  # about the bound of 32
 )
 _FIELDS = ["step", "time", "step_time", "drift", "loss", "scalars", "kind", "extra"]
 

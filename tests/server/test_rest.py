@@ -26,12 +26,15 @@ def test_empty_server(client):
 
 
 def test_job_lifecycle_metrics_and_commands(client):
-    with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r0, \
-         client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r1:
+    with (
+        client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r0,
+        client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r1,
+    ):
         r0.send_text(hello(rank=0, pid=100))
         r1.send_text(hello(rank=1, pid=101))
         r0.send_text(batch(1, 8))
         r1.send_text(batch(1, 9, rank_loss=2.0))
+
         def both_ranks_in():
             j = client.get("/api/jobs/job-1").json()  # 404 until the first hello is stored
             return [r["step"] for r in j.get("ranks", [])] == [8, 9] and j
@@ -39,7 +42,10 @@ def test_job_lifecycle_metrics_and_commands(client):
         job = wait_for(both_ranks_in)
         assert job["step"] == 9 and job["status"] == "running" and job["world_size"] == 2
         assert [(r["rank"], r["connected"], r["dropped"]) for r in job["ranks"]] == [(0, True, 3), (1, True, 3)]
-        assert job["control"]["period"] == 4 and job["control"]["autotune"] == {"enabled": False, "target_divergence": None}
+        assert job["control"]["period"] == 4 and job["control"]["autotune"] == {
+            "enabled": False,
+            "target_divergence": None,
+        }
         listed = client.get("/api/jobs").json()[0]
         assert (listed["divergence_mean"], listed["divergence_max"]) == (0.1, 0.3)  # the latest round's
         assert listed["last_seen"] == max(r["last_seen"] for r in job["ranks"])
@@ -54,7 +60,9 @@ def test_job_lifecycle_metrics_and_commands(client):
         assert delivered == {"kind": "command", "id": cmd["id"], "command": {"type": "set_period", "period": 8}}
         view = ControlView(period=8, warmup_steps=0, version=1)
         r0.send_text(CommandAck(command_id=cmd["id"], status="applied", applied_step=9, control=view).model_dump_json())
-        done = wait_for(lambda: (c := client.get(f"/api/jobs/job-1/commands/{cmd['id']}").json())["status"] != "pending" and c)
+        done = wait_for(
+            lambda: (c := client.get(f"/api/jobs/job-1/commands/{cmd['id']}").json())["status"] != "pending" and c
+        )
         assert done["status"] == "applied" and done["applied_step"] == 9
         # A repeated ack (after a reconnect) changes nothing.
         r0.send_text(CommandAck(command_id=cmd["id"], status="rejected", reason="late").model_dump_json())
@@ -86,8 +94,10 @@ def test_command_pending_until_rank0_says_hello(client):
     with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r1:
         r1.send_text(hello(rank=1, pid=101))
         wait_for(lambda: client.get("/api/jobs/job-1").status_code == 200)
-        ids = [client.post("/api/jobs/job-1/commands", json=body).json()["id"]
-               for body in ({"type": "pause_averaging"}, {"type": "average_now"})]
+        ids = [
+            client.post("/api/jobs/job-1/commands", json=body).json()["id"]
+            for body in ({"type": "pause_averaging"}, {"type": "average_now"})
+        ]
         assert [c["status"] for c in client.get("/api/jobs/job-1/commands").json()] == ["pending", "pending"]
         with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r0:
             r0.send_text(hello(rank=0, pid=100))
@@ -99,8 +109,11 @@ def test_set_autotune_is_applied_by_the_server(client):
         r0.send_text(hello(rank=0, world_size=1))
         r0.send_text(batch(1, 5))
         wait_for(lambda: client.get("/api/jobs/job-1").json()["step"] == 5)
-        out = client.post("/api/jobs/job-1/commands", json={"type": "set_autotune", "enabled": True, "target_divergence": 0.5},
-                          headers={"X-Avgctl-Author": "alice"})
+        out = client.post(
+            "/api/jobs/job-1/commands",
+            json={"type": "set_autotune", "enabled": True, "target_divergence": 0.5},
+            headers={"X-Avgctl-Author": "alice"},
+        )
         assert out.status_code == 202
         cmd = out.json()
         assert cmd["status"] == "applied" and cmd["applied_step"] == 5 and cmd["author"] == "alice"
@@ -138,9 +151,17 @@ def test_bad_command_bodies_change_nothing(client, body):
 @pytest.mark.parametrize(
     "request_args",
     [
-        ("POST", "/api/jobs/job-1/commands", {"content": b"{not json", "headers": {"Content-Type": "application/json"}}),
+        (
+            "POST",
+            "/api/jobs/job-1/commands",
+            {"content": b"{not json", "headers": {"Content-Type": "application/json"}},
+        ),
         ("POST", "/api/jobs/job-1/commands", {"content": b"\xff\xfe", "headers": {"Content-Type": "application/json"}}),
-        ("POST", "/api/jobs/job-1/commands", {"json": {"type": "average_now"}, "headers": {"X-Avgctl-Author": "autopilot"}}),
+        (
+            "POST",
+            "/api/jobs/job-1/commands",
+            {"json": {"type": "average_now"}, "headers": {"X-Avgctl-Author": "autopilot"}},
+        ),
         ("POST", "/api/jobs/bad%20id/commands", {"json": {"type": "average_now"}}),
         ("GET", "/api/jobs/job-1/commands/0", {}),
         ("GET", "/api/jobs/job-1/commands/abc", {}),

@@ -130,7 +130,9 @@ time.sleep(600)
 
 
 def test_the_process_exits_when_its_server_is_killed(tmp_path):
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path / "w.db")], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, str(tmp_path / "w.db")], stdout=subprocess.PIPE, text=True
+    )
     try:
         child = int(parent.stdout.readline())
         assert not _gone(child)
@@ -183,7 +185,11 @@ def test_a_ctrl_c_to_the_process_group_leaves_the_writer_to_its_server(tmp_path)
             os.kill(pid, sig)
         assert store.add_metrics("job-1", 0, encoded(batch(5, 4)))
         store.submit(lambda c: None).result()
-        assert store.get_job("job-1").ranks[0].step == 8 and store._writer.process.pid == pid and store.dropped_batches == 0
+        assert (
+            store.get_job("job-1").ranks[0].step == 8
+            and store._writer.process.pid == pid
+            and store.dropped_batches == 0
+        )
     finally:
         store.close()
 

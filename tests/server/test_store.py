@@ -119,9 +119,15 @@ def test_a_file_from_before_the_versions_migrates_and_keeps_its_rows(path):
         assert _raw(path, "PRAGMA user_version") == [(schema.LATEST,)]
         assert _columns(path, "commands")[-1] == "note" and "divergence_step" in _columns(path, "jobs")
         # The view's stale autotune key is gone from the row; the column's settings are what reads show.
-        (control,), = _raw(path, "SELECT control FROM jobs")
-        assert json.loads(control) == {"period": 8, "warmup_steps": 0, "averaging_paused": False,
-                                       "training_paused": False, "hierarchy": None, "version": 3}
+        ((control,),) = _raw(path, "SELECT control FROM jobs")
+        assert json.loads(control) == {
+            "period": 8,
+            "warmup_steps": 0,
+            "averaging_paused": False,
+            "training_paused": False,
+            "hierarchy": None,
+            "version": 3,
+        }
         job = store.get_job("old")
         assert job.control.autotune == AutotuneView(enabled=True, target_divergence=0.2) and job.control.period == 8
         assert job.status == "disconnected" and [r.connected for r in job.ranks] == [False, False]
@@ -161,7 +167,7 @@ def test_the_second_migration_drops_only_the_control_views_autotune_key(path):
 _KEPT = {
     "schema": "SELECT type, name, sql FROM sqlite_master ORDER BY name",
     "jobs": "SELECT id, world_size, step, control, autotune, config, divergence_mean, divergence_max, created_at,"
-            " last_seen, divergence_step FROM jobs",
+    " last_seen, divergence_step FROM jobs",
     "ranks": "SELECT job_id, rank, host, pid, step, last_seen, closed_normally, dropped FROM ranks",
     "steps": "SELECT * FROM steps",
     "rounds": "SELECT * FROM rounds",
@@ -226,10 +232,13 @@ def test_a_command_is_pending_until_rank_0s_ack_and_an_applied_one_sets_the_cont
     _say_hello(store, 0)
     with pytest.raises(st.UnknownJob):
         store.submit(lambda c: st.insert_command(c, "nope", {"type": "average_now"}, "ann", 1.0)).result()
-    out = store.submit(lambda c: st.insert_command(c, "job-1", {"type": "set_period", "period": 8}, "ann", 1.0)).result()
+    out = store.submit(
+        lambda c: st.insert_command(c, "job-1", {"type": "set_period", "period": 8}, "ann", 1.0)
+    ).result()
     assert [c.id for c in store.pending_commands("job-1")] == [out.id] and store.get_command("job-1", out.id) == out
-    ack = CommandAck(command_id=out.id, status="applied", applied_step=5,
-                     control=ControlView(period=8, warmup_steps=0, version=1))
+    ack = CommandAck(
+        command_id=out.id, status="applied", applied_step=5, control=ControlView(period=8, warmup_steps=0, version=1)
+    )
     resolved = store.submit(lambda c: st.resolve_command(c, "job-1", ack, 2.0)).result()
     assert (resolved.status, resolved.applied_step) == ("applied", 5) and store.pending_commands("job-1") == []
     assert store.get_job("job-1").control.period == 8

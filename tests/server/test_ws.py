@@ -50,9 +50,9 @@ def test_bad_first_frame_closes_with_reason(client, frame, code, reason):
         ("{not json", "malformed JSON"),
         (hello(), "hello sent twice"),
         ('{"kind": "metrics", "steps": [{"step": -1, "time": 0}]}', "steps.0.step"),
-        ('{"kind": "metrics", "steps": [{"step": %d, "time": 0}]}' % 2**63, "steps.0.step"),  # past SQLite's INTEGER
+        (f'{{"kind": "metrics", "steps": [{{"step": {2**63}, "time": 0}}]}}', "steps.0.step"),  # past SQLite's INTEGER
         ('{"kind": "ack", "command_id": 1, "status": "done"}', "status"),
-        ('{"kind": "ack", "command_id": %d, "status": "applied"}' % 2**63, "command_id"),
+        (f'{{"kind": "ack", "command_id": {2**63}, "status": "applied"}}', "command_id"),
         ("y" * 5000, "larger than"),
     ],
 )
@@ -60,7 +60,11 @@ def test_bad_later_frame_closes_and_keeps_state(client, frame, reason):
     with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as ws:
         ws.send_text(hello(world_size=1))
         ws.send_text(batch(1, 3))
-        wait_for(lambda: client.get("/api/jobs/job-1").status_code == 200 and client.get("/api/jobs/job-1").json()["step"] == 3)
+        wait_for(
+            lambda: (
+                client.get("/api/jobs/job-1").status_code == 200 and client.get("/api/jobs/job-1").json()["step"] == 3
+            )
+        )
         ws.send_text(frame)
         code, got = closed_with(ws)
     assert code in (1008, 1009) and reason in got
@@ -108,7 +112,11 @@ def test_dashboard_snapshot_then_live(client):
     with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r0:
         r0.send_text(hello(rank=0, world_size=1))
         r0.send_text(batch(1, 8))
-        wait_for(lambda: client.get("/api/jobs/job-1").status_code == 200 and client.get("/api/jobs/job-1").json()["step"] == 8)
+        wait_for(
+            lambda: (
+                client.get("/api/jobs/job-1").status_code == 200 and client.get("/api/jobs/job-1").json()["step"] == 8
+            )
+        )
         with client.websocket_connect("/ws/jobs/job-1") as dash:
             snap = dash.receive_json()
             assert snap["kind"] == "snapshot" and snap["job"]["id"] == "job-1"
@@ -177,7 +185,9 @@ def test_numbered_batches_are_confirmed_once_stored_and_a_repeat_counts_once(cli
             # is newer than that batch's event (version 2), then goes on with seq 2.
             r0.close()
             with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as again:
-                again.send_text(hello(world_size=1, control=ControlView(period=3, warmup_steps=0, version=2), link="L1"))
+                again.send_text(
+                    hello(world_size=1, control=ControlView(period=3, warmup_steps=0, version=2), link="L1")
+                )
                 again.send_text(batch(5, 4, seq=1, control=[period_2]))
                 again.send_text(batch(9, 4, seq=2))
                 stored = json.loads(again.receive_text())

@@ -68,7 +68,9 @@ def run_ranks(
                     pass
                 dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode is not None]
                 if dead and results.empty():
-                    raise RuntimeError(f"ranks {dead} exited without a result (exit codes {[procs[r].exitcode for r in dead]})")
+                    raise RuntimeError(
+                        f"ranks {dead} exited without a result (exit codes {[procs[r].exitcode for r in dead]})"
+                    )
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(got))} hung for {timeout}s")
         finally:

@@ -68,9 +68,17 @@ class FakeAverager:
             listener.on_step(StepRecord(step=self.step, time=now, loss=loss, step_time=0.01))
         if self.step % self.state.period == 0:
             record = RoundRecord(
-                step=self.step, group_size=self.world_size, divergence=0.1, relative_divergence=0.01,
-                divergence_mean=0.1, divergence_max=0.2, relative_mean=0.01, relative_max=0.02,
-                seconds=0.001, bytes=100, exact=True,
+                step=self.step,
+                group_size=self.world_size,
+                divergence=0.1,
+                relative_divergence=0.01,
+                divergence_mean=0.1,
+                divergence_max=0.2,
+                relative_mean=0.01,
+                relative_max=0.02,
+                seconds=0.001,
+                bytes=100,
+                exact=True,
             )
             for listener in self.listeners:
                 listener.on_round(record)
@@ -121,8 +129,14 @@ class FakeJob:
             group_sizes=group_sizes,
         )
         return Hello(
-            job_id=self.job_id, rank=rank, world_size=self.world_size, host=f"host{rank // 2}", pid=1000 + rank,
-            config=config, control=cs.to_view(self.state), step=self.step,
+            job_id=self.job_id,
+            rank=rank,
+            world_size=self.world_size,
+            host=f"host{rank // 2}",
+            pid=1000 + rank,
+            config=config,
+            control=cs.to_view(self.state),
+            step=self.step,
         ).model_dump_json()
 
     def start(self, streaming: bool = True) -> FakeJob:
@@ -143,7 +157,10 @@ class FakeJob:
         headers = {"Authorization": f"Bearer {WORKER}"}
         try:
             with contextlib.ExitStack() as stack:
-                sockets = [stack.enter_context(ws_connect(self.ws_url, additional_headers=headers)) for _ in range(self.world_size)]
+                sockets = [
+                    stack.enter_context(ws_connect(self.ws_url, additional_headers=headers))
+                    for _ in range(self.world_size)
+                ]
                 for rank, ws in enumerate(sockets):
                     ws.send(self.hello(rank))
                 ready.set()
@@ -178,15 +195,31 @@ class FakeJob:
         now = time.time()
         for rank, ws in enumerate(sockets):
             steps = [
-                StepRecord(step=s, time=now, step_time=0.01, drift=0.01 * (s % self.state.period + 1) * (1 + rank),
-                           loss=2.0 * math.exp(-s / 500) + 0.05 * rank)
+                StepRecord(
+                    step=s,
+                    time=now,
+                    step_time=0.01,
+                    drift=0.01 * (s % self.state.period + 1) * (1 + rank),
+                    loss=2.0 * math.exp(-s / 500) + 0.05 * rank,
+                )
                 for s in range(first, self.step + 1)
             ]
             rounds = [
-                RoundRecord(step=s, group_size=self.world_size, divergence=0.1 + 0.02 * rank, relative_divergence=0.01,
-                            divergence_mean=0.13, divergence_max=0.16, relative_mean=0.013, relative_max=0.016,
-                            seconds=0.002, bytes=4096, exact=True)
-                for s in range(first, self.step + 1) if s % self.state.period == 0
+                RoundRecord(
+                    step=s,
+                    group_size=self.world_size,
+                    divergence=0.1 + 0.02 * rank,
+                    relative_divergence=0.01,
+                    divergence_mean=0.13,
+                    divergence_max=0.16,
+                    relative_mean=0.013,
+                    relative_max=0.016,
+                    seconds=0.002,
+                    bytes=4096,
+                    exact=True,
+                )
+                for s in range(first, self.step + 1)
+                if s % self.state.period == 0
             ]
             ws.send(MetricsBatch(steps=steps, rounds=rounds, control=events).model_dump_json())
         for ack in acks:

@@ -99,14 +99,18 @@ class FaultRun:
     missing: dict[int, int] = field(default_factory=dict)  # metric step records not in the store
     dropped: dict[int, int] = field(default_factory=dict)  # what each rank's link counted as dropped
     server_dropped: int = 0  # batches the server refused (writer behind)
-    applied: dict[int, list[int]] = field(default_factory=dict)  # command id -> steps of rank 0's events with its period
+    applied: dict[int, list[int]] = field(
+        default_factory=dict
+    )  # command id -> steps of rank 0's events with its period
     events_at: dict[int, int] = field(default_factory=dict)  # applied step -> rank 0's control events there
     control_version: int = 0  # one per applied command: a command applied twice would add two
     commands: list[dict] = field(default_factory=list)
     freeze_seconds: float = 0.0
 
 
-def start_workers(out: Path, steps: int, step_delay: float, server: str | None, job: str, log: Path) -> subprocess.Popen:
+def start_workers(
+    out: Path, steps: int, step_delay: float, server: str | None, job: str, log: Path
+) -> subprocess.Popen:
     demo_args = ["--steps", str(steps), "--period", "4", "--step-delay", str(step_delay), "--quiet"]
     if server:
         demo_args += ["--server", server, "--job-id", job]
@@ -114,9 +118,24 @@ def start_workers(out: Path, steps: int, step_delay: float, server: str | None, 
     env.pop("AVGCTL_SERVER", None)
     with open(log, "w") as log_file:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-             "-m", "tests.support.faults", "--worker", str(out), "--", *demo_args],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "tests.support.faults",
+                "--worker",
+                str(out),
+                "--",
+                *demo_args,
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
         )
 
 
@@ -204,7 +223,9 @@ def _server_dropped(server: ServerProcess) -> int:
     req = urllib.request.Request(server.base + "/metrics", headers={"Authorization": f"Bearer {server.api.token}"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         for line in resp.read().decode().splitlines():
-            if line.startswith("avgctl_dropped_metric_batches_total") or line.startswith("avgctl_dropped_metric_batches "):
+            if line.startswith("avgctl_dropped_metric_batches_total") or line.startswith(
+                "avgctl_dropped_metric_batches "
+            ):
                 return int(float(line.split()[-1]))
     return 0
 

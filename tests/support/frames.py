@@ -13,22 +13,54 @@ from avgctl.server import store as st
 from avgctl.server.records import EncodedBatch, decode_metrics, encode
 
 
-def hello(job_id: str = "job-1", rank: int = 0, world_size: int = 2, pid: int = 100,
-          control: ControlView | None = None, link: str | None = None) -> str:
+def hello(
+    job_id: str = "job-1",
+    rank: int = 0,
+    world_size: int = 2,
+    pid: int = 100,
+    control: ControlView | None = None,
+    link: str | None = None,
+) -> str:
     return Hello(
-        job_id=job_id, rank=rank, world_size=world_size, host="h", pid=pid,
+        job_id=job_id,
+        rank=rank,
+        world_size=world_size,
+        host="h",
+        pid=pid,
         config=AveragerConfig(kind="periodic", period=4, warmup_steps=0),
-        control=control or ControlView(period=4, warmup_steps=0), link=link,
+        control=control or ControlView(period=4, warmup_steps=0),
+        link=link,
     ).model_dump_json()
 
 
-def batch(first: int, n: int, rank_loss: float = 1.0, rounds: bool = True, seq: int | None = None,
-          control: list[ControlEvent] | None = None) -> str:
-    steps = [StepRecord(step=s, time=1000.0 + s, loss=rank_loss, drift=0.5, scalars={"lr": 0.1}) for s in range(first, first + n)]
+def batch(
+    first: int,
+    n: int,
+    rank_loss: float = 1.0,
+    rounds: bool = True,
+    seq: int | None = None,
+    control: list[ControlEvent] | None = None,
+) -> str:
+    steps = [
+        StepRecord(step=s, time=1000.0 + s, loss=rank_loss, drift=0.5, scalars={"lr": 0.1})
+        for s in range(first, first + n)
+    ]
     rnds = [
-        RoundRecord(step=s, group_size=2, divergence=0.1, relative_divergence=0.01, divergence_mean=0.1,
-                    divergence_max=0.3, relative_mean=0.01, relative_max=0.03, seconds=0.0, bytes=8, exact=True)
-        for s in range(first, first + n) if rounds and s % 4 == 0
+        RoundRecord(
+            step=s,
+            group_size=2,
+            divergence=0.1,
+            relative_divergence=0.01,
+            divergence_mean=0.1,
+            divergence_max=0.3,
+            relative_mean=0.01,
+            relative_max=0.03,
+            seconds=0.0,
+            bytes=8,
+            exact=True,
+        )
+        for s in range(first, first + n)
+        if rounds and s % 4 == 0
     ]
     return MetricsBatch(steps=steps, rounds=rnds, control=control or [], dropped=3, seq=seq).model_dump_json()
 
@@ -45,7 +77,9 @@ def store_with_two_ranks(tmp_path) -> st.Store:
     store = st.Store(str(tmp_path / "s.db"))
     store.start()
     for rank in (0, 1):
-        store.submit(lambda c, rank=rank: st.hello(c, Hello.model_validate_json(hello(rank=rank, pid=100 + rank)), time.time())).result()
+        store.submit(
+            lambda c, rank=rank: st.hello(c, Hello.model_validate_json(hello(rank=rank, pid=100 + rank)), time.time())
+        ).result()
     return store
 
 

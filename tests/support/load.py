@@ -35,14 +35,23 @@ RECORDS_PER_BATCH = 5
 
 def hello(rank: int, world: int, link: str) -> str:
     return Hello(
-        job_id=JOB, rank=rank, world_size=world, host="bench", pid=10_000 + rank, link=link,
-        config=AveragerConfig(kind="periodic", period=8, warmup_steps=0), control=ControlView(period=8, warmup_steps=0),
+        job_id=JOB,
+        rank=rank,
+        world_size=world,
+        host="bench",
+        pid=10_000 + rank,
+        link=link,
+        config=AveragerConfig(kind="periodic", period=8, warmup_steps=0),
+        control=ControlView(period=8, warmup_steps=0),
     ).model_dump_json()
 
 
 def batch(first_step: int, sent_at: float, seq: int) -> str:
     """A numbered batch, as a worker link sends it (avgctl answers ``stored`` for it)."""
-    steps = [StepRecord(step=first_step + i, time=sent_at, step_time=0.02, drift=0.1, loss=2.0) for i in range(RECORDS_PER_BATCH)]
+    steps = [
+        StepRecord(step=first_step + i, time=sent_at, step_time=0.02, drift=0.1, loss=2.0)
+        for i in range(RECORDS_PER_BATCH)
+    ]
     return MetricsBatch(steps=steps, seq=seq).model_dump_json()
 
 
@@ -53,7 +62,9 @@ async def _dashboards(url: str, n: int, duration: float, ready, out) -> None:
 
     async def one() -> None:
         nonlocal messages, waiting
-        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"}, max_size=2**26) as ws:
+        async with websockets.connect(
+            url, additional_headers={"Authorization": f"Bearer {TOKEN}"}, max_size=2**26
+        ) as ws:
             json.loads(await ws.recv())  # the snapshot: parsed before the clock starts
             waiting -= 1
             if not waiting:
@@ -212,15 +223,33 @@ def server_dropped(base: str) -> int:
     return 0
 
 
-def run_load(tmp: Path, ranks: int = 64, rate: float = 10.0, seconds: float = 60.0, dashboards: int = 20,
-             env: dict[str, str] | None = None) -> LoadRun:
+def run_load(
+    tmp: Path,
+    ranks: int = 64,
+    rate: float = 10.0,
+    seconds: float = 60.0,
+    dashboards: int = 20,
+    env: dict[str, str] | None = None,
+) -> LoadRun:
     run = LoadRun(ranks, rate, seconds, dashboards)
     db = str(tmp / "load.db")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "avgctl.server.cli", "serve", "--port", str(port), "--db", db,
-         "--control-token", TOKEN, "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "avgctl.server.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--db",
+            db,
+            "--control-token",
+            TOKEN,
+            "--log-level",
+            "warning",
+        ],
         env={**os.environ, **(env or {})},
     )
     ctx = mp.get_context("spawn")

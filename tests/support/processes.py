@@ -16,7 +16,18 @@ from avgctl.server.cli.client import Client
 from tests.support import polling
 from tests.support.tokens import CONTROL, WORKER
 
-__all__ = ["CONTROL", "WORKER", "Api", "ServerProcess", "Workers", "descendants", "free_port", "rss_bytes", "stop_tree", "wait_for"]
+__all__ = [
+    "CONTROL",
+    "WORKER",
+    "Api",
+    "ServerProcess",
+    "Workers",
+    "descendants",
+    "free_port",
+    "rss_bytes",
+    "stop_tree",
+    "wait_for",
+]
 
 
 def free_port() -> int:
@@ -68,7 +79,9 @@ def stop_tree(proc: subprocess.Popen, grace: float = 20.0) -> None:
     proc.wait(10)
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
     """``tests.support.polling.wait_for`` with slower defaults: these are whole processes starting up."""
     return polling.wait_for(condition, timeout, interval, what)
 
@@ -89,7 +102,9 @@ class Api(Client):
     def wait_done(self, job: str, command: dict, timeout: float = 60.0) -> dict:
         path = f"/api/jobs/{job}/commands/{command['id']}"
         return wait_for(
-            lambda: (c := self.try_get(path)) and c["status"] != "pending" and c, timeout, what=f"command {command['id']}"
+            lambda: (c := self.try_get(path)) and c["status"] != "pending" and c,
+            timeout,
+            what=f"command {command['id']}",
         )
 
 
@@ -107,8 +122,22 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "avgctl.server.cli", "serve", "--port", str(self.port), "--db", str(self.db),
-             "--control-token", CONTROL, "--worker-token", WORKER, "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "avgctl.server.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--db",
+                str(self.db),
+                "--control-token",
+                CONTROL,
+                "--worker-token",
+                WORKER,
+                "--log-level",
+                "warning",
+            ],
             start_new_session=True,
         )
         wait_for(lambda: self.proc.poll() is not None or self.api.try_get("/api/health"), 30, what="server health")
@@ -134,12 +163,36 @@ class ServerProcess:
 class Workers:
     """``torchrun --standalone`` running the demo task against a server."""
 
-    def __init__(self, server: str, job_id: str, *args: str, nproc: int = 2, log: Path | None = None, module: str = "avgctl.worker.demo"):
+    def __init__(
+        self,
+        server: str,
+        job_id: str,
+        *args: str,
+        nproc: int = 2,
+        log: Path | None = None,
+        module: str = "avgctl.worker.demo",
+    ):
         self.log = open(log, "w") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-             "-m", module, "--server", server, "--job-id", job_id, "--quiet", *args],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(nproc),
+                "-m",
+                module,
+                "--server",
+                server,
+                "--job-id",
+                job_id,
+                "--quiet",
+                *args,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, "AVGCTL_TOKEN": WORKER, "OMP_NUM_THREADS": "1"},
         )
 

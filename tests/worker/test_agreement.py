@@ -20,7 +20,18 @@ pytestmark = pytest.mark.dist
 
 def _random_command(rng: random.Random, hierarchical: bool, world: int):
     kind = rng.choices(
-        ["period", "bad_period", "pause_avg", "resume_avg", "now", "pause_train", "resume_train", "hier", "bad_hier", "autotune"],
+        [
+            "period",
+            "bad_period",
+            "pause_avg",
+            "resume_avg",
+            "now",
+            "pause_train",
+            "resume_train",
+            "hier",
+            "bad_hier",
+            "autotune",
+        ],
         weights=[6, 1, 2, 2, 2, 1, 1, 3 if hierarchical else 1, 1, 1],
     )[0]
     if kind == "period":

@@ -72,7 +72,11 @@ def test_exchanges_happen_at_rounds_and_every_control_interval():
         (cs.periodic_state(4, 0), s.SetPeriod.model_construct(type="set_period", period=0), "positive integer"),
         (cs.periodic_state(4, 0), s.SetHierarchy(periods={"2": 2}), "hierarchical averager"),
         (cs.hierarchical_state((2, 8), (2, 4), 0), s.SetHierarchy(periods={"2": 2, "8": 4}), "exactly the group sizes"),
-        (cs.hierarchical_state((2, 8), (2, 4), 0), s.SetHierarchy(periods={"2": 4, "4": 4}), "grow with the group size"),
+        (
+            cs.hierarchical_state((2, 8), (2, 4), 0),
+            s.SetHierarchy(periods={"2": 4, "4": 4}),
+            "grow with the group size",
+        ),
         (cs.hierarchical_state((2, 8), (2, 4), 0), s.SetPeriod(period=2), "larger than the next level"),
         (cs.periodic_state(4, 0), s.SetAutotune(enabled=True), "does not carry out"),
     ],
@@ -104,7 +108,10 @@ def test_a_checkpointed_state_comes_back_equal_tuples_and_all():
 
 def test_the_hello_config_names_the_kind_and_group_sizes():
     assert cs.to_config(cs.periodic_state(4, 1)).model_dump() == {
-        "kind": "periodic", "period": 4, "warmup_steps": 1, "group_sizes": None,
+        "kind": "periodic",
+        "period": 4,
+        "warmup_steps": 1,
+        "group_sizes": None,
     }
     hierarchical = cs.to_config(cs.hierarchical_state((2, 8), (2, 4), 0))
     assert (hierarchical.kind, hierarchical.period, hierarchical.group_sizes) == ("hierarchical", 8, [2, 4])

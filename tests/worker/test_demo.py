@@ -14,9 +14,25 @@ pytestmark = pytest.mark.dist
 def test_demo_runs_under_torchrun_and_prints_the_round_table(tmp_path):
     result = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "avgctl.worker.demo", "--steps", "120", "--period", "4", "--result", str(result)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "avgctl.worker.demo",
+            "--steps",
+            "120",
+            "--period",
+            "4",
+            "--result",
+            str(result),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "div mean" in proc.stdout and "done: 120 steps, 30 averaging rounds" in proc.stdout
@@ -33,9 +49,24 @@ def test_demo_rejects_bad_arguments_with_exit_code_2():
 
 def _demo(tmp_path, *args):
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "avgctl.worker.demo", "--checkpoint", str(tmp_path / "ck"), "--checkpoint-every", "30", *args],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "avgctl.worker.demo",
+            "--checkpoint",
+            str(tmp_path / "ck"),
+            "--checkpoint-every",
+            "30",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -10,7 +10,7 @@ from avgctl.worker import divergence as dv
 
 
 def _direct(before: torch.Tensor, after: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm((before.double() - after.double())))
+    return float(torch.linalg.vector_norm(before.double() - after.double()))
 
 
 def test_exact_plan_equals_direct_norm_per_layer_and_total():

@@ -44,12 +44,16 @@ def test_metrics_and_commands_through_the_link(tmp_path):
             cmd = post(server, "/api/jobs/job-l/commands", {"type": "set_period", "period": 2}).json()
             wait_for(lambda: links[0]._arrived.is_set())
             averagers[0].train_step()
-            out = wait_for(lambda: (c := get(server, f"/api/jobs/job-l/commands/{cmd['id']}").json())["status"] != "pending" and c)
+            out = wait_for(
+                lambda: (c := get(server, f"/api/jobs/job-l/commands/{cmd['id']}").json())["status"] != "pending" and c
+            )
             assert out["status"] == "applied" and out["applied_step"] == 11
             bad = post(server, "/api/jobs/job-l/commands", {"type": "set_hierarchy", "periods": {"2": 2}}).json()
             wait_for(lambda: links[0]._arrived.is_set())
             averagers[0].train_step()
-            out = wait_for(lambda: (c := get(server, f"/api/jobs/job-l/commands/{bad['id']}").json())["status"] != "pending" and c)
+            out = wait_for(
+                lambda: (c := get(server, f"/api/jobs/job-l/commands/{bad['id']}").json())["status"] != "pending" and c
+            )
             assert out["status"] == "rejected" and out["reason"]
             job = get(server, "/api/jobs/job-l").json()
             assert job["control"]["period"] == 2 and job["status"] == "running"
@@ -80,8 +84,15 @@ def test_server_down_at_start_then_up(tmp_path):
     port = probe.port
     probe.stop()
     averager = FakeAverager(world_size=1)
-    link = connect(averager, server=f"http://127.0.0.1:{port}", job_id="job-l", token=WORKER,
-                   reconnect_delays=FAST, send_interval=0.05, max_records=1000)
+    link = connect(
+        averager,
+        server=f"http://127.0.0.1:{port}",
+        job_id="job-l",
+        token=WORKER,
+        reconnect_delays=FAST,
+        send_interval=0.05,
+        max_records=1000,
+    )
     try:
         started = time.perf_counter()
         for _ in range(3000):
@@ -122,7 +133,9 @@ def test_server_restart_keeps_history_and_redelivers_pending(tmp_path):
         assert get(server, f"/api/jobs/job-l/commands/{cmd['id']}").json()["status"] == "pending"
         wait_for(lambda: link.connected.is_set(), timeout=15)
         averager.train_step()  # applies the command once, though it was delivered twice
-        out = wait_for(lambda: (c := get(server, f"/api/jobs/job-l/commands/{cmd['id']}").json())["status"] == "applied" and c)
+        out = wait_for(
+            lambda: (c := get(server, f"/api/jobs/job-l/commands/{cmd['id']}").json())["status"] == "applied" and c
+        )
         assert out["applied_step"] == 6 and averager.state.version == 1
         assert wait_for(lambda: get(server, "/api/jobs/job-l").json()["control"]["averaging_paused"])
         wait_for(lambda: steps_stored(server) == [1, 2, 3, 4, 5, 6])

@@ -15,8 +15,17 @@ def _step(step: int, **scalars: float) -> StepRecord:
 
 def _round(step: int) -> RoundRecord:
     return RoundRecord(
-        step=step, group_size=2, divergence=0.1, relative_divergence=0.01, divergence_mean=0.1,
-        divergence_max=0.2, relative_mean=0.01, relative_max=0.02, seconds=0.001, bytes=64, exact=True,
+        step=step,
+        group_size=2,
+        divergence=0.1,
+        relative_divergence=0.01,
+        divergence_mean=0.1,
+        divergence_max=0.2,
+        relative_mean=0.01,
+        relative_max=0.02,
+        seconds=0.001,
+        bytes=64,
+        exact=True,
     )
 
 

@@ -17,7 +17,9 @@ def _pair_vs_all_reduce(rank, world):
     same = []
     for n, dtype in ((1, torch.float32), (22_050, torch.float32), (100_003, torch.float64), (4096, torch.bfloat16)):
         gen = torch.Generator().manual_seed(rank * 101 + n)
-        values = (torch.randn(n, generator=gen, dtype=torch.float64) * 10 ** torch.randint(-6, 6, (n,), generator=gen)).to(dtype)
+        values = (
+            torch.randn(n, generator=gen, dtype=torch.float64) * 10 ** torch.randint(-6, 6, (n,), generator=gen)
+        ).to(dtype)
         ours, ref = values.clone(), values.clone()
         PairAllReduce(group, ours)(ours)
         dist.all_reduce(ref)
