@@ -15,8 +15,10 @@ from avgctl.server.auth import AuthMiddleware, Tokens
 from avgctl.server.autopilot import Autopilot
 from avgctl.server.body_limit import BodyLimitMiddleware
 from avgctl.server.commands import CommandService
+from avgctl.server.errors import install as install_error_handlers
+from avgctl.server.headers import SecurityHeadersMiddleware
 from avgctl.server.hub import Hub
-from avgctl.server.pages import mount_pages
+from avgctl.server.pages import mount_docs, mount_pages
 from avgctl.server.routes import commands, health, jobs, limits, metrics, prometheus, ws
 from avgctl.server.settings import Settings, browsable_host
 from avgctl.server.store import Store
@@ -81,15 +83,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await ticker
             await asyncio.to_thread(store.close)
 
-    app = FastAPI(title="avgctl", version="0.1.0", lifespan=lifespan, docs_url="/docs")
+    # FastAPI's own /docs and /redoc load their scripts from a CDN: ours come from /vendor.
+    app = FastAPI(title="avgctl", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     for module in (health, jobs, commands, metrics, prometheus, limits, ws):
         app.include_router(module.router)
 
+    install_error_handlers(app)
+    mount_docs(app)
     mount_pages(app)
-    # Outermost first: auth before anything reads the body.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Each add_middleware wraps the ones before: headers outermost (refusals carry them too), then
+    # auth before anything reads the body.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, stall_seconds=settings.body_timeout)
     app.add_middleware(
-        AuthMiddleware, tokens=Tokens(settings.control_token, settings.read_token, settings.worker_token)
+        AuthMiddleware,
+        tokens=Tokens(settings.control_token, settings.read_token, settings.worker_token),
+        allowed_origins=settings.allowed_origins,
+        control_token_on_worker_socket=settings.control_token_on_worker_socket,
     )
+    app.add_middleware(SecurityHeadersMiddleware)
     return app

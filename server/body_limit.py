@@ -1,21 +1,27 @@
-"""Reject oversized request bodies before any handler parses them."""
+"""Reject oversized or stalled request bodies before any handler parses them."""
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodyLimitMiddleware:
-    """Answer 413 to an HTTP body over ``max_bytes``; smaller bodies are read once and replayed.
+    """Answer 413 to an HTTP body over ``max_bytes``, and 408 to one that stalls for
+    ``stall_seconds`` between two chunks; other bodies are read once and replayed.
 
     Our REST bodies are tiny commands, so buffering them is cheap, and a lying or missing
-    ``Content-Length`` cannot sneak a large body past the check.
+    ``Content-Length`` cannot sneak a large body past the check. A client that sends part of a body
+    and then nothing would otherwise hold its connection and its task for as long as it likes (the
+    request head has its own deadline: ``avgctl.server.timeouts``).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, stall_seconds: float | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.stall_seconds = stall_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -28,7 +34,11 @@ class BodyLimitMiddleware:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.stall_seconds)
+            except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
+                await _stalled(scope, receive, send, self.stall_seconds)
+                return
             if message["type"] != "http.request":  # client went away: let the app see it
                 break
             chunks.append(message.get("body", b""))
@@ -48,6 +58,12 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+async def _stalled(scope: Scope, receive: Receive, send: Send, seconds: float | None) -> None:
+    detail = f"request body stalled for more than {seconds:g} s"
+    response = JSONResponse({"detail": detail}, status_code=408, headers={"Connection": "close"})
+    await response(scope, receive, send)
 
 
 async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:

@@ -1,28 +1,43 @@
 """The dashboard's files: which paths are served, from which folder, and without a token.
 
 Only the page's own files are served (not web/'s package files, node_modules or Python files):
-one path segment each, so no path leads into a folder, plus uPlot's ``dist/`` under ``/vendor/uplot``.
+one path segment each, so no path leads into a folder, plus uPlot's ``dist/`` under ``/vendor/uplot``
+and the three Swagger UI files ``/docs`` needs under ``/vendor/swagger-ui`` (both from npm, in
+web/package.json): the server loads nothing from elsewhere and works offline. ``/docs`` itself
+describes the API, so it needs a token like the API (``/redoc`` is gone: it would need a CDN too).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 import avgctl.web
+from avgctl.server.headers import policy
 
 WEB_DIR = Path(avgctl.web.__file__).parent
 UPLOT_DIR = WEB_DIR / "node_modules" / "uplot" / "dist"
 UPLOT_PATH = "/vendor/uplot"
+SWAGGER_DIR = WEB_DIR / "node_modules" / "swagger-ui-dist"
+SWAGGER_PATH = "/vendor/swagger-ui"
+SWAGGER_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
+"""What ``/docs`` loads; pyproject's package-data lists the same files, so a wheel carries them."""
+DOCS_PATH = "/docs"
 WEB_FILE = r"[A-Za-z0-9_-]+\.(?:html|js|css)"
 UPLOT_FILE = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(?:js|css)"
-_PAGE_PATH = re.compile(rf"/(?:{WEB_FILE}|{UPLOT_PATH.lstrip('/')}/{UPLOT_FILE})?")
+SWAGGER_FILE = "|".join(re.escape(name) for name in SWAGGER_FILES)
+_PAGE_PATH = re.compile(
+    rf"/(?:{WEB_FILE}|{UPLOT_PATH.lstrip('/')}/{UPLOT_FILE}|{SWAGGER_PATH.lstrip('/')}/(?:{SWAGGER_FILE}))?"
+)
 
 _PLACEHOLDER = """<!doctype html><meta charset="utf-8"><title>avgctl</title>
 <h1>avgctl</h1><p>The dashboard is not installed. The API is at <a href="/docs">/docs</a>.</p>"""
@@ -59,4 +74,26 @@ def mount_pages(app: FastAPI) -> None:
         return FileResponse(page) if page.is_file() else HTMLResponse(_PLACEHOLDER)
 
     app.mount(UPLOT_PATH, PageFiles(UPLOT_DIR, UPLOT_FILE), name="uplot")
+    app.mount(SWAGGER_PATH, PageFiles(SWAGGER_DIR, SWAGGER_FILE), name="swagger-ui")
     app.mount("/", PageFiles(WEB_DIR, WEB_FILE), name="web")
+
+
+def mount_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from ``/vendor/swagger-ui``; create the app with ``docs_url=None`` and
+    ``redoc_url=None`` (FastAPI's own pages load it from a CDN). Its one inline script, which starts
+    Swagger UI, is allowed by its hash, so the page's policy stays as strict as the dashboard's."""
+    page = get_swagger_ui_html(
+        openapi_url=app.openapi_url,
+        title=f"{app.title} API",
+        swagger_js_url=f"{SWAGGER_PATH}/swagger-ui-bundle.js",
+        swagger_css_url=f"{SWAGGER_PATH}/swagger-ui.css",
+        swagger_favicon_url=f"{SWAGGER_PATH}/favicon-32x32.png",
+        swagger_ui_parameters={"validatorUrl": None},  # else a badge image from validator.swagger.io
+    ).body
+    inline = re.findall(rb"<script>(.*?)</script>", page, flags=re.DOTALL)
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'" for s in inline)
+    headers = {"Content-Security-Policy": policy(f"'self' {hashes}")}
+
+    @app.get(DOCS_PATH, include_in_schema=False)
+    def docs() -> Response:
+        return HTMLResponse(page, headers=headers)

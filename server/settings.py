@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import json
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -23,6 +27,28 @@ class Settings(BaseSettings):
     """May read: GET endpoints, /metrics, the dashboard and its websocket."""
     worker_token: str | None = None
     """May only send metrics on /ws/worker."""
+    control_token_file: Path | None = None
+    """File holding the control token (one line), so the token shows in neither ``ps`` nor the
+    environment; set it or ``control_token``, not both."""
+    read_token_file: Path | None = None
+    """File holding the read token (as ``control_token_file``)."""
+    worker_token_file: Path | None = None
+    """File holding the worker token (as ``control_token_file``)."""
+    control_token_on_worker_socket: bool = False
+    """Accept the control token on /ws/worker although a worker token is set. Without a worker token
+    the control token always serves workers too (the one-token setup)."""
+    allowed_origins: Annotated[list[str], NoDecode] = []
+    """Browser origins besides the server's own (``https://dash.example.org``) whose pages may use
+    the login cookie and the dashboard's websocket: comma-separated, or a JSON list."""
+    header_timeout: float = Field(default=10.0, gt=0, le=3600)
+    """Seconds a connection has to send a whole request head (from its start, and again after each
+    response on a kept-alive connection); then it is answered 408 and closed."""
+    body_timeout: float = Field(default=30.0, gt=0, le=3600)
+    """Seconds a request body may stall between two of its chunks; then it is answered 408."""
+    forwarded_allow_ips: str | None = None
+    """Comma-separated addresses of the TLS proxies whose ``X-Forwarded-Proto``/``-For`` are
+    believed (uvicorn's setting; ``*`` for any). Unset: uvicorn's ``FORWARDED_ALLOW_IPS``, else
+    loopback. Through them the server knows a browser came over https (Secure cookie, own origin)."""
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     """Largest REST request body accepted (413 above)."""
     max_frame_bytes: int = Field(default=1024 * 1024, ge=1024)
@@ -46,6 +72,42 @@ class Settings(BaseSettings):
     snapshot_records: int = Field(default=20_000, ge=100)
     """Step (and round) records in a dashboard snapshot, over all ranks: the recent half at full
     resolution, older history downsampled."""
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part for part in (p.strip() for p in text.split(",")) if part]
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins_are_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            scheme, sep, rest = origin.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or "/" in rest.rstrip("/"):
+                raise ValueError(f"allowed origin {origin!r} is not scheme://host[:port]")
+        return value
+
+    @model_validator(mode="after")
+    def _tokens_from_files(self) -> Settings:
+        for role in ("control", "read", "worker"):
+            path = getattr(self, f"{role}_token_file")
+            if path is None:
+                continue
+            if getattr(self, f"{role}_token"):
+                raise ValueError(f"give {role}_token or {role}_token_file, not both")
+            try:
+                token = Path(path).read_text().strip()
+            except OSError as err:
+                raise ValueError(f"cannot read {role}_token_file {path}: {err.strerror}") from None
+            if not token:
+                raise ValueError(f"{role}_token_file {path} is empty")
+            setattr(self, f"{role}_token", token)
+        return self
 
 
 def browsable_host(host: str) -> str:

@@ -72,9 +72,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return run_demo(launch)
 
 
-def serve_args(launch: DemoLaunch, control_token: str, worker_token: str) -> list[str]:
-    """``avgctl serve`` arguments for the demo's server. Tokens go as ``--flag=value``: a generated
-    token may start with ``-``, which argparse would take for an option."""
+def serve_args(launch: DemoLaunch) -> list[str]:
+    """``avgctl serve`` arguments for the demo's server. No tokens: any user may read a process's
+    arguments (``ps``), so they go in the environment (``serve_env``)."""
     return [
         "serve",
         "--host",
@@ -83,11 +83,23 @@ def serve_args(launch: DemoLaunch, control_token: str, worker_token: str) -> lis
         str(launch.port),
         "--db",
         str(launch.db),
-        f"--control-token={control_token}",
-        f"--worker-token={worker_token}",
         "--log-level",
         "warning",
     ]
+
+
+def serve_env(control_token: str, worker_token: str) -> dict[str, str]:
+    """The demo server's environment: this one, with the demo's own tokens (and no token files or
+    read token from the caller's environment, which would clash with or add to them)."""
+    env_prefix = Settings.model_config["env_prefix"]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not (k.startswith(env_prefix) and k.removeprefix(env_prefix).lower().endswith(("_token", "_token_file")))
+    }
+    env[f"{env_prefix}CONTROL_TOKEN"] = control_token
+    env[f"{env_prefix}WORKER_TOKEN"] = worker_token
+    return env
 
 
 def _spawn(argv: list[str], **kwargs) -> subprocess.Popen:
@@ -177,7 +189,9 @@ def run_demo(launch: DemoLaunch) -> int:
     server = workers = None
     code = 0
     try:
-        server = _spawn([sys.executable, "-m", "avgctl.server.cli", *serve_args(launch, control_token, worker_token)])
+        server = _spawn(
+            [sys.executable, "-m", "avgctl.server.cli", *serve_args(launch)], env=serve_env(control_token, worker_token)
+        )
         _wait_healthy(client, server)
         print(f"avgctl demo: dashboard  {base}/?token={control_token}", flush=True)
         print(

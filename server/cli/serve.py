@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 
 from avgctl.protocol.flags import argument_options, flag_name
 from avgctl.server.cli.exits import EXIT_OK, EXIT_USAGE, CliError
@@ -17,7 +19,17 @@ SETTINGS_FLAGS = {
     "control_token": "token with every right",
     "read_token": "token that may only read",
     "worker_token": "token that may only send metrics",
+    "control_token_file": "file holding the control token (keeps it out of ps)",
+    "read_token_file": "file holding the read token",
+    "worker_token_file": "file holding the worker token",
+    "control_token_on_worker_socket": "accept the control token on /ws/worker when a worker token is set",
+    "allowed_origins": "comma-separated browser origins besides the server's own that may use the dashboard",
+    "header_timeout": "seconds a client has to send a request head",
+    "body_timeout": "seconds a request body may stall",
+    "forwarded_allow_ips": "comma-separated addresses of TLS proxies whose X-Forwarded-* headers are trusted",
 }
+# Flags whose field type argparse cannot take as such: Settings parses the text.
+FLAG_OPTIONS = {"allowed_origins": {"type": str, "metavar": "ORIGINS"}}
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
 
@@ -27,9 +39,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     for name, text in SETTINGS_FLAGS.items():
         field = Settings.model_fields[name]
         env = f"env {env_prefix}{name.upper()}"
-        shown = env if field.default is None else f"default {field.default}, {env}"
+        unset = field.default is None or field.default is False or field.default == []
+        shown = env if unset else f"default {field.default}, {env}"
         # No argparse default: a flag not given leaves the environment, then Settings, in charge.
-        p.add_argument(flag_name(name), help=f"{text} ({shown})", **argument_options(field.annotation))
+        options = FLAG_OPTIONS.get(name) or argument_options(field.annotation)
+        p.add_argument(flag_name(name), help=f"{text} ({shown})", default=None, **options)
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="uvicorn's log level (default info)")
     p.set_defaults(func=run_serve)
 
@@ -51,18 +65,55 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = serve_settings(args)
     except ValidationError as err:
         raise CliError(f"bad setting: {err.errors(include_url=False)[0]['msg']}", EXIT_USAGE) from None
+    from avgctl.server.timeouts import head_deadline_protocol
+
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        # uvicorn's own protocol with a deadline on each request head (it has none).
+        http=head_deadline_protocol(settings.header_timeout),
         ws_max_size=settings.max_frame_bytes,
         # No permessage-deflate: compression contexts are per connection, so every dashboard would
         # compress the same frame again and the server would inflate every rank's frames; on
         # loopback or a LAN that costs the one core ingest runs on more than it saves.
         ws_per_message_deflate=False,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         log_level=args.log_level,
     )
+    install_token_redaction()  # after Config: it configures uvicorn's loggers
     tune_garbage_collector()  # last: what was built so far lives as long as the process
     uvicorn.Server(config).run()
     return EXIT_OK
+
+
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s\"]*")
+
+
+def redact_tokens(text: str) -> str:
+    """``text`` with the value of every ``token=`` query parameter replaced by ``REDACTED``."""
+    return _TOKEN_IN_QUERY.sub(r"\1REDACTED", text)
+
+
+class TokenRedaction(logging.Filter):
+    """Redact ``?token=`` values from uvicorn's log lines: the access log prints each request's
+    query (``GET /?token=...``, ``WebSocket /ws/jobs/x?token=...``), and a log file is read by more
+    people than the tokens are meant for. The record keeps its arguments' shape, which uvicorn's
+    access formatter unpacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact_tokens(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_tokens(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def install_token_redaction() -> None:
+    """Add ``TokenRedaction`` to the loggers uvicorn logs requests on (a filter on a logger sees the
+    records logged to that logger itself)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, TokenRedaction) for f in logger.filters):
+            logger.addFilter(TokenRedaction())

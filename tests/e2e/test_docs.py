@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import CONTROL, ServerProcess, Workers, wait_for
+from tests.support.processes import CONTROL, WORKER, ServerProcess, Workers, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -99,7 +99,7 @@ def test_doc_examples_run_under_torchrun_and_stream_to_a_server(tmp_path):
     env = {
         **os.environ,
         "AVGCTL_SERVER": server.base,
-        "AVGCTL_TOKEN": CONTROL,
+        "AVGCTL_TOKEN": WORKER,  # the examples' ranks are workers: /ws/worker takes the worker token
         "OMP_NUM_THREADS": "1",
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
     }

@@ -42,12 +42,12 @@ MATRIX: dict[tuple[str, str], tuple[str, dict[str, int | str]]] = {
     ("GET", "/metrics"): ("/metrics", GET),
     ("GET", "/openapi.json"): ("/openapi.json", GET),
     ("GET", "/docs"): ("/docs", GET),
-    ("GET", "/docs/oauth2-redirect"): ("/docs/oauth2-redirect", GET),
-    ("GET", "/redoc"): ("/redoc", GET),
     ("GET", "/"): ("/", PUBLIC),
     ("MOUNT", "/vendor/uplot"): ("/vendor/uplot/uPlot.esm.js", PUBLIC),
+    ("MOUNT", "/vendor/swagger-ui"): ("/vendor/swagger-ui/swagger-ui-bundle.js", PUBLIC),
     ("MOUNT", ""): ("/app.js", PUBLIC),
-    ("WS", "/ws/worker"): ("/ws/worker", {"none": 401, "read": 403, "worker": "ok", "control": "ok"}),
+    # The control token serves workers only where no worker token is configured (not here).
+    ("WS", "/ws/worker"): ("/ws/worker", {"none": 401, "read": 403, "worker": "ok", "control": 403}),
     ("WS", "/ws/jobs/{job_id}"): (f"/ws/jobs/{JOB}", {"none": 401, "read": "ok", "worker": 403, "control": "ok"}),
 }
 

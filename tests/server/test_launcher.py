@@ -8,7 +8,8 @@ import io
 import pytest
 
 from avgctl.server.cli import build_parser
-from avgctl.server.cli.demo import DemoLaunch, ProgressBar, serve_args
+from avgctl.server.cli.demo import DemoLaunch, ProgressBar, serve_args, serve_env
+from avgctl.server.cli.serve import serve_settings
 from avgctl.server.settings import browsable_host
 
 
@@ -33,11 +34,14 @@ def test_a_missing_job_prints_nothing():
     assert out.getvalue() == ""
 
 
-def test_generated_tokens_that_start_with_a_dash_reach_the_server_intact():
-    # secrets.token_urlsafe() starts with "-" one time in 64; as a separate argument argparse
-    # would take it for an option and the demo's server would exit with a usage error.
-    args = build_parser().parse_args(serve_args(DemoLaunch(), "-ctl_token", "--wrk"))
-    assert (args.control_token, args.worker_token) == ("-ctl_token", "--wrk")
+def test_generated_tokens_that_start_with_a_dash_reach_the_server_intact(monkeypatch):
+    # secrets.token_urlsafe() starts with "-" one time in 64; the demo hands its tokens to the
+    # server in the environment (not argv, which ps shows), where a dash means nothing.
+    env = serve_env("-ctl_token", "--wrk")
+    for name in ("AVGCTL_CONTROL_TOKEN", "AVGCTL_WORKER_TOKEN"):
+        monkeypatch.setenv(name, env[name])
+    settings = serve_settings(build_parser().parse_args(serve_args(DemoLaunch())))
+    assert (settings.control_token, settings.worker_token) == ("-ctl_token", "--wrk")
 
 
 @pytest.mark.parametrize(
