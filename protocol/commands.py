@@ -14,9 +14,12 @@ from avgctl.protocol.bounds import MAX_HIERARCHY_LEVELS, Period
 
 
 class Message(BaseModel):
-    """Every protocol message refuses unknown fields."""
+    """Every protocol message refuses unknown fields, and writes a non-finite float as the JSON
+    string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``: a diverged run's figures are data, sent,
+    stored and shown as they are (``null`` would be refused where a figure is required, and a bare
+    ``NaN`` token is not JSON). Float fields read those strings back (pydantic's lax mode)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
 
 
 class SetPeriod(Message):
@@ -76,11 +79,12 @@ class SetHierarchy(Message):
 
 
 class SetAutotune(Message):
-    """Switch the server's autopilot; ``target_divergence`` None means calibrate it."""
+    """Switch the server's autopilot; ``target_divergence`` None means calibrate it (else a finite
+    number in (0, 1e6]: NaN, ``Infinity`` and ``1e999`` are refused with a 422)."""
 
     type: Literal["set_autotune"] = "set_autotune"
     enabled: bool
-    target_divergence: float | None = Field(default=None, gt=0, le=1e6)
+    target_divergence: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False)
 
 
 _WORKER_COMMANDS = (SetPeriod, PauseAveraging, ResumeAveraging, PauseTraining, ResumeTraining, AverageNow, SetHierarchy)

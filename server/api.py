@@ -14,8 +14,13 @@ from avgctl.protocol import AveragerConfig, ControlEvent, ControlView, RoundReco
 CommandStatus = Literal["pending", "applied", "rejected"]
 
 
+# Non-finite figures are data: written as the strings "NaN", "Infinity", "-Infinity" (as the
+# protocol's), so every answer is valid JSON and reads back into the same model.
+_FIGURES = ConfigDict(ser_json_inf_nan="strings")
+
+
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **_FIGURES)
 
 
 def _unset(value: object) -> bool:
@@ -94,6 +99,8 @@ class RankOut(BaseModel):
 
 class JobOut(BaseModel):
     """A job in the list: its live control state, with the server's autopilot settings."""
+
+    model_config = _FIGURES
 
     id: str
     world_size: int

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -28,7 +27,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
-from avgctl.server.records import EncodedBatch
+from avgctl.server.records import EncodedBatch, json_text
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +186,7 @@ class Hub:
         clients = self._clients.get(job_id)
         if not clients:
             return
-        text = json.dumps(message)
+        text = json_text(message)  # a job's non-finite divergence as a string: the page must parse it
         for client in clients:
             client.put(text, droppable=False)
 

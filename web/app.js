@@ -10,7 +10,9 @@
 //       #pause-training, #resume-training, #average-now, #hierarchy-controls,
 //       #hierarchy-input-<group size>, #set-hierarchy, #hierarchy-error, #autopilot-state,
 //       #autopilot-target, #autopilot-on, #autopilot-off, #autopilot-error, #command-error
-//   charts (data-points = drawn values, data-series, data-markers on #chart-period):
+//   #nonfinite-banner      which figures were NaN or infinite, on which ranks, since which step
+//   charts (data-points = drawn values, data-series, data-markers on #chart-period,
+//       data-non-finite = steps whose figure was NaN or infinite, drawn as red marks):
 //       #chart-loss, #chart-divergence (+ #divergence-relative), #chart-drift, #chart-period,
 //       #chart-throughput
 //   #rank-table (rows tr[data-rank]), #command-log (rows tr[data-command-id][data-status])

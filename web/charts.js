@@ -2,11 +2,14 @@
 // data [xs, ys1, ys2, ...], a sliding window of steps, setData at most a few times a second.
 
 import uPlot from '/vendor/uplot/uPlot.esm.js';
+import { nonFinite, spell } from './figures.js';
 
 export const WINDOW_STEPS = 2000; // the sliding window: the latest N steps
 const MAX_POINTS = 500; // x positions per chart after downsampling
 const REDRAW_MS = 250; // at most four redraws a second per chart (fewer if drawing is slow)
 const HEIGHT = 240;
+const NON_FINITE_COLOR = '#b3261e';
+const NON_FINITE_LABEL_GAP_PX = 48; // a label per run of marks at least this far from the last one
 
 /** Distinct, stable colours for up to hundreds of ranks (golden-angle hues). */
 export const rankColor = (rank, alpha = 1) => `hsl(${(rank * 137.508) % 360} 70% 42% / ${alpha})`;
@@ -44,6 +47,9 @@ export class LiveChart {
   constructor(el, { axes = [{ label: '' }], scales = {}, markers = null, legendMax = 16, minBucket = 1 } = {}) {
     Object.assign(this, { el, axes, scales, markers, legendMax, minBucket });
     this.series = new Map();
+    // Steps where a series' figure was NaN or infinite (step -> "NaN" | "+Inf" | "-Inf"): no point
+    // can show them (uPlot would lose its scale), so each is a gap marked on the plot.
+    this.nonFinite = new Map();
     this.maxX = -Infinity;
     this.w = minBucket; // steps per bucket
     this.refoldNeeded = false;
@@ -82,12 +88,17 @@ export class LiveChart {
     }
     const a = s.reduce.num(rec);
     const b = s.reduce.den(rec);
-    if (!finite(a) || !finite(b)) return;
+    if (!finite(a) || !finite(b)) {
+      const bad = nonFinite(a) ? a : b;
+      if (nonFinite(bad) && !this.nonFinite.has(x)) this.nonFinite.set(x, spell(bad));
+      return;
+    }
     const cell = s.agg.get(k);
     if (cell) { cell[0] += a; cell[1] += b; } else s.agg.set(k, [a, b]);
   }
 
   refold() {
+    this.nonFinite.clear();
     for (const s of this.series.values()) {
       s.agg.clear();
       s.heldK = -Infinity;
@@ -102,6 +113,7 @@ export class LiveChart {
 
   clear() {
     for (const s of this.series.values()) Object.assign(s, { xs: [], recs: [], agg: new Map(), held: null, heldK: -Infinity });
+    this.nonFinite.clear();
     this.maxX = -Infinity;
     this.invalidate();
   }
@@ -140,6 +152,7 @@ export class LiveChart {
     const w = Math.max(this.minBucket, Math.ceil((hi - lo + 1) / MAX_POINTS));
     const all = [...this.series.values()].sort((a, b) => (a.z ?? 0) - (b.z ?? 0));
     for (const s of all) trim(s, lo);
+    for (const x of this.nonFinite.keys()) if (x < lo) this.nonFinite.delete(x);
     if (w !== this.w || this.refoldNeeded) {
       this.w = w;
       this.refoldNeeded = false;
@@ -180,6 +193,7 @@ export class LiveChart {
     if (!this.plot || shape !== this.shape) this.build(all, data, shape);
     else this.plot.setData(data);
     this.el.dataset.points = String(points);
+    this.el.dataset.nonFinite = String(this.nonFinite.size);
     this.el.dataset.series = String(all.length);
     // What each series shows, in one number per series (its median point), for scripts and tests.
     this.el.dataset.medians = JSON.stringify(Object.fromEntries(all.map((s, i) => [s.label, median(data[i + 1])])));
@@ -204,7 +218,7 @@ export class LiveChart {
       }))],
       legend: { show: all.length <= this.legendMax },
       cursor: { sync: { key: 'avgctl-steps' } },
-      hooks: { draw: [(u) => this.drawMarkers(u)] },
+      hooks: { draw: [(u) => this.drawMarkers(u), (u) => this.drawNonFinite(u)] },
     };
     this.plot = new uPlot(opts, data, this.el);
   }
@@ -232,6 +246,33 @@ export class LiveChart {
       ctx.lineTo(px, top + height);
       ctx.stroke();
       ctx.fillText(m.label, px + 3 * r, top + 12 * r * (1 + (i % 3))); // staggered: marks can be close
+    }
+    ctx.restore();
+  }
+
+  /** Each step with a non-finite figure as a thin red line over the plot (a run of them: a band),
+   * labelled "NaN" / "+Inf" / "-Inf" where a run starts. */
+  drawNonFinite(u) {
+    if (!this.nonFinite.size) return;
+    const { ctx } = u;
+    const { left, top, width, height } = u.bbox;
+    const r = devicePixelRatio || 1;
+    ctx.save();
+    ctx.beginPath();
+    ctx.rect(left, top, width, height);
+    ctx.clip();
+    ctx.font = `${11 * r}px system-ui, sans-serif`;
+    let lastLabel = -Infinity;
+    for (const [x, label] of [...this.nonFinite].sort((p, q) => p[0] - q[0])) {
+      if (x < u.scales.x.min || x > u.scales.x.max) continue;
+      const px = Math.round(u.valToPos(x, 'x', true));
+      ctx.fillStyle = 'rgba(179, 38, 30, 0.18)';
+      ctx.fillRect(px - r, top, 2 * r, height);
+      if (px - lastLabel >= NON_FINITE_LABEL_GAP_PX * r) {
+        ctx.fillStyle = NON_FINITE_COLOR;
+        ctx.fillText(label, px + 3 * r, top + height - 6 * r);
+        lastLabel = px;
+      }
     }
     ctx.restore();
   }

@@ -1,5 +1,7 @@
 // Small formatting helpers shared by the job list and the job page.
 
+import { nonFinite, spell } from './figures.js';
+
 /** Time since `t` (unix seconds, as the server sends every time) as "3 s ago"; "" when unknown. */
 export function ago(t) {
   if (typeof t !== 'number') return '';
@@ -10,8 +12,10 @@ export function ago(t) {
   return `${(s / 3600).toFixed(1)} h ago`;
 }
 
-/** A number for a table cell: integers as they are, others to `digits` significant digits. */
+/** A number for a table cell: integers as they are, others to `digits` significant digits, a
+ * non-finite figure as "NaN", "+Inf" or "-Inf" (data, not a blank). */
 export function num(x, digits = 4) {
+  if (nonFinite(x)) return spell(x);
   if (x === null || x === undefined || !Number.isFinite(Number(x))) return '';
   const v = Number(x);
   return Number.isInteger(v) ? String(v) : v.toPrecision(digits);

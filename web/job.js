@@ -4,6 +4,7 @@ import { getJob } from './rest.js';
 import { LiveChart, latest, mean, rankColor, ratio } from './charts.js';
 import { Controls } from './controls.js';
 import { $, el } from './dom.js';
+import { nonFinite } from './figures.js';
 import { ago, num } from './format.js';
 import { JobStream } from './stream.js';
 
@@ -150,6 +151,56 @@ class SnapshotOverlap {
   }
 }
 
+const STEP_FIGURES = ['loss', 'drift', 'step_time'];
+const ROUND_FIGURES = ['divergence', 'relative_divergence', 'divergence_mean', 'divergence_max', 'relative_mean', 'relative_max', 'seconds'];
+const MAX_BANNER_RANKS = 8;
+
+/**
+ * Which figures were NaN or infinite, on which ranks, from which step: what a person needs to see
+ * first when a run diverges (the charts can only leave gaps there). Rendered as the banner
+ * #nonfinite-banner, one line per group of figures with the same ranks and first step.
+ */
+class NonFiniteFigures {
+  constructor() {
+    this.figures = new Map(); // name -> {ranks: Set, first: step}
+  }
+
+  clear() {
+    this.figures.clear();
+  }
+
+  /** Note the non-finite ones among `names` of `rec` (and its scalars) for `rank`. */
+  note(rank, rec, names) {
+    for (const name of names) if (nonFinite(rec[name])) this.add(name, rank, rec.step);
+    for (const [name, v] of Object.entries(rec.scalars || {})) if (nonFinite(v)) this.add(name, rank, rec.step);
+  }
+
+  add(name, rank, step) {
+    const f = this.figures.get(name);
+    if (!f) this.figures.set(name, { ranks: new Set([rank]), first: step });
+    else {
+      f.ranks.add(rank);
+      if (step < f.first) f.first = step;
+    }
+  }
+
+  /** "divergence and divergence_mean are not finite on ranks 0, 1 since step 7", one per group. */
+  lines() {
+    const groups = new Map();
+    for (const [name, f] of this.figures) {
+      const ranks = [...f.ranks].sort((a, b) => a - b);
+      const key = `${ranks.join(',')}@${f.first}`;
+      if (!groups.has(key)) groups.set(key, { names: [], ranks, first: f.first });
+      groups.get(key).names.push(name);
+    }
+    return [...groups.values()].sort((a, b) => a.first - b.first).map(({ names, ranks, first }) => {
+      const who = names.length > 1 ? `${names.slice(0, -1).join(', ')} and ${names.at(-1)} are` : `${names[0]} is`;
+      const shown = ranks.slice(0, MAX_BANNER_RANKS).join(', ') + (ranks.length > MAX_BANNER_RANKS ? `, … (${ranks.length} ranks)` : '');
+      return `${who} not finite on rank${ranks.length > 1 ? 's' : ''} ${shown} since step ${first}`;
+    });
+  }
+}
+
 /** The summary of `job` (dd ids: job-<key>, see app.js); `step`: the latest step seen. */
 function renderSummary(job, step) {
   const c = job.control || {};
@@ -194,6 +245,10 @@ class JobPage {
     this.job = null;
     this.rankSteps = new Map(); // rank -> latest step seen in metrics (job messages may lag)
     this.overlap = new SnapshotOverlap();
+    this.notFinite = new NonFiniteFigures();
+    this.banner = el('div', { id: 'nonfinite-banner', className: 'banner-warn', hidden: true });
+    this.banner.setAttribute('role', 'status');
+    $('#job-summary').before(this.banner);
     this.renderTimer = null;
     this.controls = new Controls(jobId, { limits, showError, onApplied: () => this.charts.period.invalidate() });
     this.relativeBox = $('#divergence-relative');
@@ -223,6 +278,7 @@ class JobPage {
     this.relativeBox.onchange = null;
     this.controls.destroy();
     this.charts.destroy();
+    this.banner.remove();
     $('#job-summary').replaceChildren();
     $('#rank-table tbody').replaceChildren();
   }
@@ -238,6 +294,7 @@ class JobPage {
   onSnapshot(msg) {
     this.charts.clear();
     this.rankSteps.clear();
+    this.notFinite.clear();
     this.job = null;
     this.setJob(msg.job);
     for (let r = 0; r < Math.min(this.job?.world_size ?? 0, MAX_RANK_SERIES); r++) this.charts.addRank(r);
@@ -251,25 +308,38 @@ class JobPage {
       this.charts.addControl({ step: first, control: this.job.control });
     }
     for (const s of steps) this.addStep(s.rank, s);
-    for (const r of rounds) this.charts.addRound(r.rank, r);
+    for (const r of rounds) this.addRound(r.rank, r);
     this.overlap.reset('steps', steps);
     this.overlap.reset('rounds', rounds);
     for (const ev of events) this.charts.addControl(ev);
     this.controls.reset(msg.commands || []);
+    this.renderBanner();
   }
 
   // One frame per job per server tick (`DashboardMetrics`): every rank's records since the last one.
   onMetricsBatch(msg) {
     for (const { rank, steps, step_weight: weight, rounds, control } of msg.items) {
       for (const s of steps) if (this.overlap.isNew('steps', rank, s.step)) this.addStep(rank, s, weight);
-      for (const r of rounds) if (this.overlap.isNew('rounds', rank, r.step)) this.charts.addRound(rank, r);
+      for (const r of rounds) if (this.overlap.isNew('rounds', rank, r.step)) this.addRound(rank, r);
       for (const ev of control) this.charts.addControl(ev);
     }
     this.renderSoon();
   }
 
   addStep(rank, s, weight = 1) {
+    this.notFinite.note(rank, s, STEP_FIGURES);
     if (this.charts.addStep(rank, s, weight)) keepLatest(this.rankSteps, rank, s.step);
+  }
+
+  addRound(rank, r) {
+    this.notFinite.note(rank, r, ROUND_FIGURES);
+    this.charts.addRound(rank, r);
+  }
+
+  renderBanner() {
+    const lines = this.notFinite.lines();
+    this.banner.replaceChildren(...lines.map((line) => el('div', { textContent: line })));
+    this.banner.hidden = !lines.length;
   }
 
   setJob(next) {
@@ -301,6 +371,7 @@ class JobPage {
     const seen = Math.max(-1, ...this.rankSteps.values());
     renderSummary(this.job, Math.max(this.job.step ?? 0, seen));
     renderRankTable(this.job.ranks || [], this.rankSteps);
+    this.renderBanner();
   }
 }
 

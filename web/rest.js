@@ -1,6 +1,8 @@
 // The REST client: the only way the dashboard acts on a job. Same-origin fetches carry the
 // HttpOnly `avgctl_token` cookie the server set when the user opened /?token=...
 
+import { parseJson } from './figures.js';
+
 /** A non-2xx answer (status 0: the server could not be reached). */
 export class ApiError extends Error {
   constructor(status, message, body = null) {
@@ -36,7 +38,7 @@ export async function api(path, { method = 'GET', body } = {}) {
   }
   const text = await res.text();
   let data = text;
-  try { data = text ? JSON.parse(text) : null; } catch { /* keep the text */ }
+  try { data = text ? parseJson(text) : null; } catch { /* keep the text */ }
   if (!res.ok) {
     const err = new ApiError(res.status, reasonOf(data, `${res.status} ${res.statusText}`), data);
     if (res.status === 401) err.message = AUTH_MESSAGE;

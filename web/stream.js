@@ -1,6 +1,8 @@
 // One websocket per job page: /ws/jobs/{job_id}. The server sends a snapshot on every (re)connect,
 // then live messages; on a drop we reconnect with capped exponential backoff and jitter.
 
+import { parseJson } from './figures.js';
+
 const MIN_DELAY_MS = 250;
 const MAX_DELAY_MS = 5000;
 
@@ -32,7 +34,7 @@ export class JobStream {
     };
     ws.onmessage = (ev) => {
       let msg;
-      try { msg = JSON.parse(ev.data); } catch { return; }
+      try { msg = parseJson(ev.data); } catch { return; }
       if (msg && typeof msg === 'object') this.onMessage(msg);
     };
     ws.onclose = (ev) => {
