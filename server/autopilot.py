@@ -12,6 +12,11 @@ What it shows lives in the job's ``control.autotune``: the person's settings (``
 ``calibrated_target``, ``last_proposal``, ``note``), written when its state changes, when it acts,
 and otherwise at most every ``status_interval`` seconds; absent until it has seen a round since the
 switch (or was suspended).
+
+An error in the rule or in this bookkeeping never reaches ingest or the command path: it is caught
+per job, logged once, counted (``errors``, Prometheus' ``avgctl_autopilot_errors_total``), and the
+autopilot suspends itself for that job (state ``suspended``, note ``autopilot error: ...``) until
+``set_autotune`` switches it on again.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class _Job:
     proposal: autotune.Proposal | None = None
     published: tuple | None = None  # what the last status write said (mode, targets, note)
     published_at: float = 0.0
+    failed: bool = False  # the autopilot erred on this job: it stays out until switched on again
 
 
 class Autopilot:
@@ -67,6 +73,8 @@ class Autopilot:
         self.config = config if config is not None else autotune.AutotuneConfig()
         self.status_interval = status_interval
         self.jobs: dict[str, _Job] = {}
+        self.errors: dict[str, int] = {}
+        """Errors caught per job since the server started (each suspended the autopilot there)."""
         self._tasks: set[asyncio.Task] = set()
         commands.add_observer(self)
 
@@ -76,7 +84,11 @@ class Autopilot:
         """A rank connected: learn the job (its settings and pending commands, once) and its period."""
         job = self.jobs.get(hello.job_id)
         if job is None:
-            job = await asyncio.to_thread(self._load, hello.job_id)
+            try:
+                job = await asyncio.to_thread(self._load, hello.job_id)
+            except Exception:  # the rank's connection goes on; the autopilot sits this job out
+                log.exception("autopilot: loading job %s failed", hello.job_id)
+                return
             job = self.jobs.setdefault(hello.job_id, job)
         job.world_size = hello.world_size
         if hello.rank == 0:
@@ -84,10 +96,16 @@ class Autopilot:
             job.hierarchical = hello.config.kind != "periodic"
 
     def on_metrics(self, job_id: str, rank: int, batch: Received) -> None:
-        """Fold a metric batch into the job's controller; cheap arithmetic, never waits."""
+        """Fold a metric batch into the job's controller; cheap arithmetic, never waits, never raises."""
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None or job.failed:
             return
+        try:
+            self._fold(job_id, job, rank, batch)
+        except Exception as err:  # the batch is ingest's: it is stored whatever the autopilot makes of it
+            self._fail(job_id, job, err)
+
+    def _fold(self, job_id: str, job: _Job, rank: int, batch: Received) -> None:
         if rank == 0 and batch.control:
             job.period = batch.control[-1].control.period
         if job.state.mode == "off" or job.hierarchical:
@@ -107,12 +125,25 @@ class Autopilot:
         self._close_rounds(job_id, job)
 
     async def on_submitted(self, out: CommandOut, command: Command) -> None:
-        """Every command logged for a job: ``set_autotune`` switches, a person's command suspends."""
-        job = self.jobs.get(out.job_id)
-        if job is None:
-            job = await asyncio.to_thread(self._load, out.job_id)
-            job = self.jobs.setdefault(out.job_id, job)
+        """Every command logged for a job: ``set_autotune`` switches, a person's command suspends.
+
+        Never raises: the command is logged already, and its poster gets its answer either way."""
+        try:
+            job = self.jobs.get(out.job_id)
+            if job is None:
+                job = await asyncio.to_thread(self._load, out.job_id)
+                job = self.jobs.setdefault(out.job_id, job)
+        except Exception:
+            log.exception("autopilot: loading job %s failed", out.job_id)
+            return
+        try:
+            await self._submitted(out, command, job)
+        except Exception as err:
+            self._fail(out.job_id, job, err)
+
+    async def _submitted(self, out: CommandOut, command: Command, job: _Job) -> None:
         if isinstance(command, SetAutotune):
+            job.failed = False  # switched on (or off) again: a fresh start after an error
             job.state = autotune.switch(job.state, command.enabled, command.target_divergence)
             job.stored = (command.enabled, command.target_divergence)
             job.open_rounds.clear()
@@ -127,10 +158,16 @@ class Autopilot:
             self._publish(out.job_id, job, force=True)
 
     async def on_resolved(self, out: CommandOut) -> None:
-        """Rank 0 applied or rejected a command."""
+        """Rank 0 applied or rejected a command (never raises: rank 0's ack is stored already)."""
         job = self.jobs.get(out.job_id)
         if job is None:
             return
+        try:
+            self._resolved(out, job)
+        except Exception as err:
+            self._fail(out.job_id, job, err)
+
+    def _resolved(self, out: CommandOut, job: _Job) -> None:
         if out.status == "applied" and out.type == "set_period":
             job.period = out.command["period"]  # rank 0's control event will say the same
         # While its own submit is in flight the id is not known yet; only one can be in flight.
@@ -143,6 +180,21 @@ class Autopilot:
             self._publish(out.job_id, job, force=True)
 
     # ------------------------------------------------------------------ internals
+
+    def _fail(self, job_id: str, job: _Job, err: Exception) -> None:
+        """The autopilot erred on this job: log it (once: the job is left alone from now on),
+        count it, and suspend the autopilot there with the error as the reason."""
+        self.errors[job_id] = self.errors.get(job_id, 0) + 1
+        log.error("autopilot: suspended for job %s after an error", job_id, exc_info=err)
+        job.failed = True
+        job.open_rounds.clear()
+        note = f"autopilot error: {type(err).__name__}: {err}"[:300]
+        mode = "suspended" if job.state.mode in ("calibrating", "active") else job.state.mode
+        try:
+            job.state = dataclasses.replace(job.state, mode=mode, note=note)
+            self._publish(job_id, job, force=True)
+        except Exception:
+            log.exception("autopilot: reporting the error of job %s failed", job_id)
 
     def _load(self, job_id: str) -> _Job:
         job_out = self.store.get_job(job_id)

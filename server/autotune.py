@@ -41,10 +41,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
+from avgctl.protocol.bounds import MAX_PERIOD
+
 Mode = Literal["off", "calibrating", "active", "suspended"]
 
 # Pending per-step losses kept between rounds at most (a job whose rounds stopped coming).
 _MAX_PENDING_STEPS = 8192
+# The largest cost floor reported: a round of 1e308 s against a step of 1e-300 s has a ratio of
+# inf, and ``math.ceil`` of that raised OverflowError inside the worker socket's handler.
+COST_FLOOR_MAX = 2**53
+_RAW_MAX = 1e300  # delta*/g reported at most (a Proposal's figures are finite: they are stored as JSON)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -201,14 +207,35 @@ def round_delta(relative: Iterable[float], world_size: int, relative_mean: float
 
 def cost_floor(t_comm: float | None, t_step: float | None, share: float) -> int | None:
     """tau_cost = ceil((t_comm / t_step) * (1 - rho) / rho): averaging's share of wall time is
-    t_comm / (tau * t_step + t_comm), at most rho from this period on. None until both are known."""
-    if t_comm is None or t_step is None or t_step <= 0.0:
+    t_comm / (tau * t_step + t_comm), at most rho from this period on. None until both are known
+    (or while either is not a finite figure); at most ``COST_FLOOR_MAX``."""
+    if t_comm is None or t_step is None or not t_step > 0.0 or not math.isfinite(t_comm) or not math.isfinite(t_step):
         return None
-    return max(1, math.ceil((t_comm / t_step) * (1.0 - share) / share - 1e-9))
+    ratio = (t_comm / t_step) * (1.0 - share) / share  # inf for a round of 1e308 s and a step of 1e-300 s
+    if math.isnan(ratio):
+        return None
+    return max(1, math.ceil(min(ratio, float(COST_FLOOR_MAX)) - 1e-9))
 
 
 def _ema(old: float | None, new: float, weight: float) -> float:
-    return new if old is None else weight * new + (1.0 - weight) * old
+    """The EMA, finite whenever ``old`` and ``new`` are (two terms near the float maximum may
+    round past it): then the newest value stands alone."""
+    if old is None:
+        return new
+    value = weight * new + (1.0 - weight) * old
+    return value if math.isfinite(value) else new
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _mean(values: list[float]) -> float:
+    # Finite losses near the float maximum overflow a plain sum (fsum raises): divide first then.
+    try:
+        return math.fsum(values) / len(values)
+    except OverflowError:
+        return math.fsum(v / len(values) for v in values)
 
 
 def _fmt(x: float) -> str:
@@ -226,8 +253,8 @@ def switch(state: AutotuneState, enabled: bool, target: float | None = None) -> 
     """
     if not enabled:
         return dataclasses.replace(state, mode="off", user_target=None, target=None, calibration=(), note=None)
-    if target is not None and not target > 0.0:
-        raise ValueError("target divergence must be positive")
+    if target is not None and not (math.isfinite(target) and target > 0.0):
+        raise ValueError("target divergence must be a positive finite number")
     return dataclasses.replace(
         state,
         mode="active" if target is not None else "calibrating",
@@ -257,14 +284,16 @@ def observe_steps(
     t_step = state.t_step
     losses: dict[int, tuple[float, int]] | None = None
     for step, loss, step_time in steps:
-        if step_time is not None and step_time > 0.0:
+        # Figures are data: NaN, ±inf or a negative time teach nothing and are passed over.
+        if _finite(step_time) and step_time > 0.0:
             t_step = _ema(t_step, step_time, cfg.time_smoothing)
-        if loss is None or not math.isfinite(loss) or (state.last_round is not None and step <= state.last_round):
+        if not _finite(loss) or (state.last_round is not None and step <= state.last_round):
             continue
         if losses is None:
             losses = dict(state.losses)
         total, count = losses.get(step, (0.0, 0))
-        losses[step] = (total + loss, count + 1)
+        if math.isfinite(total + loss):  # ranks' losses near the float maximum would sum to inf
+            losses[step] = (total + loss, count + 1)
     if losses is None:
         return dataclasses.replace(state, t_step=t_step) if t_step != state.t_step else state
     if len(losses) > _MAX_PENDING_STEPS:
@@ -285,12 +314,16 @@ def _close_losses(state: AutotuneState, cfg: AutotuneConfig, step: int) -> dict:
         window = min(cfg.jump_window, step - state.last_round)
         head = [m for s, m in closed if s <= state.last_round + window]
         if head and state.tail_loss is not None and state.tail_loss > 0.0:
-            jumps = (jumps + (sum(head) / len(head) / state.tail_loss - 1.0,))[-2:]
+            jump = _mean(head) / state.tail_loss - 1.0
+            if math.isfinite(jump):
+                jumps = (jumps + (jump,))[-2:]
         recent = [m for s, m in closed if s > step - window]
-        tail = sum(recent) / len(recent) if recent else None
+        tail = _mean(recent) if recent else None
     elif closed:
         recent = [m for s, m in closed if s > step - cfg.jump_window]
-        tail = sum(recent) / len(recent)
+        tail = _mean(recent) if recent else None  # losses of steps long before the first round only
+    if tail is not None and not math.isfinite(tail):
+        tail = None
     loss_avgs = state.loss_avgs
     if loss_avg is not None and closed:
         loss_avgs = (loss_avgs + (loss_avg,))[-3:]
@@ -317,7 +350,14 @@ def observe_round(
     updates = _close_losses(state, cfg, step)
     tau_r = None if state.last_round is None or step <= state.last_round else step - state.last_round
     growth, calibration, target, mode, note = state.growth, state.calibration, state.target, state.mode, state.note
-    if tau_r is not None and delta >= 0.0 and math.isfinite(delta):
+    # A figure that is not a finite, non-negative number is data the rule cannot use: the round
+    # still closes the steps before it, and the rule holds, saying why.
+    usable = _finite(delta) and delta >= 0.0
+    if not usable:
+        note = f"round at step {step}: divergence {delta!r} is not a finite non-negative number; ignored"
+    elif not 1 <= period <= MAX_PERIOD:
+        note = f"round at step {step}: period {period} is outside 1..{MAX_PERIOD}; holding"
+    if tau_r is not None and usable:
         growth = _ema(growth, delta / tau_r, cfg.growth_smoothing)
         if mode == "calibrating" and tau_r == period:
             calibration = calibration + (delta,)
@@ -335,15 +375,17 @@ def observe_round(
         target=target,
         calibration=calibration,
         growth=growth,
-        delta=delta,
+        delta=delta if usable else state.delta,
         last_round=step,
-        t_comm=state.t_comm if seconds is None else _ema(state.t_comm, seconds, cfg.time_smoothing),
+        t_comm=_ema(state.t_comm, seconds, cfg.time_smoothing) if _finite(seconds) and seconds >= 0.0 else state.t_comm,
         guard_wait=max(0, state.guard_wait - 1),
         period_seen=period,
         direction=state.direction if state.period_seen in (None, period) else (1 if period > state.period_seen else -1),
         note=note,
     )
     if state.mode != "active" or state.growth is None or state.target is None:
+        return state, None
+    if not usable or not 1 <= period <= MAX_PERIOD:
         return state, None
     proposal = propose(state, cfg, period, step=step)
     if proposal.guard is not None:
@@ -385,7 +427,7 @@ def propose(state: AutotuneState, cfg: AutotuneConfig, period: int, *, step: int
     if state.growth is None or state.target is None:
         raise ValueError("propose needs a growth estimate and a target")
     growth = max(state.growth, 1e-300)
-    raw = state.target / growth
+    raw = min(state.target / growth, _RAW_MAX)  # a target of 1e308 over a growth of 1e-300 is inf
     tau_cost = cost_floor(state.t_comm, state.t_step, cfg.comm_share)
     guard = loss_guard(state, cfg)
     limits: list[str] = []

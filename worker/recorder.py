@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from avgctl.protocol import ControlEvent, ControlView, RoundRecord, StepRecord
-from avgctl.protocol.bounds import MAX_SCALARS
+from avgctl.protocol.bounds import MAX_SCALARS, SCALAR_NAME_CHARS, SCALAR_NAME_MAX_LENGTH
 from avgctl.worker import divergence
 
 log = logging.getLogger(__name__)
+_SCALAR_NAME = re.compile(f"{SCALAR_NAME_CHARS}{{1,{SCALAR_NAME_MAX_LENGTH}}}")  # StepRecord's bound
 
 
 class MetricsListener(Protocol):
@@ -91,11 +93,17 @@ class Recorder:
 
     def record(self, loss: float | None = None, **scalars: float) -> None:
         """Attach figures to the next step record (floats or 0-dim tensors)."""
+        bad = [name for name in scalars if _SCALAR_NAME.fullmatch(name) is None]
+        if bad:  # the server would refuse the whole batch (and the link would stop)
+            raise ValueError(
+                f"scalar names must be 1-{SCALAR_NAME_MAX_LENGTH} characters without control characters, got {bad!r}"
+            )
+        merged = {**self._pending_scalars, **{k: float(v) for k, v in scalars.items()}}
+        if len(merged) > MAX_SCALARS:
+            raise ValueError(f"at most {MAX_SCALARS} scalars per step, got {sorted(merged)}")
         if loss is not None:
             self._pending_loss = float(loss)
-        self._pending_scalars.update({str(k): float(v) for k, v in scalars.items()})
-        if len(self._pending_scalars) > MAX_SCALARS:
-            raise ValueError(f"at most {MAX_SCALARS} scalars per step, got {sorted(self._pending_scalars)}")
+        self._pending_scalars = merged
 
     def note_fallback(self, reason: str | None) -> None:
         """The averaging path the current layout takes; a new reason for torch's path is logged once."""

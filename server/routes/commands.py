@@ -1,5 +1,6 @@
 """The command log: post a command to a job, follow what became of it."""
 
+import unicodedata
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, HTTPException, Path
@@ -25,6 +26,14 @@ AuthorHeader = Annotated[
 ]
 
 
+def is_reserved(author: str) -> bool:
+    """``author`` reads as the autopilot's name: equal to it once control and format characters are
+    taken out, the ends stripped of whitespace and the case folded (``"autopilot "``, ``"AutoPilot"``).
+    The header's pattern admits only ASCII today; this holds whatever it comes to admit."""
+    visible = "".join(ch for ch in unicodedata.normalize("NFKC", author) if unicodedata.category(ch)[0] != "C")
+    return visible.strip().casefold() == AUTOPILOT
+
+
 @router.post("", status_code=202, response_model=CommandOut)
 async def post_command(
     job_id: JobIdPath,
@@ -33,8 +42,8 @@ async def post_command(
     author: AuthorHeader = None,
 ) -> CommandOut:
     """Queue a command; it is ``pending`` until rank 0 applies (or rejects) it."""
-    if author == AUTOPILOT:
-        raise HTTPException(422, "the author 'autopilot' is reserved for the server")
+    if author is not None and is_reserved(author):
+        raise HTTPException(422, f"the author {author!r} is reserved: 'autopilot' names the server's own commands")
     try:
         return await commands.submit(job_id, command, author or "api")
     except UnknownJob:

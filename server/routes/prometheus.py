@@ -9,7 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from avgctl.server.deps import StoreDep
+from avgctl.server.autopilot import Autopilot
+from avgctl.server.deps import AutopilotDep, StoreDep
 from avgctl.server.store import Store
 
 router = APIRouter(tags=["prometheus"])
@@ -18,8 +19,9 @@ router = APIRouter(tags=["prometheus"])
 class StoreCollector(Collector):
     """Per-job gauges built from the store on each scrape (no state to keep in sync)."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, autopilot: Autopilot | None = None):
         self.store = store
+        self.autopilot = autopilot
 
     def collect(self) -> Iterator:
         step = GaugeMetricFamily("avgctl_job_step", "Latest step reported by any rank", labels=["job"])
@@ -44,20 +46,28 @@ class StoreCollector(Collector):
             dropped.add_metric([jid], job["dropped"])
         server_dropped = CounterMetricFamily(
             "avgctl_dropped_metric_batches",
-            "Metric batches the server did not store: its writer fell behind, or its writer process died",
+            "Metric batches the server did not store (and did not confirm, so their links sent them"
+            " again): its writer fell behind, or its writer process died; kept across restarts",
         )
         server_dropped.add_metric([], self.store.dropped_batches)
-        yield from (step, period, mean, mx, ranks, commands, dropped, server_dropped)
+        errors = CounterMetricFamily(
+            "avgctl_autopilot_errors",
+            "Errors of the autopilot, each of which suspended it for the job, since the server started",
+            labels=["job"],
+        )
+        for jid, count in sorted((self.autopilot.errors if self.autopilot is not None else {}).items()):
+            errors.add_metric([jid], count)
+        yield from (step, period, mean, mx, ranks, commands, dropped, server_dropped, errors)
 
 
-def registry_for(store: Store) -> CollectorRegistry:
+def registry_for(store: Store, autopilot: Autopilot | None = None) -> CollectorRegistry:
     """A registry per app (not the global one), so several apps can live in one process."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StoreCollector(store))
+    registry.register(StoreCollector(store, autopilot))
     return registry
 
 
 @router.get("/metrics", response_class=Response)
-def prometheus(store: StoreDep) -> Response:
+def prometheus(store: StoreDep, autopilot: AutopilotDep) -> Response:
     """All jobs' figures in Prometheus text format."""
-    return Response(generate_latest(registry_for(store)), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(registry_for(store, autopilot)), media_type=CONTENT_TYPE_LATEST)

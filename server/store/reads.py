@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import Any
 
 from avgctl.protocol import AveragerConfig
 from avgctl.server.api import CommandOut, JobControl, JobDetail, JobOut, RankOut
+from avgctl.server.records import json_text
 from avgctl.server.store import process
 
 
@@ -91,10 +93,16 @@ def _job_out(row: dict[str, Any]) -> JobOut:
         config=AveragerConfig.model_validate_json(row["config"]) if row["config"] else None,
         created_at=row["created_at"],
         updated_at=row["updated_at"],
-        divergence_mean=row["divergence_mean"],
-        divergence_max=row["divergence_max"],
+        divergence_mean=_divergence(row["divergence_mean"], row["divergence_step"]),
+        divergence_max=_divergence(row["divergence_max"], row["divergence_step"]),
         last_seen=row["last_seen"],
     )
+
+
+def _divergence(value: float | None, step: int | None) -> float | None:
+    # SQLite stores a NaN as NULL (an infinity as itself). The column is set with its round's step,
+    # so NULL beside a step was a NaN: the round happened and its figure was not a number.
+    return math.nan if value is None and step is not None else value
 
 
 # ------------------------------------------------------------------------------ commands
@@ -154,21 +162,89 @@ def metrics(
     names: list[str] | None = None,
     limit: int = 100_000,
 ) -> dict[str, list[dict]]:
-    """Stored series from ``since_step`` on (at most ``limit`` records of each kind, oldest first)."""
+    """Stored series from ``since_step`` on (at most ``limit`` records of each kind, oldest first):
+    ``metrics_text`` read back, for callers that want the records as objects."""
+    series = json.loads("".join(metrics_text(conn, job_id, since_step, ranks, names, limit)))
+    del series["job_id"]
+    return series
+
+
+# Rows fetched from SQLite per piece of a streamed answer (``metrics_text``): at the ~150 bytes of
+# a typical record, pieces of ~150 KB, so the server holds a few of them whatever the answer's size.
+STREAM_ROWS = 256
+
+
+def metrics_text(
+    conn: sqlite3.Connection,
+    job_id: str,
+    since_step: int = 0,
+    ranks: list[int] | None = None,
+    names: list[str] | None = None,
+    limit: int = 100_000,
+) -> Iterator[str]:
+    """``metrics`` as pieces of one JSON object (``MetricsOut``'s), written as SQLite yields the rows:
+    the stored record texts are spliced (parsed only to keep ``names``), never gathered into one
+    list. Run it inside one read transaction, so the three series are of one commit."""
     rank_sql, rank_args = _rank_filter(ranks)
-    out: dict[str, list[dict]] = {}
+    yield '{"job_id":' + json.dumps(job_id)
     for table in ("steps", "rounds"):
-        rows = conn.execute(
+        cur = conn.execute(
             f"SELECT rank, body FROM {table} WHERE job_id = ? AND step >= ?{rank_sql} ORDER BY step, rank LIMIT ?",
             (job_id, since_step, *rank_args, limit),
-        ).fetchall()
-        out[table] = [_record(rank, body, names) for rank, body in rows]
-    rows = conn.execute(
+        )
+        yield from _array(
+            f',"{table}":[',
+            cur,
+            (lambda rank, body: json_text(_record(rank, body, names))) if names else _record_json,
+        )
+    cur = conn.execute(
         f"SELECT rank, step, control FROM control_events WHERE job_id = ? AND step >= ?{rank_sql} ORDER BY id LIMIT ?",
         (job_id, since_step, *rank_args, limit),
-    ).fetchall()
-    out["control_events"] = [{"rank": r, "step": s, "control": json.loads(c)} for r, s, c in rows]
-    return out
+    )
+    yield from _array(',"control_events":[', cur, lambda r, s, c: f'{{"rank":{r},"step":{s},"control":{c}}}')
+    yield "}"
+
+
+def stream_metrics(
+    path: str,
+    job_id: str,
+    since_step: int = 0,
+    ranks: list[int] | None = None,
+    names: list[str] | None = None,
+    limit: int = 100_000,
+) -> Iterator[bytes]:
+    """``metrics_text`` encoded, on a connection of its own (a streamed answer's pieces are read on
+    whichever of the server's threads is free, and the readers' connections are one per thread),
+    in one read transaction that ends, with the connection, when the stream ends or is dropped."""
+    conn = process.connect(path)
+    try:
+        conn.execute("BEGIN")
+        for piece in metrics_text(conn, job_id, since_step, ranks, names, limit):
+            yield piece.encode()
+    finally:
+        conn.close()  # ends the read transaction
+
+
+def _array(opening: str, cur: sqlite3.Cursor, text) -> Iterator[str]:
+    """``opening``, the rows of ``cur`` as ``text(*row)`` joined by commas, then ``]``: one piece per
+    ``STREAM_ROWS`` rows."""
+    piece, sep = opening, ""
+    while rows := cur.fetchmany(STREAM_ROWS):
+        piece += sep + ",".join(text(*row) for row in rows)
+        sep = ","
+        yield piece
+        piece = ""
+    yield piece + "]"
+
+
+# A snapshot's record texts, at most (half for steps, half for rounds), whatever the records' size:
+# the default 20,000 step records of ~170 bytes are ~3.4 MB and fit; 20,000 of the largest the
+# protocol takes (~2.9 KB) were 58 MB, and a server held 4-5 copies of it while sending it.
+SNAPSHOT_BYTES = 8 * 2**20
+# A stored record longer than this is left out of snapshots (one stored before scalar names were
+# bounded; a step record is under 4 KB now); the REST API still serves it.
+SNAPSHOT_RECORD_BYTES = 16 * 2**10
+SNAPSHOT_SAMPLE = 256  # records whose mean size sizes the snapshot
 
 
 def snapshot_json(
@@ -176,12 +252,11 @@ def snapshot_json(
 ) -> str | None:
     """What a dashboard needs on connect, as JSON text: the job, recent series (bounded,
     downsampled), control events and commands. The records are spliced from their stored text,
-    not parsed (a snapshot holds thousands)."""
+    not parsed (a snapshot holds thousands); their texts are at most ``SNAPSHOT_BYTES``."""
     job = get_job(conn, job_id)
     if job is None:
         return None
     per_rank = max(100, budget // max(1, job.world_size))
-    recent_from = max(0, job.step - per_rank // 2)
     rows = conn.execute(
         "SELECT rank, step, control FROM (SELECT * FROM control_events WHERE job_id = ? ORDER BY id DESC LIMIT ?)"
         " ORDER BY id",
@@ -193,11 +268,33 @@ def snapshot_json(
         "control_events": [{"rank": r, "step": s, "control": json.loads(c)} for r, s, c in rows],
         "commands": [c.model_dump(mode="json") for c in list_commands(conn, job_id, commands)],
     }
-    text = json.dumps(head)[:-1]
+    parts = [json_text(head)[:-1]]  # a diverged job's figures as strings, never bare NaN tokens
     for table in ("steps", "rounds"):
-        records = _downsampled(conn, table, job_id, recent_from, per_rank // 2)
-        text += f',"{table}":[' + ",".join(_record_json(rank, body, w) for rank, body, w in records) + "]"
-    return text + "}"
+        # The record budget, cut to what fits the table's share of SNAPSHOT_BYTES at its records' size.
+        fits = SNAPSHOT_BYTES // 2 // max(1, _typical_size(conn, table, job_id))
+        per_table = max(1, min(per_rank, fits // max(1, job.world_size)))
+        records, room = [], SNAPSHOT_BYTES // 2
+        for rank, body, w in _downsampled(conn, table, job_id, max(0, job.step - per_table // 2), per_table // 2):
+            text = _record_json(rank, body, w)
+            room -= len(text) + 1
+            if room < 0:  # the typical size misjudged these (a safety net: the newest are left out)
+                break
+            records.append(text)
+        parts += (f',"{table}":[', ",".join(records), "]")
+        del records  # the joined text is all that is kept of them
+    parts.append("}")
+    return "".join(parts)
+
+
+def _typical_size(conn: sqlite3.Connection, table: str, job_id: str) -> int:
+    """Mean text length of the job's newest records of ``table`` (a sample of SNAPSHOT_SAMPLE)."""
+    (size,) = conn.execute(
+        # In the key's order (the last rank's newest), so SQLite reads SNAPSHOT_SAMPLE rows, not the job's.
+        f"SELECT AVG(LENGTH(body)) FROM (SELECT body FROM {table} WHERE job_id = ? AND LENGTH(body) <= ?"
+        f" ORDER BY job_id DESC, rank DESC, step DESC LIMIT {SNAPSHOT_SAMPLE})",
+        (job_id, SNAPSHOT_RECORD_BYTES),
+    ).fetchone()
+    return int(size or 1) + 16  # the rank and weight spliced in
 
 
 def _rank_filter(ranks: list[int] | None) -> tuple[str, list[int]]:
@@ -230,20 +327,29 @@ def _record_json(rank: int, body: str, weight: int = 1) -> str:
 
 def _downsampled(
     conn: sqlite3.Connection, table: str, job_id: str, recent_from: int, older: int
-) -> list[tuple[int, str, int]]:
-    """``(rank, body, weight)``: records from ``recent_from`` on in full, plus at most ``older``
-    evenly spaced older ones per rank, each with how many records it stands for (every k-th of a
-    rank's is kept: sums over them, such as time spent, must count each k times)."""
-    recent = conn.execute(
-        f"SELECT rank, body, 1 FROM {table} WHERE job_id = ? AND step >= ? ORDER BY step, rank", (job_id, recent_from)
-    ).fetchall()
-    old = conn.execute(
-        f"SELECT rank, body, k FROM (SELECT rank, step, body, ROW_NUMBER() OVER (PARTITION BY rank ORDER BY step) AS rn,"
-        f" (COUNT(*) OVER (PARTITION BY rank) + ? - 1) / ? AS k FROM {table} WHERE job_id = ? AND step < ?)"
-        " WHERE (rn - 1) % k = 0 ORDER BY step, rank",
-        (older, older, job_id, recent_from),
-    ).fetchall()
-    return old + recent
+) -> Iterator[tuple[int, str, int]]:
+    """``(rank, body, weight)``: at most ``older`` evenly spaced records per rank from before
+    ``recent_from``, each with how many records it stands for (every k-th of a rank's is kept: sums
+    over them, such as time spent, must count each k times), then those from ``recent_from`` on in
+    full; records longer than ``SNAPSHOT_RECORD_BYTES`` left out. Rows are read as they are used.
+
+    The window runs over the keys alone and the kept rows' texts are joined in after: with the
+    texts in the window, SQLite sorted every older record's text to keep a few thousand.
+    """
+    key = "w.rank = t.rank AND w.step = t.step" + (" AND w.group_size = t.group_size" if table == "rounds" else "")
+    extra = ", group_size" if table == "rounds" else ""
+    yield from conn.execute(
+        f"SELECT t.rank, t.body, w.k FROM (SELECT rank, step{extra},"
+        " ROW_NUMBER() OVER (PARTITION BY rank ORDER BY step) AS rn,"
+        f" (COUNT(*) OVER (PARTITION BY rank) + ? - 1) / ? AS k FROM {table} WHERE job_id = ? AND step < ?) AS w"
+        f" JOIN {table} AS t ON t.job_id = ? AND {key}"
+        " WHERE (w.rn - 1) % w.k = 0 AND LENGTH(t.body) <= ? ORDER BY w.step, w.rank",
+        (older, older, job_id, recent_from, job_id, SNAPSHOT_RECORD_BYTES),
+    )
+    yield from conn.execute(
+        f"SELECT rank, body, 1 FROM {table} WHERE job_id = ? AND step >= ? AND LENGTH(body) <= ? ORDER BY step, rank",
+        (job_id, recent_from, SNAPSHOT_RECORD_BYTES),
+    )
 
 
 # ------------------------------------------------------------------------------ Prometheus
@@ -252,8 +358,8 @@ def _downsampled(
 def stats(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Per-job figures for Prometheus."""
     out = []
-    for job_id, step, control, mean, mx in conn.execute(
-        "SELECT id, step, control, divergence_mean, divergence_max FROM jobs"
+    for job_id, step, control, mean, mx, at in conn.execute(
+        "SELECT id, step, control, divergence_mean, divergence_max, divergence_step FROM jobs"
     ).fetchall():
         connected, dropped = conn.execute(
             "SELECT COALESCE(SUM(connected), 0), COALESCE(SUM(dropped), 0) FROM ranks WHERE job_id = ?", (job_id,)
@@ -266,8 +372,8 @@ def stats(conn: sqlite3.Connection) -> list[dict[str, Any]]:
                 "job_id": job_id,
                 "step": step,
                 "period": json.loads(control)["period"],
-                "divergence_mean": mean,
-                "divergence_max": mx,
+                "divergence_mean": _divergence(mean, at),  # Prometheus writes NaN and +Inf as they are
+                "divergence_max": _divergence(mx, at),
                 "connected_ranks": connected,
                 "dropped": dropped,
                 "commands": by_status,

@@ -26,6 +26,7 @@ from avgctl.server.store.writes import metric_entry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_DROPPED = "dropped_metric_batches"  # its row in ``counters`` (schema version 4)
 
 
 @dataclass(slots=True)
@@ -63,9 +64,10 @@ class Writer:
         self.housekeeping = housekeeping
         self.housekeeping_interval = housekeeping_interval
         self._next_housekeeping = 0.0
-        self.dropped_batches = (
-            0  # metric batches not stored: refused (the writer fell behind) or lost with the writer process
-        )
+        # Metric batches not stored: refused (the writer fell behind) or lost with the writer
+        # process; none of them was confirmed. Loaded at start and saved by the writer (``counters``).
+        self.dropped_batches = 0
+        self._unsaved_drops = 0  # counted, not yet added to the stored total
         self.on_stored: Callable[[list[Any]], None] | None = None
         self.on_lost: Callable[[list[Any]], None] | None = None
         # Metric batches waiting for the writer: ingest appends here, and the first batch of a burst
@@ -79,6 +81,8 @@ class Writer:
 
     def start(self, conn: sqlite3.Connection) -> None:
         """Start the writer process and the thread, which writes on ``conn`` (and closes it at the end)."""
+        row = conn.execute("SELECT value FROM counters WHERE name = ?", (_DROPPED,)).fetchone()
+        self.dropped_batches = row[0] if row else 0
         self.process.start()
         self._thread = threading.Thread(target=self._run, args=(conn,), name="avgctl-store-writer", daemon=True)
         self._thread.start()
@@ -107,22 +111,45 @@ class Writer:
         Batches that arrive while the writer is busy wait together and go to SQLite in one
         transaction (in the writer process). Each connection's batches keep their order relative to
         its awaited writes (hello, control changes, disconnect), since those come before or after
-        them. A ``receipt`` (not None) goes to ``on_stored`` once the batch is committed.
+        them. A ``receipt`` (not None) goes to ``on_stored`` once the batch is committed, or to
+        ``on_lost`` at once when it is refused: a refused batch is never confirmed (a later
+        ``stored`` would cover it), and its link must send it again.
         """
         entry = metric_entry(job_id, rank, batch, time.time())
         with self._metrics_lock:
-            if len(self._metrics) >= self.metrics_queue:
-                self.dropped_batches += 1
-                return False
-            self._metrics.append(entry)
-            if receipt is not None:
-                self._receipts.append(receipt)
-            first = len(self._metrics) == 1
+            refused = len(self._metrics) >= self.metrics_queue
+            if not refused:
+                self._metrics.append(entry)
+                if receipt is not None:
+                    self._receipts.append(receipt)
+                first = len(self._metrics) == 1
+        if refused:
+            self._count_dropped(1)
+            if receipt is not None and self.on_lost is not None:
+                self.on_lost([receipt])
+            return False
         if first:  # the op queued for earlier batches takes this one too
             future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
             future.add_done_callback(self._committed)
             self._queue.put(_Op(None, future))
         return True
+
+    def _count_dropped(self, n: int) -> None:
+        """Count ``n`` batches not stored; the writer adds them to the stored total in its next burst."""
+        with self._metrics_lock:
+            self.dropped_batches += n
+            first = self._unsaved_drops == 0
+            self._unsaved_drops += n
+        if first:  # one op saves every drop counted until it runs
+            self._queue.put(_Op(self._save_dropped, None))
+
+    def _save_dropped(self, conn: sqlite3.Connection) -> None:
+        with self._metrics_lock:
+            n, self._unsaved_drops = self._unsaved_drops, 0
+        conn.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            (_DROPPED, n),
+        )
 
     def _committed(self, future: concurrent.futures.Future[list[Any]]) -> None:
         # The metric op's future resolves after COMMIT (on the writer thread).
@@ -150,6 +177,8 @@ class Writer:
                 if self.housekeeping is not None and time.monotonic() >= self._next_housekeeping:
                     self._execute(conn, [_Op(self.housekeeping, None)])
                     self._next_housekeeping = time.monotonic() + self.housekeeping_interval
+            if self._unsaved_drops:  # counted in the last burst, after the stop
+                self._execute(conn, [_Op(self._save_dropped, None)])
         finally:
             conn.close()
 
@@ -195,8 +224,7 @@ class Writer:
         try:
             self.process.write(entries)
         except Exception as err:  # counted as dropped; on_lost asks their links to send them again
-            with self._metrics_lock:
-                self.dropped_batches += len(entries)
+            self._count_dropped(len(entries))
             if receipts and self.on_lost is not None:
                 self.on_lost(receipts)
             _resolve(op, None, err)

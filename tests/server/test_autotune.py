@@ -7,6 +7,8 @@ import math
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from avgctl.protocol import CommandAck, ControlView, MetricsBatch, RoundRecord, StepRecord
 from avgctl.server import autotune as at
@@ -270,6 +272,90 @@ def test_off_ignores_everything():
 def test_config_checks(fields):
     with pytest.raises(ValueError):
         at.AutotuneConfig(**fields)
+
+
+# ------------------------------------------------------------------------------ total over floats
+
+# Every float a worker could send (NaN and ±inf are data: another path of the server stores them).
+_ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
+    [1e308, -1e308, 1e-300, 5e-324, 0.0, -0.0, math.inf, -math.inf, math.nan, 1.7976931348623157e308]
+)
+_EVENTS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("steps"),
+            st.lists(st.tuples(st.integers(0, 2**63 - 1), _ANY_FLOAT | st.none(), _ANY_FLOAT | st.none()), max_size=4),
+        ),
+        st.tuples(st.just("round"), st.integers(0, 2**63 - 1), _ANY_FLOAT, _ANY_FLOAT | st.none()),
+    ),
+    max_size=24,
+)
+
+
+def _finite_figures(p: at.Proposal) -> bool:
+    return all(math.isfinite(x) for x in (p.delta, p.growth, p.target, p.raw_period))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=_EVENTS,
+    target=st.none() | st.floats(min_value=1e-300, max_value=1e6),
+    period=st.integers(1, CFG.tau_max),
+    step_gap=st.integers(1, 10**6),
+)
+def test_the_rule_is_total_over_floats_and_proposes_within_the_bounds_or_holds(events, target, period, step_gap):
+    cfg = at.AutotuneConfig(calibration_skip=0, calibration_rounds=2)
+    state = at.switch(at.AutotuneState(), True, target)
+    step = 0
+    for event in events:
+        if event[0] == "steps":
+            state = at.observe_steps(state, cfg, event[1])
+            continue
+        _, offset, delta, seconds = event
+        step = min(step + step_gap + offset % 7, 2**63 - 1)
+        state, proposal = at.observe_round(state, cfg, step=step, delta=delta, seconds=seconds, period=period)
+        if proposal is not None:
+            assert proposal.period == period or cfg.tau_min <= proposal.period <= cfg.tau_max
+            assert _finite_figures(proposal), proposal  # stored as JSON, shown on the dashboard
+            assert proposal.tau_cost is None or 1 <= proposal.tau_cost <= at.COST_FLOOR_MAX
+            if proposal.changed:
+                period = proposal.period  # rank 0 applies it
+        assert state.growth is None or (math.isfinite(state.growth) and state.growth >= 0)
+        for figure in (state.t_comm, state.t_step, state.delta, state.target):
+            assert figure is None or math.isfinite(figure)
+
+
+@given(period=st.integers(-(2**70), 2**70), delta=_ANY_FLOAT)
+@settings(max_examples=200, deadline=None)
+def test_a_period_the_rule_cannot_work_with_is_held_never_raised_on(period, delta):
+    state = active(growth=0.01, last_round=0, delta=0.02)
+    state, proposal = at.observe_round(state, CFG, step=4, delta=delta, seconds=0.001, period=period)
+    if proposal is None or proposal.period == period:
+        return  # held: 0, negative or astronomical periods, and any unusable delta
+    assert 1 <= period <= at.MAX_PERIOD
+    # Within the bounds, or (from a period beyond them) toward them by at most one change.
+    assert CFG.tau_min <= proposal.period <= CFG.tau_max or CFG.tau_max < proposal.period < period
+
+
+def test_the_cost_floor_of_a_round_of_1e308_seconds_against_a_step_of_1e_300_is_capped():
+    assert at.cost_floor(1e308, 1e-300, 0.1) == at.COST_FLOOR_MAX  # was OverflowError
+    assert at.cost_floor(math.nan, 0.01, 0.1) is None and at.cost_floor(0.01, math.inf, 0.1) is None
+    state = active(t_comm=1e308, t_step=1e-300)
+    state, _ = at.observe_round(state, CFG, step=0, delta=0.01, seconds=1e308, period=4)
+    _, proposal = at.observe_round(state, CFG, step=4, delta=0.04, seconds=1e308, period=4)
+    assert proposal.tau_cost == at.COST_FLOOR_MAX and proposal.communication_bound
+
+
+def test_a_non_finite_divergence_is_held_on_with_a_note_and_keeps_the_figures_finite():
+    state, _ = feed(active(), CFG, [0.04, 0.04], period=4)
+    for bad in (math.nan, math.inf, -1.0):
+        after, proposal = at.observe_round(state, CFG, step=12, delta=bad, seconds=0.001, period=4)
+        assert proposal is None and after.delta == state.delta and after.growth == state.growth
+        assert "not a finite non-negative number" in after.note and after.last_round == 12
+    # The next good round proposes from the evidence as before.
+    after, _ = at.observe_round(state, CFG, step=12, delta=math.nan, seconds=None, period=4)
+    _, proposal = at.observe_round(after, CFG, step=16, delta=0.04, seconds=None, period=4)
+    assert proposal is not None and _finite_figures(proposal)
 
 
 # ------------------------------------------------------------------------------ in the server
