@@ -7,11 +7,14 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from avgctl.protocol.bounds import (
+    JOB_SECRET_MAX_LENGTH,
+    JOB_SECRET_MIN_LENGTH,
     MAX_BATCH_RECORDS,
     MAX_RANKS,
     MAX_SCALARS,
     MAX_TOP_LAYERS,
     JobId,
+    ScalarName,
     StorableInt,
 )
 from avgctl.protocol.commands import Message, WorkerCommand
@@ -52,7 +55,12 @@ class Hello(Message):
     step: StorableInt = 0
     # A random id of the sending link, the same on each of its connections: with it the server knows
     # a batch ``seq`` it already had from this link as one sent again (see ``MetricsBatch.seq``).
+    # Never disclosed: a second hello for a live rank replaces it only with the same link id.
     link: str | None = Field(default=None, max_length=64)
+    # The secret the job's ranks agreed on through their own torch.distributed store: it proves
+    # this process belongs to the job (the worker token is shared by every job's workers). The
+    # server binds the job to it at the first hello and refuses any other (close 4403).
+    job_secret: str = Field(min_length=JOB_SECRET_MIN_LENGTH, max_length=JOB_SECRET_MAX_LENGTH)
 
 
 class StepRecord(Message):
@@ -63,7 +71,7 @@ class StepRecord(Message):
     step_time: float | None = None  # seconds since the previous step ended
     drift: float | None = None  # ||theta_i - theta_bar(last sync)|| (local, no communication)
     loss: float | None = None
-    scalars: dict[str, float] = Field(default_factory=dict, max_length=MAX_SCALARS)  # user figures
+    scalars: dict[ScalarName, float] = Field(default_factory=dict, max_length=MAX_SCALARS)  # user figures
 
 
 class RoundRecord(Message):
@@ -127,8 +135,9 @@ class CommandDelivery(Message):
 
 
 class MetricsStored(Message):
-    """Every batch of this link up to ``seq`` is committed (or was counted as dropped by the
-    server): the link may forget them. Sent to every rank, at most every ``ACK_INTERVAL``."""
+    """Every batch of this link up to ``seq`` is committed: the link may forget them. Sent to
+    every rank, at most every ``ACK_INTERVAL``. A batch the server could not store is never covered:
+    it closes that connection with 1011 instead, and the link sends what is unconfirmed again."""
 
     kind: Literal["stored"] = "stored"
     seq: int

@@ -24,7 +24,7 @@ from avgctl.server.announce import JobAnnouncer
 from avgctl.server.api import AutotuneView, CommandOut
 from avgctl.server.hub import Hub
 from avgctl.server.store import Store, writes
-from avgctl.server.workers import WorkerRegistry
+from avgctl.server.workers import WorkerConnection, WorkerRegistry
 
 log = logging.getLogger(__name__)
 AUTOPILOT = "autopilot"
@@ -47,6 +47,7 @@ class CommandService:
         self.hub = hub
         self.announcer = JobAnnouncer(store, hub)
         self._observers: list[CommandObserver] = []
+        self.ignored_acks = 0  # acks for a command id not delivered to the connection that sent it
 
     def add_observer(self, observer: CommandObserver) -> None:
         """Tell ``observer`` (the autopilot) about every command logged and every one resolved."""
@@ -65,7 +66,7 @@ class CommandService:
             out = await self._set_autotune(job_id, out, command)
         else:
             assert command.type in WORKER_COMMAND_TYPES
-            self.workers.send_to_leader(job_id, CommandDelivery(id=out.id, command=command).model_dump_json())
+            self.workers.send_to_leader(job_id, CommandDelivery(id=out.id, command=command))
         for observer in self._observers:
             await observer.on_submitted(out, command)
         return out
@@ -96,14 +97,30 @@ class CommandService:
             if cmd.type not in WORKER_COMMAND_TYPES:
                 continue
             delivery = CommandDelivery(id=cmd.id, command=_COMMAND.validate_python(cmd.command))
-            if self.workers.send_to_leader(job_id, delivery.model_dump_json()):
+            if self.workers.send_to_leader(job_id, delivery):
                 sent += 1
         return sent
 
-    async def on_ack(self, job_id: str, ack: CommandAck) -> None:
-        """Rank 0 applied or rejected a command; a repeated ack changes nothing."""
-        now = time.time()
-        out = await self.store.write(lambda conn: writes.resolve_command(conn, job_id, ack, now))
+    async def on_ack(self, conn: WorkerConnection, ack: CommandAck) -> None:
+        """Rank 0 applied or rejected a command; a repeated ack changes nothing.
+
+        Taken only for a command delivered to ``conn`` and not yet acknowledged on it; any other
+        is ignored (logged and counted, the connection stays open). Its control view moves the
+        job's version forward by at most the commands delivered to ``conn`` and not acknowledged.
+        """
+        if ack.command_id not in conn.delivered:
+            self.ignored_acks += 1
+            # Also a link's second answer to a re-delivered command: harmless, so not a warning.
+            log.info(
+                "ignored an ack of job %s for command %d: not delivered to this connection",
+                conn.job_id,
+                ack.command_id,
+            )
+            return
+        ahead = len(conn.delivered)
+        conn.delivered.discard(ack.command_id)
+        job_id, now = conn.job_id, time.time()
+        out = await self.store.write(lambda c: writes.resolve_command(c, job_id, ack, now, max_ahead=ahead))
         if out is not None:
             self._announce(out)
             for observer in self._observers:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.websockets import WebSocket
 
-from avgctl.protocol import MetricsStored, close_codes
+from avgctl.protocol import CommandDelivery, MetricsStored, close_codes
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,13 @@ class WorkerConnection:
     stored_seq: int = -1  # the highest batch number committed
     acked_seq: int = -1  # the highest one told to the link
     acker: asyncio.Task | None = None
+    # A batch of this connection was not stored: nothing more is confirmed on it (a ``stored`` is
+    # "every batch up to seq", so it would cover the lost one), and it is being closed with 1011.
+    lost: bool = False
+    # Command ids sent to this connection (rank 0) and not yet acknowledged on it: an ack for any
+    # other id is ignored, and the job's control version may run ahead of the stored one by at
+    # most this many (one per applied command).
+    delivered: set[int] = field(default_factory=set)
 
 
 class WorkerRegistry:
@@ -73,15 +80,21 @@ class WorkerRegistry:
     def stored(self, receipts: list[tuple[WorkerConnection, int]]) -> None:
         """Batches committed: tell their links (at most every ``ACK_INTERVAL`` per connection)."""
         for conn, seq in receipts:
+            if conn.lost:
+                continue
             if seq > conn.stored_seq:
                 conn.stored_seq = seq
             if conn.acker is None and conn.stored_seq > conn.acked_seq:
                 conn.acker = self._spawn(self._acknowledge(conn))
 
     def lost(self, receipts: list[tuple[WorkerConnection, int]]) -> None:
-        """Batches the store could not write: close their connections (1011), and their links,
-        which keep every batch until it is confirmed, send them again on the next one."""
+        """Batches the store did not write (its writer fell behind, or its process died): confirm
+        nothing more on their connections and close them (1011); their links, which keep every
+        batch until it is confirmed, send them again on the next one."""
         for conn in {conn for conn, _ in receipts}:
+            if conn.lost:
+                continue  # already closing
+            conn.lost = True
             self._spawn(self._close(conn, close_codes.INTERNAL_ERROR, "metric batches not stored; send them again"))
 
     @staticmethod
@@ -94,7 +107,7 @@ class WorkerRegistry:
     @staticmethod
     async def _acknowledge(conn: WorkerConnection) -> None:
         try:
-            while conn.stored_seq > conn.acked_seq:
+            while conn.stored_seq > conn.acked_seq and not conn.lost:
                 seq = conn.stored_seq
                 await asyncio.wait_for(conn.websocket.send_text(MetricsStored(seq=seq).model_dump_json()), SEND_TIMEOUT)
                 conn.acked_seq = seq
@@ -104,12 +117,17 @@ class WorkerRegistry:
         finally:
             conn.acker = None
 
-    def send_to_leader(self, job_id: str, text: str) -> bool:
-        """Send ``text`` to the job's rank 0 in the background; False if rank 0 is not connected."""
+    def send_to_leader(self, job_id: str, delivery: CommandDelivery) -> bool:
+        """Send a command to the job's rank 0 in the background; False if rank 0 is not connected.
+
+        Its id counts as delivered to that connection from now on (the ack may come back before
+        the send is done), so that connection's ack for it is taken.
+        """
         conn = self._by_rank.get((job_id, 0))
         if conn is None:
             return False
-        self._spawn(self._send(conn, text))
+        conn.delivered.add(delivery.id)
+        self._spawn(self._send(conn, delivery.model_dump_json()))
         return True
 
     def _spawn(self, coro) -> asyncio.Task:

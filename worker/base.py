@@ -66,6 +66,9 @@ class LiveAverager(ModelAverager):
         self._pending: tuple[PendingExchange, RoundDraft | None] | None = None
         self._in_call = False
         self._owner = threading.get_ident()
+        self.job_secret: str | None = None
+        """The secret the job's ranks share (set by ``connect()``, kept in ``state_dict()``): what
+        proves to the server that this process is one of the job's ranks."""
 
     # ------------------------------------------------------------------ public API
 
@@ -147,7 +150,7 @@ class LiveAverager(ModelAverager):
         return control_state.to_view(self._state)
 
     def state_dict(self) -> dict[str, Any]:
-        """The step and the live control state, for checkpoints (each rank saves its own)."""
+        """The step, the live control state and the job's secret, for checkpoints (each rank saves its own)."""
         if not self._in_call:
             self._settle(self.step)
         return {
@@ -155,6 +158,7 @@ class LiveAverager(ModelAverager):
             "control": dataclasses.asdict(self._state),
             "last_exchange": self._last_exchange,
             "exchange": self._exchange.state_dict(),
+            "job_secret": self.job_secret,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -166,6 +170,10 @@ class LiveAverager(ModelAverager):
         self._state = loaded
         self._last_exchange = int(state_dict.get("last_exchange", self.step))
         self._exchange.load_state_dict(state_dict.get("exchange", {}))
+        # A job resumed in a new torchrun presents the secret its server knows it by (at the next
+        # hello when the link is already running).
+        if state_dict.get("job_secret"):
+            self.job_secret = str(state_dict["job_secret"])
         self._last_average = None
         self._pending = None
 

@@ -46,6 +46,7 @@ from avgctl.protocol import (
 )
 from avgctl.protocol.bounds import JobId
 from avgctl.protocol.env import SERVER
+from avgctl.worker import job_secret
 from avgctl.worker.control import drain
 from avgctl.worker.dist import WorkerEnv, default_job_id, read_env
 from avgctl.worker.ledger import CommandLedger
@@ -57,6 +58,12 @@ _JOB_ID = TypeAdapter(JobId)
 _SERVER_MESSAGE = TypeAdapter(ServerMessage)
 # On close, how long to wait for the server to confirm the last batches (within close's timeout).
 _CLOSE_STORED_WAIT = 1.0
+_REFUSED_WHY = {
+    close_codes.NOT_MEMBER: "this process does not hold the secret the job was first seen with (another job"
+    " uses this job id, or the checkpoint that carries the secret is not loaded yet)",
+    close_codes.CONFLICT: "this rank is connected from another link (a restarted rank's predecessor whose"
+    " connection has not closed yet, or another job using this job id)",
+}
 
 
 class Averager(Protocol):
@@ -65,6 +72,7 @@ class Averager(Protocol):
     rank: int
     world_size: int
     step: int
+    job_secret: str | None  # read at every hello: a checkpoint loaded after connect() counts from the next one
 
     def hello_config(self) -> AveragerConfig: ...
     def control_view(self) -> ControlView: ...
@@ -94,6 +102,11 @@ class WorkerLink:
             the server has not confirmed are kept too, up to twice as many records.
         send_interval: seconds between metric batches (acks go out at once).
         reconnect_delays: the ``websockets`` backoff generator factory (default: 0.5 s up to 10 s).
+        refused_delays: the same for a hello the server refused (4403 not a process of this job,
+            4409 rank connected from elsewhere): default 1 s up to 30 s.
+
+    The hello carries ``averager.job_secret`` (one is made when the averager has none: a link made
+    without :func:`connect`, for one process).
     """
 
     def __init__(
@@ -108,6 +121,7 @@ class WorkerLink:
         max_records: int = 10_000,
         send_interval: float = 0.25,
         reconnect_delays: Callable[[], Generator[float]] | None = None,
+        refused_delays: Callable[[], Generator[float]] | None = None,
     ):
         self.averager = averager
         self.url = worker_url(server)
@@ -119,6 +133,11 @@ class WorkerLink:
         self.send_interval = send_interval
         self._token = token
         self._delays = reconnect_delays or functools.partial(backoff, initial_delay=0.5, min_delay=0.5, max_delay=10.0)
+        self._refused_delays = refused_delays or functools.partial(
+            backoff, initial_delay=1.0, min_delay=1.0, max_delay=30.0
+        )
+        if getattr(averager, "job_secret", None) is None:
+            averager.job_secret = job_secret.new_secret()
         self._outbox = Outbox(max_records)
         self._id = uuid.uuid4().hex  # tells the server which batch numbers it may already have
         self._all_stored = asyncio.Event()
@@ -131,6 +150,9 @@ class WorkerLink:
         """Set while a session with the server is open (after our hello went out)."""
         self.error: BaseException | None = None
         """Why the link gave up for good (refused token, refused hello), else None."""
+        self.refused: tuple[int, str] | None = None
+        """The close code and reason of the last hello the server refused (4403, 4409) while the link
+        tries again; None once a session ends any other way."""
         self._loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -234,6 +256,7 @@ class WorkerLink:
 
     async def _connect_loop(self) -> None:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        refusals: Generator[float] | None = None
         try:
             async for ws in websockets.connect(
                 self.url,
@@ -253,6 +276,24 @@ class WorkerLink:
                         self.error = err
                         log.error("avgctl server refused rank %d: %s %s", self.rank, ws.close_code, ws.close_reason)
                         return
+                    if ws.close_code in close_codes.WORKER_REFUSED:
+                        # Not fatal: the job's secret may come later with a checkpoint, and a
+                        # restarted rank's predecessor stays registered until its socket closes.
+                        refusals = refusals or self._refused_delays()
+                        delay = next(refusals)
+                        self.refused = (ws.close_code, ws.close_reason or "")
+                        log.warning(
+                            "avgctl server refused rank %d of job %s (%d %s): %s; trying again in %.1f s",
+                            self.rank,
+                            self.job_id,
+                            ws.close_code,
+                            ws.close_reason,
+                            _REFUSED_WHY[ws.close_code],
+                            delay,
+                        )
+                        await asyncio.sleep(delay)
+                        continue
+                    refusals, self.refused = None, None
                     log.info("avgctl link of rank %d lost (%s); reconnecting", self.rank, err)
         except InvalidStatus as err:
             self.error = err
@@ -272,6 +313,7 @@ class WorkerLink:
             control=self.averager.control_view(),
             step=self.averager.step,
             link=self._id,
+            job_secret=self.averager.job_secret,
         )
         await ws.send(hello.model_dump_json())
         self.connected.set()
@@ -380,6 +422,10 @@ def connect(
         token: worker token; defaults to ``AVGCTL_TOKEN``.
         options: passed to :class:`WorkerLink` (``max_records``, ``send_interval``, ...).
 
+    The ranks agree on the job's secret (``avgctl.worker.job_secret.agree``, no collective: the
+    averager's own from a checkpoint, if the job's store has none yet) and keep it in
+    ``averager.job_secret``: it is what proves to the server that they are the job's ranks.
+
     Returns the running link; ``link.close()`` (or ``with connect(...)``) flushes and stops it.
     """
     env = read_env()
@@ -387,6 +433,7 @@ def connect(
     if not server:
         raise ValueError(f"no avgctl server: pass server= or set {SERVER}")
     job_id = job_id or env.run_id or _shared_job_id(env)
+    averager.job_secret = job_secret.agree(_JOB_ID.validate_python(job_id), getattr(averager, "job_secret", None))
     return WorkerLink(averager, server, job_id, token or env.token, host=env.host, pid=os.getpid(), **options)
 
 

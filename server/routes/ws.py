@@ -126,7 +126,7 @@ async def worker_ingest(
             elif isinstance(msg, CommandAck):
                 if conn.rank != 0:
                     raise _Refuse(close_codes.POLICY, "only rank 0 acknowledges commands")
-                await commands.on_ack(conn.job_id, msg)
+                await commands.on_ack(conn, msg)
             else:
                 raise _Refuse(close_codes.POLICY, "hello sent twice on one connection")
     except WebSocketDisconnect as err:
@@ -142,32 +142,40 @@ async def worker_ingest(
             commands.announce_job(job_id)
 
 
-async def _register(websocket: WebSocket, hello: Hello, store: Store, workers) -> WorkerConnection:
+def _check_live_rank(hello: Hello, workers) -> None:
+    """Refuse (4409) a hello for a connected rank unless it comes from that connection's own link:
+    the link's id is never disclosed, so only the link itself can replace its stale connection.
+    (The job's secret is checked by the store.) The reason names no host, pid or world size."""
     current = workers.get(hello.job_id, hello.rank)
-    if current is not None and (current.host, current.pid) != (hello.host, hello.pid):
-        raise _Refuse(
-            close_codes.CONFLICT,
-            f"rank {hello.rank} of job {hello.job_id} is connected from {current.host} pid {current.pid}",
-        )
+    if current is not None and (hello.link is None or current.link != hello.link):
+        raise _Refuse(close_codes.CONFLICT, f"rank {hello.rank} of this job is connected from another link")
+
+
+async def _register(websocket: WebSocket, hello: Hello, store: Store, workers) -> WorkerConnection:
+    _check_live_rank(hello, workers)
     now = time.time()
     try:
         await store.write(lambda c: writes.hello(c, hello, now))
+    except writes.NotMember as err:
+        raise _Refuse(close_codes.NOT_MEMBER, str(err)) from None
     except writes.Conflict as err:
         raise _Refuse(close_codes.POLICY, str(err)) from None
+    _check_live_rank(hello, workers)  # another link may have registered while the store wrote
     conn = WorkerConnection(hello.job_id, hello.rank, hello.host, hello.pid, websocket, hello.link)
     old = workers.add(conn)
     if old is not None:
         with contextlib.suppress(Exception):
-            await old.websocket.close(close_codes.REPLACED, "replaced by a newer connection of the same process")
+            await old.websocket.close(close_codes.REPLACED, "replaced by a newer connection of the same link")
     return conn
 
 
 async def _store(batch: EncodedBatch, seq: int | None, conn: WorkerConnection, store: Store, commands, workers) -> None:
     """Store a batch; its ``seq`` (if any) is acknowledged once committed."""
     if batch.control and conn.rank == 0:
-        # A control change is rare and changes the job: wait for it, then tell dashboards.
-        now = time.time()
-        await store.write(lambda c: writes.write_metrics(c, conn.job_id, conn.rank, batch, now))
+        # A control change is rare and changes the job: wait for it, then tell dashboards. Its
+        # version can be past the stored one by the commands delivered and not yet acknowledged.
+        now, ahead = time.time(), len(conn.delivered)
+        await store.write(lambda c: writes.write_metrics(c, conn.job_id, conn.rank, batch, now, max_ahead=ahead))
         commands.announce_job(conn.job_id)
         if seq is not None:
             workers.stored([(conn, seq)])

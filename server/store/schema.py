@@ -92,7 +92,24 @@ def _v2_control_without_autotune(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1_tables, _v2_control_without_autotune)
+def _v3_job_secret(conn: sqlite3.Connection) -> None:
+    """``jobs.secret_hash``: the sha256 (hex) of the secret the job's ranks share, bound at its first
+    hello; a hello with another secret is refused. Jobs from before have NULL: the next hello binds them."""
+    conn.execute("ALTER TABLE jobs ADD COLUMN secret_hash TEXT")
+
+
+def _v4_counters(conn: sqlite3.Connection) -> None:
+    """``counters``: the server's own running totals, kept across restarts (``dropped_metric_batches``:
+    metric batches it did not store, and so never confirmed; their links sent them again)."""
+    conn.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _v1_tables,
+    _v2_control_without_autotune,
+    _v3_job_secret,
+    _v4_counters,
+)
 LATEST = len(MIGRATIONS)
 
 

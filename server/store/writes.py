@@ -6,7 +6,10 @@ made on the event loop and written by the writer process (``process.write_rows``
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import logging
 import sqlite3
 
 from avgctl.protocol import CommandAck, ControlView, Hello
@@ -15,23 +18,40 @@ from avgctl.server.records import EncodedBatch
 from avgctl.server.store import process
 from avgctl.server.store.reads import get_command
 
+log = logging.getLogger(__name__)
+
 
 class UnknownJob(LookupError):
     """No job with that id."""
 
 
 class Conflict(ValueError):
-    """A write that contradicts what is stored (e.g. a hello with another world size)."""
+    """A write that contradicts what is stored (e.g. a hello with another world size). Its message
+    goes to the sender: it names nothing the sender did not send (no host, pid or world size)."""
+
+
+class NotMember(PermissionError):
+    """A hello whose ``job_secret`` is not the one the job was bound to: not a process of this job."""
+
+
+def secret_hash(secret: str) -> str:
+    """What the store keeps of a job's secret (sha256, hex): a stolen file does not give it away."""
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def hello(conn: sqlite3.Connection, msg: Hello, now: float) -> None:
-    """A rank (re)connected: create or update its job and rank; rank 0 brings the control state."""
-    row = conn.execute("SELECT world_size FROM jobs WHERE id = ?", (msg.job_id,)).fetchone()
+    """A rank (re)connected: create or update its job and rank; rank 0 brings the control state.
+
+    The job is bound to the hello's secret at its first hello (or the first since the store knew
+    secrets); ``NotMember`` for any other secret, before anything is read or written for it.
+    """
+    row = conn.execute("SELECT world_size, secret_hash FROM jobs WHERE id = ?", (msg.job_id,)).fetchone()
+    presented = secret_hash(msg.job_secret)
     control, _ = _control_view(msg.control)
     if row is None:
         conn.execute(
-            "INSERT INTO jobs (id, world_size, status, step, control, autotune, config, created_at, updated_at)"
-            " VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (id, world_size, status, step, control, autotune, config, created_at, updated_at,"
+            " secret_hash) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
             (
                 msg.job_id,
                 msg.world_size,
@@ -41,14 +61,19 @@ def hello(conn: sqlite3.Connection, msg: Hello, now: float) -> None:
                 msg.config.model_dump_json(),
                 now,
                 now,
+                presented,
             ),
         )
-    elif row[0] != msg.world_size:
+    elif row[1] is not None and not hmac.compare_digest(row[1], presented):
+        raise NotMember("not a process of this job")
+    if row is not None and row[1] is None:
+        conn.execute("UPDATE jobs SET secret_hash = ? WHERE id = ?", (presented, msg.job_id))
+    if row is not None and row[0] != msg.world_size:
         (connected,) = conn.execute(
             "SELECT COUNT(*) FROM ranks WHERE job_id = ? AND connected = 1", (msg.job_id,)
         ).fetchone()
         if connected:
-            raise Conflict(f"job {msg.job_id} runs with world size {row[0]}, not {msg.world_size}")
+            raise Conflict(f"world size {msg.world_size} contradicts the running job")
         # The same job id started again with another world size: forget the old ranks.
         conn.execute("DELETE FROM ranks WHERE job_id = ?", (msg.job_id,))
         conn.execute("UPDATE jobs SET world_size = ? WHERE id = ?", (msg.world_size, msg.job_id))
@@ -89,9 +114,17 @@ def disconnect(conn: sqlite3.Connection, job_id: str, rank: int, normal: bool, n
     conn.execute("UPDATE jobs SET status = ?, updated_at = ? WHERE id = ?", (status, now, job_id))
 
 
-def write_metrics(conn: sqlite3.Connection, job_id: str, rank: int, batch: EncodedBatch, now: float) -> None:
-    """Store one rank's batch (received at ``now``)."""
-    write_metric_batches(conn, [(job_id, rank, batch, now)])
+def write_metrics(
+    conn: sqlite3.Connection, job_id: str, rank: int, batch: EncodedBatch, now: float, max_ahead: int | None = None
+) -> None:
+    """Store one rank's batch (received at ``now``). Rank 0's newest control view becomes the job's
+    if it is newer and at most ``max_ahead`` versions past the stored one (None: no bound); its
+    control events are stored as they are, either way."""
+    entry = metric_entry(job_id, rank, batch, now)
+    control = entry[6]
+    if control is not None and not _reachable(conn, job_id, control[1], max_ahead):
+        entry = (*entry[:6], None, *entry[7:])
+    process.write_rows(conn, process.metric_rows([entry]))
 
 
 def metric_entry(job_id: str, rank: int, batch: EncodedBatch, now: float) -> process.Entry:
@@ -149,18 +182,41 @@ def insert_command(
     return get_command(conn, job_id, cur.lastrowid)  # type: ignore[return-value]
 
 
-def resolve_command(conn: sqlite3.Connection, job_id: str, ack: CommandAck, now: float) -> CommandOut | None:
-    """Record rank 0's ack. Only a pending command changes (a re-sent ack is a no-op); returns it then."""
+def resolve_command(
+    conn: sqlite3.Connection, job_id: str, ack: CommandAck, now: float, max_ahead: int | None = None
+) -> CommandOut | None:
+    """Record rank 0's ack. Only a pending command changes (a re-sent ack is a no-op); returns it then.
+
+    An applied command's control view becomes the job's, unless it is older than the stored one or
+    more than ``max_ahead`` versions newer (the commands delivered and not yet acknowledged: each
+    applied one adds one; None: no bound).
+    """
     cur = conn.execute(
         "UPDATE commands SET status = ?, applied_step = ?, reason = ?, updated_at = ?"
         " WHERE id = ? AND job_id = ? AND status = 'pending'",
         (ack.status, ack.applied_step, ack.reason, now, ack.command_id, job_id),
     )
-    if ack.control is not None and ack.status == "applied":
-        process.set_controls(conn, [(job_id, *_control_view(ack.control), now)])
     if cur.rowcount == 0:
         return None
+    if ack.control is not None and ack.status == "applied" and _reachable(conn, job_id, ack.control.version, max_ahead):
+        process.set_controls(conn, [(job_id, *_control_view(ack.control), now)])
     return get_command(conn, job_id, ack.command_id)
+
+
+def _reachable(conn: sqlite3.Connection, job_id: str, version: int, max_ahead: int | None) -> bool:
+    """Whether the job's own exchange can have reached control ``version``: at most ``max_ahead``
+    past the stored one. A view beyond it would hide every real update (``set_controls`` keeps the
+    highest version), so it is ignored."""
+    if max_ahead is None:
+        return True
+    row = conn.execute("SELECT json_extract(control, '$.version') FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    stored = 0 if row is None or row[0] is None else int(row[0])
+    if version <= stored + max_ahead:
+        return True
+    log.warning(
+        "ignored control version %d of job %s: at most %d past the stored %d", version, job_id, max_ahead, stored
+    )
+    return False
 
 
 def set_autotune(conn: sqlite3.Connection, job_id: str, view: AutotuneView, now: float) -> int:

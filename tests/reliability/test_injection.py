@@ -54,6 +54,7 @@ def hello(job_id: str, rank: int = 0, world_size: int = 1, host: str = "h") -> s
             world_size=world_size,
             host=host,
             pid=4242 + rank,
+            job_secret="injection-job-secret",
             config=AveragerConfig(kind="periodic", period=4, warmup_steps=0),
             control=ControlView(period=4, warmup_steps=0),
         )

@@ -16,7 +16,7 @@ import pytest
 import torch
 from websockets.sync.client import connect
 
-from tests.support.processes import CONTROL, WORKER, ServerProcess, free_port, wait_for
+from tests.support.processes import CONTROL, WORKER, ServerProcess, free_port, torchrun_demo, wait_for
 
 pytestmark = pytest.mark.dist
 
@@ -26,37 +26,6 @@ def server(tmp_path):
     srv = ServerProcess(tmp_path / "avgctl.db").start()
     yield srv
     srv.stop()
-
-
-def torchrun(server, job: str, log: Path, *args: str, restarts: int = 0) -> subprocess.Popen:
-    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                "2",
-                "--max-restarts",
-                str(restarts),
-                "--monitor-interval",
-                "0.1",
-                "-m",
-                "avgctl.worker.demo",
-                "--server",
-                server.base,
-                "--job-id",
-                job,
-                "--period",
-                "4",
-                *args,
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "AVGCTL_TOKEN": WORKER, "OMP_NUM_THREADS": "1"},
-        )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -112,7 +81,7 @@ def checkpoint_step(path: Path) -> int | None:
 def test_killed_rank_is_seen_and_the_job_resumes_from_its_checkpoint(server, tmp_path):
     api, job = server.api, "rank-kill"
     ckpt = tmp_path / "ckpt"
-    proc = torchrun(
+    proc = torchrun_demo(
         server,
         job,
         tmp_path / "w.log",

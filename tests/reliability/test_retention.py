@@ -22,6 +22,7 @@ def _hello(rank: int) -> Hello:
         world_size=2,
         host="h",
         pid=rank + 1,
+        job_secret="retention-job-secret",
         config=AveragerConfig(kind="periodic", period=4, warmup_steps=0),
         control=ControlView(period=4, warmup_steps=0),
     )

@@ -104,8 +104,8 @@ def _say_hello(store: st.Store, rank: int, **kw) -> None:
 
 def test_a_new_file_reaches_the_latest_version_with_every_column(path):
     _opened(path)
-    assert _raw(path, "PRAGMA user_version") == [(schema.LATEST,)] and schema.LATEST == len(schema.MIGRATIONS) == 2
-    assert _columns(path, "jobs")[-2:] == ["last_seen", "divergence_step"]
+    assert _raw(path, "PRAGMA user_version") == [(schema.LATEST,)] and schema.LATEST == len(schema.MIGRATIONS) >= 3
+    assert _columns(path, "jobs")[-3:] == ["last_seen", "divergence_step", "secret_hash"]
     assert _columns(path, "commands")[-1] == "note"
 
 
@@ -160,7 +160,7 @@ def test_the_second_migration_drops_only_the_control_views_autotune_key(path):
     conn.close()
     _opened(path)
     assert dict(_raw(path, "SELECT id, control FROM jobs")) == {"stale": view, "clean": view}
-    assert _raw(path, "PRAGMA user_version") == [(2,)]
+    assert _raw(path, "PRAGMA user_version") == [(schema.LATEST,)]
 
 
 # A start marks every job and rank disconnected (jobs.status, updated_at; ranks.connected): the rest must stand.

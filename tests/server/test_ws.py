@@ -79,16 +79,16 @@ def test_ack_from_rank_1_is_refused(client):
         assert closed_with(ws) == (1008, "only rank 0 acknowledges commands")
 
 
-def test_same_rank_from_another_process_is_refused_same_process_replaces(client):
+def test_same_rank_from_another_link_is_refused_the_same_link_replaces(client):
     with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as first:
-        first.send_text(hello(pid=100))
+        first.send_text(hello(pid=100, link="L1"))
         wait_for(lambda: client.get("/api/jobs/job-1").status_code == 200)
         with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as other:
-            other.send_text(hello(pid=999))
+            other.send_text(hello(pid=100))
             code, reason = closed_with(other)
-            assert code == 4409 and "pid 100" in reason
+            assert code == 4409 and "100" not in reason
         with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as again:
-            again.send_text(hello(pid=100))
+            again.send_text(hello(pid=100, link="L1"))
             assert closed_with(first)[0] == 4000
             again.send_text(batch(1, 2))
             wait_for(lambda: client.get("/api/jobs/job-1").json()["step"] == 2)
@@ -102,7 +102,7 @@ def test_world_size_conflict_while_running(client):
         with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r1:
             r1.send_text(hello(rank=1, world_size=4, pid=7))
             code, reason = closed_with(r1)
-        assert code == 1008 and "world size 2" in reason
+        assert code == 1008 and reason == "world size 4 contradicts the running job"
     assert client.get("/api/jobs/job-1").json()["world_size"] == 2
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import secrets
 import threading
 import time
 from typing import Any
@@ -29,6 +30,7 @@ from avgctl.protocol import (
 )
 from avgctl.worker import control_state as cs
 from avgctl.worker.ledger import CommandLedger
+from tests.support.frames import JOB_SECRET
 from tests.support.tokens import WORKER
 
 
@@ -43,6 +45,9 @@ class FakeAverager:
         self.listeners: list[Any] = []
         self.source: Any = None
         self.ledger = CommandLedger()  # the averager's rule: apply an id once, answer repeats
+        # The fakes of a test are the ranks of one job: they share its secret, as connect() makes
+        # a real job's ranks do through their store.
+        self.job_secret: str | None = JOB_SECRET
 
     def hello_config(self) -> AveragerConfig:
         return AveragerConfig(kind="periodic", period=self.state.period, warmup_steps=self.state.warmup_steps)
@@ -119,6 +124,7 @@ class FakeJob:
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.job_secret = secrets.token_hex(16)  # what its ranks share, as a real job's
 
     def hello(self, rank: int) -> str:
         group_sizes = list(self.state.group_sizes) if self.state.group_sizes else None
@@ -137,6 +143,7 @@ class FakeJob:
             config=config,
             control=cs.to_view(self.state),
             step=self.step,
+            job_secret=self.job_secret,
         ).model_dump_json()
 
     def start(self, streaming: bool = True) -> FakeJob:

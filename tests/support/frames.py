@@ -12,6 +12,9 @@ from avgctl.protocol import AveragerConfig, ControlEvent, ControlView, Hello, Me
 from avgctl.server import store as st
 from avgctl.server.records import EncodedBatch, decode_metrics, encode
 
+JOB_SECRET = "0123456789abcdef" * 2
+"""The job secret ``hello`` sends unless told otherwise: every test job's ranks share it."""
+
 
 def hello(
     job_id: str = "job-1",
@@ -20,16 +23,19 @@ def hello(
     pid: int = 100,
     control: ControlView | None = None,
     link: str | None = None,
+    job_secret: str = JOB_SECRET,
+    host: str = "h",
 ) -> str:
     return Hello(
         job_id=job_id,
         rank=rank,
         world_size=world_size,
-        host="h",
+        host=host,
         pid=pid,
         config=AveragerConfig(kind="periodic", period=4, warmup_steps=0),
         control=control or ControlView(period=4, warmup_steps=0),
         link=link,
+        job_secret=job_secret,
     ).model_dump_json()
 
 

@@ -31,6 +31,7 @@ from tests.support.processes import free_port, rss_bytes
 TOKEN = "bench-token"
 JOB = "bench"
 RECORDS_PER_BATCH = 5
+SECRET = "bench-job-secret-0123456789"  # the job secret every simulated rank of ``JOB`` shares
 
 
 def hello(rank: int, world: int, link: str) -> str:
@@ -41,6 +42,7 @@ def hello(rank: int, world: int, link: str) -> str:
         host="bench",
         pid=10_000 + rank,
         link=link,
+        job_secret=SECRET,
         config=AveragerConfig(kind="periodic", period=8, warmup_steps=0),
         control=ControlView(period=8, warmup_steps=0),
     ).model_dump_json()

@@ -109,37 +109,59 @@ class Api(Client):
 
 
 class ServerProcess:
-    """``avgctl serve`` as a child process; kill and restart it on the same port and database."""
+    """``avgctl serve`` as a child process; kill and restart it on the same port and database.
 
-    def __init__(self, db: Path, port: int | None = None):
+    ``args`` are more ``serve`` flags, ``env`` more environment variables, ``log`` a file for the
+    server's output; ``default_tokens=False`` leaves out the ``CONTROL``/``WORKER`` token flags.
+    """
+
+    def __init__(
+        self,
+        db: Path,
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        token: str = CONTROL,
+        default_tokens: bool = True,
+    ):
         self.db, self.port = db, port or free_port()
+        self.args, self.env, self.log = args, env, log
+        self.default_tokens = default_tokens
         self.proc: subprocess.Popen | None = None
-        self.api = Api(self.base)
+        self.api = Api(self.base, token)
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServerProcess:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "avgctl.server.cli",
-                "serve",
-                "--port",
-                str(self.port),
-                "--db",
-                str(self.db),
-                "--control-token",
-                CONTROL,
-                "--worker-token",
-                WORKER,
-                "--log-level",
-                "warning",
-            ],
-            start_new_session=True,
-        )
+        tokens = ["--control-token", CONTROL, "--worker-token", WORKER] if self.default_tokens else []
+        level = [] if "--log-level" in self.args else ["--log-level", "warning"]
+        out = open(self.log, "a") if self.log else None  # the child keeps its own copy
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "avgctl.server.cli",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--db",
+                    str(self.db),
+                    *tokens,
+                    *level,
+                    *self.args,
+                ],
+                start_new_session=True,
+                env=None if self.env is None else {**os.environ, **self.env},
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+            )
+        finally:
+            if out is not None:
+                out.close()
         wait_for(lambda: self.proc.poll() is not None or self.api.try_get("/api/health"), 30, what="server health")
         assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
         return self
@@ -203,3 +225,36 @@ class Workers:
         stop_tree(self.proc)
         if self.log is not subprocess.DEVNULL:
             self.log.close()
+
+
+def torchrun_demo(server: ServerProcess, job: str, log: Path, *args: str, restarts: int = 0) -> subprocess.Popen:
+    """A 2-rank ``torchrun --standalone`` demo job at period 4 reporting to ``server`` (its own session,
+    output to ``log``); ``restarts`` is torchrun's ``--max-restarts``."""
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "--max-restarts",
+                str(restarts),
+                "--monitor-interval",
+                "0.1",
+                "-m",
+                "avgctl.worker.demo",
+                "--server",
+                server.base,
+                "--job-id",
+                job,
+                "--period",
+                "4",
+                *args,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "AVGCTL_TOKEN": WORKER, "OMP_NUM_THREADS": "1"},
+        )
