@@ -5,12 +5,13 @@
 - ``servers``: the server in this process: ``make_settings``, ``ServerThread`` (a real uvicorn in
   a thread), ``running_server``.
 - ``processes``: real processes: ``ServerProcess`` (``avgctl serve``), ``Workers`` (``torchrun``
-  demo ranks), ``Api`` (the CLI's REST client), ``free_port``, ``descendants``, ``stop_tree``,
-  ``rss_bytes``, and a slower ``wait_for``.
+  demo ranks), ``torchrun_demo`` (one 2-rank job, restarts optional), ``Api`` (the CLI's REST
+  client), ``free_port``, ``descendants``, ``stop_tree``, ``rss_bytes``, and a slower ``wait_for``.
 - ``fakes``: ``FakeAverager`` (one link's averager, with the real ``CommandLedger``) and
   ``FakeJob`` (a job's ranks over ``/ws/worker``, acknowledging commands).
 - ``frames``: worker-protocol frames (``hello``, ``batch``), ``encoded`` batches,
   ``store_with_two_ranks``, and ``close_of`` (a websocket's close code and reason).
+- ``strict``: ``strict_json`` (valid JSON as ``JSON.parse`` reads it) and ``NON_FINITE``.
 - ``browser``: Debian's Chromium (``launch_chromium``, ``ARTIFACTS``), ``Console``, ``login``.
 - ``distributed``: ``run_ranks``, a function on N real gloo ranks.
 - ``workloads``: tiny deterministic models and steps for the distributed tests.
