@@ -29,7 +29,6 @@ import multiprocessing as mp
 import os
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +54,7 @@ from tests.support.load import (  # noqa: E402
     open_ranks,
     send_paced,
     start_dashboards,
+    start_server,
     wait_http,
 )
 
@@ -302,22 +302,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         db = os.path.join(tmp, "bench.db")
         port = free_port()
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "avgctl.server.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--db",
-                db,
-                "--control-token",
-                TOKEN,
-                "--log-level",
-                "warning",
-            ],
-        )
+        server = start_server(db, port)
         try:
             base = f"http://127.0.0.1:{port}"
             wait_http(base + "/api/health")

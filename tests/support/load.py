@@ -225,19 +225,10 @@ def server_dropped(base: str) -> int:
     return 0
 
 
-def run_load(
-    tmp: Path,
-    ranks: int = 64,
-    rate: float = 10.0,
-    seconds: float = 60.0,
-    dashboards: int = 20,
-    env: dict[str, str] | None = None,
-) -> LoadRun:
-    run = LoadRun(ranks, rate, seconds, dashboards)
-    db = str(tmp / "load.db")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
+def start_server(db: str, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``avgctl serve`` on ``port`` with ``db``, its one token ``TOKEN`` (so the simulated ranks use it
+    too), logging warnings only; ``env`` is added to this process's environment."""
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -254,6 +245,21 @@ def run_load(
         ],
         env={**os.environ, **(env or {})},
     )
+
+
+def run_load(
+    tmp: Path,
+    ranks: int = 64,
+    rate: float = 10.0,
+    seconds: float = 60.0,
+    dashboards: int = 20,
+    env: dict[str, str] | None = None,
+) -> LoadRun:
+    run = LoadRun(ranks, rate, seconds, dashboards)
+    db = str(tmp / "load.db")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start_server(db, port, env)
     ctx = mp.get_context("spawn")
     sampling = threading.Event()
 
