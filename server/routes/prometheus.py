@@ -10,7 +10,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from avgctl.server.autopilot import Autopilot
-from avgctl.server.deps import AutopilotDep, StoreDep
+from avgctl.server.commands import CommandService
+from avgctl.server.deps import AutopilotDep, CommandsDep, StoreDep
 from avgctl.server.store import Store
 
 router = APIRouter(tags=["prometheus"])
@@ -19,9 +20,10 @@ router = APIRouter(tags=["prometheus"])
 class StoreCollector(Collector):
     """Per-job gauges built from the store on each scrape (no state to keep in sync)."""
 
-    def __init__(self, store: Store, autopilot: Autopilot | None = None):
+    def __init__(self, store: Store, autopilot: Autopilot | None = None, commands: CommandService | None = None):
         self.store = store
         self.autopilot = autopilot
+        self.commands = commands
 
     def collect(self) -> Iterator:
         step = GaugeMetricFamily("avgctl_job_step", "Latest step reported by any rank", labels=["job"])
@@ -57,17 +59,25 @@ class StoreCollector(Collector):
         )
         for jid, count in sorted((self.autopilot.errors if self.autopilot is not None else {}).items()):
             errors.add_metric([jid], count)
-        yield from (step, period, mean, mx, ranks, commands, dropped, server_dropped, errors)
+        ignored = CounterMetricFamily(
+            "avgctl_ignored_acks",
+            "Acks for a command id not delivered to the connection that sent them (or no longer pending),"
+            " ignored, since the server started",
+        )
+        ignored.add_metric([], self.commands.ignored_acks if self.commands is not None else 0)
+        yield from (step, period, mean, mx, ranks, commands, dropped, server_dropped, errors, ignored)
 
 
-def registry_for(store: Store, autopilot: Autopilot | None = None) -> CollectorRegistry:
+def registry_for(
+    store: Store, autopilot: Autopilot | None = None, commands: CommandService | None = None
+) -> CollectorRegistry:
     """A registry per app (not the global one), so several apps can live in one process."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StoreCollector(store, autopilot))
+    registry.register(StoreCollector(store, autopilot, commands))
     return registry
 
 
 @router.get("/metrics", response_class=Response)
-def prometheus(store: StoreDep, autopilot: AutopilotDep) -> Response:
+def prometheus(store: StoreDep, autopilot: AutopilotDep, commands: CommandsDep) -> Response:
     """All jobs' figures in Prometheus text format."""
-    return Response(generate_latest(registry_for(store, autopilot)), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(registry_for(store, autopilot, commands)), media_type=CONTENT_TYPE_LATEST)

@@ -149,6 +149,8 @@ def test_acks_count_only_for_delivered_commands_and_reachable_versions(server):
         r0.send(batch(1, 2))
         wait_for(lambda: job_of(server, job)["step"] == 2, 10, what="steps after the ack")
         assert (control()["period"], control()["version"]) == (4, 0)
+        scrape = httpx.get(server.base + "/metrics", headers={"Authorization": f"Bearer {CONTROL}"}).text
+        assert "avgctl_ignored_acks_total 1.0" in scrape
         # Delivered, but with a version the job's own commands cannot have reached: the command is
         # resolved, the control view ignored (it would hide every real update after it).
         first = api.command(job, {"type": "set_period", "period": 8})
