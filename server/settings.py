@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     """TCP port (0 picks a free one)."""
     db: str = "./avgctl.db"
     """SQLite file (WAL mode); ``:memory:`` is not supported because two connections share it."""
+    token: str | None = None
+    """The one-token setup (``AVGCTL_TOKEN``, the variable workers and the CLI read too): the control
+    token when ``control_token`` is not set, so one variable serves the server, its workers and the CLI."""
     control_token: str | None = None
     """May do everything. If no token at all is set, one is generated at start and printed."""
     read_token: str | None = None
@@ -107,6 +110,8 @@ class Settings(BaseSettings):
             if not token:
                 raise ValueError(f"{role}_token_file {path} is empty")
             setattr(self, f"{role}_token", token)
+        if self.token and not self.control_token:
+            self.control_token = self.token
         return self
 
 

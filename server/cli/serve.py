@@ -16,6 +16,7 @@ SETTINGS_FLAGS = {
     "host": "interface to listen on",
     "port": "TCP port",
     "db": "SQLite file",
+    "token": "the one token (the control token unless --control-token is given; workers and the CLI read it as AVGCTL_TOKEN)",
     "control_token": "token with every right",
     "read_token": "token that may only read",
     "worker_token": "token that may only send metrics",
