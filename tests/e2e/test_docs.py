@@ -22,6 +22,7 @@ ELSEWHERE = {
     "make test": ".ci/run runs it on every submission",
     "docker compose up --build": "no Docker engine here: tests/e2e/test_compose.py validates the file and runs its worker command",
     "avgctl serve --port 8000 --db avgctl.db": "tests/support/processes.py ServerProcess runs `avgctl serve --port P --db D`",
+    "export AVGCTL_TOKEN=secret     # or avgctl serve --token secret": "tests/e2e/test_one_token.py starts `avgctl serve` with AVGCTL_TOKEN, and with --token",
     "torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint node0:29400 --rdzv-id my-job train.py": "the same flags as docker-compose.yml's worker command, run as two nodes in tests/e2e/test_compose.py",
     "srun --nodes 2 --ntasks-per-node 1 torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint "
     "$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29400 --rdzv-id $SLURM_JOB_ID train.py": "needs a SLURM cluster: not exercised here",
