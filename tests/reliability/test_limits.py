@@ -26,26 +26,14 @@ from avgctl.protocol.bounds import SCALAR_NAME_MAX_LENGTH
 from avgctl.server import store as st
 from avgctl.server.autotune import COST_FLOOR_MAX
 from avgctl.server.store import reads
-from tests.support.frames import JOB_SECRET, close_of, hello
+from tests.support.frames import JOB_SECRET, close_of, hello, uniform_round
 from tests.support.polling import wait_for
 from tests.support.processes import ServerProcess
 from tests.support.servers import CONTROL, READ, WORKER, auth, make_settings, running_server
 
 
 def _round(step: int, relative: float, seconds: float = 0.001) -> RoundRecord:
-    return RoundRecord(
-        step=step,
-        group_size=1,
-        divergence=relative,
-        relative_divergence=relative,
-        divergence_mean=relative,
-        divergence_max=relative,
-        relative_mean=relative,
-        relative_max=relative,
-        seconds=seconds,
-        bytes=8,
-        exact=True,
-    )
+    return uniform_round(step, relative, seconds=seconds)
 
 
 def _steps(first: int, last: int, step_time: float = 0.01) -> list[StepRecord]:

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from avgctl.protocol import CommandAck, ControlView, MetricsBatch, RoundRecord, StepRecord
+from avgctl.protocol import CommandAck, ControlView, MetricsBatch, StepRecord
 from avgctl.server import autotune as at
-from tests.support.frames import hello
+from tests.support.frames import hello, uniform_round
 from tests.support.polling import wait_for
 from tests.support.servers import WORKER, auth
 
@@ -366,23 +366,7 @@ def send_rounds(ws, first: int, last: int, period: int, relative: float) -> None
     for lo in range(first, last + 1, 8):
         span = range(lo, min(lo + 8, last + 1))
         steps = [StepRecord(step=s, time=1000.0 + s, step_time=0.01, loss=1.0) for s in span]
-        rounds = [
-            RoundRecord(
-                step=s,
-                group_size=1,
-                divergence=relative,
-                relative_divergence=relative,
-                divergence_mean=relative,
-                divergence_max=relative,
-                relative_mean=relative,
-                relative_max=relative,
-                seconds=0.001,
-                bytes=8,
-                exact=True,
-            )
-            for s in span
-            if s % period == 0
-        ]
+        rounds = [uniform_round(s, relative) for s in span if s % period == 0]
         ws.send_text(MetricsBatch(steps=steps, rounds=rounds).model_dump_json())
 
 

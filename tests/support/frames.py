@@ -71,6 +71,23 @@ def batch(
     return MetricsBatch(steps=steps, rounds=rnds, control=control or [], dropped=3, seq=seq).model_dump_json()
 
 
+def uniform_round(step: int, relative: float, group_size: int = 1, seconds: float = 0.001) -> RoundRecord:
+    """A round whose every divergence figure is ``relative`` (for the autopilot, which reads them)."""
+    return RoundRecord(
+        step=step,
+        group_size=group_size,
+        divergence=relative,
+        relative_divergence=relative,
+        divergence_mean=relative,
+        divergence_max=relative,
+        relative_mean=relative,
+        relative_max=relative,
+        seconds=seconds,
+        bytes=8,
+        exact=True,
+    )
+
+
 def encoded(text: str) -> EncodedBatch:
     """A batch frame as the server keeps it once it has read it."""
     batch = decode_metrics(text)
