@@ -5,12 +5,15 @@ one path segment each, so no path leads into a folder, plus uPlot's ``dist/`` un
 and the three Swagger UI files ``/docs`` needs under ``/vendor/swagger-ui`` (both from npm, in
 web/package.json): the server loads nothing from elsewhere and works offline. ``/docs`` itself
 describes the API, so it needs a token like the API (``/redoc`` is gone: it would need a CDN too).
+Without those npm files (no ``npm ci`` in web/) their paths answer 404 and the server warns at start.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import logging
+import os
 import re
 from pathlib import Path
 
@@ -24,9 +27,13 @@ from starlette.types import Scope
 import avgctl.web
 from avgctl.server.headers import policy
 
+log = logging.getLogger(__name__)
+
 WEB_DIR = Path(avgctl.web.__file__).parent
 UPLOT_DIR = WEB_DIR / "node_modules" / "uplot" / "dist"
 UPLOT_PATH = "/vendor/uplot"
+UPLOT_FILES = ("uPlot.esm.js", "uPlot.min.css")
+"""What the page loads from uPlot; pyproject's package-data lists the same files, so a wheel carries them."""
 SWAGGER_DIR = WEB_DIR / "node_modules" / "swagger-ui-dist"
 SWAGGER_PATH = "/vendor/swagger-ui"
 SWAGGER_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
@@ -43,6 +50,13 @@ _PLACEHOLDER = """<!doctype html><meta charset="utf-8"><title>avgctl</title>
 <h1>avgctl</h1><p>The dashboard is not installed. The API is at <a href="/docs">/docs</a>.</p>"""
 
 
+def missing_npm_files() -> list[Path]:
+    """The npm files the dashboard and ``/docs`` load that are not installed (a source checkout
+    without ``npm ci`` in web/, or a wheel built without them)."""
+    wanted = [UPLOT_DIR / name for name in UPLOT_FILES] + [SWAGGER_DIR / name for name in SWAGGER_FILES]
+    return [path for path in wanted if not path.is_file()]
+
+
 def is_page_file(scope: Scope) -> bool:
     """A GET/HEAD of the dashboard page or one of its files: served without a token."""
     return (
@@ -53,11 +67,17 @@ def is_page_file(scope: Scope) -> bool:
 
 
 class PageFiles(StaticFiles):
-    """Static files of one folder whose names match ``pattern`` (no subfolders); 404 for the rest."""
+    """Static files of one folder whose names match ``pattern`` (no subfolders); 404 for the rest,
+    and for every name while the folder is missing (``mount_pages`` warns about that once)."""
 
     def __init__(self, directory: Path, pattern: str):
         super().__init__(directory=directory, check_dir=False)
         self.pattern = re.compile(pattern)
+
+    async def check_config(self) -> None:
+        # Starlette's check raises on a missing folder at the first request, a 500 on every one.
+        if Path(self.directory).is_dir():
+            await super().check_config()
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         if self.pattern.fullmatch(path) is None:
@@ -66,7 +86,17 @@ class PageFiles(StaticFiles):
 
 
 def mount_pages(app: FastAPI) -> None:
-    """``/`` (the page, or a placeholder when the dashboard is not installed) and its files."""
+    """``/`` (the page, or a placeholder when the dashboard is not installed) and its files; warns
+    when the npm files are missing (those paths answer 404, and the page cannot start)."""
+    missing = missing_npm_files()
+    if missing:
+        log.warning(
+            "the dashboard's npm files are missing (%s): the dashboard stays blank and /docs cannot load."
+            " In a source checkout run `npm ci` in %s; otherwise reinstall avgctl from a wheel built"
+            " with them (building one runs npm ci)",
+            ", ".join(os.path.relpath(path, WEB_DIR) for path in missing),
+            WEB_DIR,
+        )
 
     @app.get("/", include_in_schema=False)
     def index() -> Response:

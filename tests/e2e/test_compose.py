@@ -68,12 +68,15 @@ def test_compose_services_ports_health_and_tokens():
 
 def test_every_referenced_file_and_command_exists():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for source in re.findall(r"^COPY (?!--from)(\S+)", dockerfile, flags=re.M) + [
-        "web/package.json",
-        "web/package-lock.json",
-    ]:
+    copied = [src for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile, flags=re.M) for src in line.split()[:-1]]
+    for source in copied + ["web/package.json", "web/package-lock.json"]:
         assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    # `pip install .` in the image needs every package folder and the build hook.
+    folders = {path.split("/")[0] for path in pyproject["tool"]["setuptools"]["package-dir"].values()}
+    for needed in folders | {"build_web.py", "MANIFEST.in"}:
+        assert needed in copied, f"the image's `pip install .` needs {needed}, which the Dockerfile does not copy"
+    scripts = pyproject["project"]["scripts"]
     spec = _rendered()
     assert spec["services"]["server"]["command"][0] in scripts  # `avgctl`
     worker = spec["services"]["node0"]["command"]

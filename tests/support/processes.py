@@ -22,8 +22,10 @@ __all__ = [
     "Api",
     "ServerProcess",
     "Workers",
+    "alive",
     "descendants",
     "free_port",
+    "listening",
     "rss_bytes",
     "stop_tree",
     "wait_for",
@@ -34,6 +36,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts connections on loopback ``port``."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead and waiting for its parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def descendants(pid: int) -> list[int]:
@@ -112,7 +129,8 @@ class ServerProcess:
     """``avgctl serve`` as a child process; kill and restart it on the same port and database.
 
     ``args`` are more ``serve`` flags, ``env`` more environment variables, ``log`` a file for the
-    server's output; ``default_tokens=False`` leaves out the ``CONTROL``/``WORKER`` token flags.
+    server's output; ``default_tokens=False`` leaves out the ``CONTROL``/``WORKER`` token flags;
+    ``python`` the interpreter that runs it (another venv's, to serve an installed wheel).
     """
 
     def __init__(
@@ -124,8 +142,10 @@ class ServerProcess:
         log: Path | None = None,
         token: str = CONTROL,
         default_tokens: bool = True,
+        python: str = sys.executable,
     ):
         self.db, self.port = db, port or free_port()
+        self.python = python
         self.args, self.env, self.log = args, env, log
         self.default_tokens = default_tokens
         self.proc: subprocess.Popen | None = None
@@ -142,7 +162,7 @@ class ServerProcess:
         try:
             self.proc = subprocess.Popen(
                 [
-                    sys.executable,
+                    self.python,
                     "-m",
                     "avgctl.server.cli",
                     "serve",
