@@ -64,10 +64,18 @@ class SetHierarchy(Message):
 
     Group sizes are fixed when the averager is built; only their periods change. Keys are JSON
     strings (``{"2": 2, "8": 4}``: groups of 2 ranks average every 2 steps, groups of 8 every 4).
+    set_hierarchy takes {group_size: period}, while torch's HierarchicalModelAverager takes
+    {period: group_size}. The body must name exactly the averager's group sizes, with periods that
+    grow with the size (``avgctl.protocol.hierarchy``); the server answers 422 otherwise.
     """
 
     type: Literal["set_hierarchy"] = "set_hierarchy"
-    periods: dict[str, Period] = Field(min_length=1, max_length=MAX_HIERARCHY_LEVELS)
+    periods: dict[str, Period] = Field(
+        min_length=1,
+        max_length=MAX_HIERARCHY_LEVELS,
+        description="{group_size: period} for every group size of the job's averager (torch's"
+        " HierarchicalModelAverager takes the inverse, {period: group_size}).",
+    )
 
     @field_validator("periods")
     @classmethod

@@ -101,7 +101,9 @@ class HierarchicalAverager(LiveAverager):
     periods divide, only the largest period's group averages. Like torch, the grid is anchored at
     step 0 (``step % period``), not at the end of warm-up.
 
-    Group sizes are fixed here; ``set_hierarchy`` commands retune their periods.
+    Group sizes are fixed here; ``set_hierarchy`` commands retune their periods. Mind the
+    orientation: set_hierarchy takes {group_size: period}, while torch's HierarchicalModelAverager
+    takes {period: group_size} (as this constructor does).
 
     Args:
         period_group_size_dict: ordered ``{period: group_size}``; the last size is the whole group's.
@@ -134,8 +136,15 @@ class HierarchicalAverager(LiveAverager):
                 f"The last value in arg ``period_group_size_dict`` {sizes[-1]} "
                 f"must be equal to the size of arg ``process_group`` {overall}."
             )
-        if len(set(sizes)) != len(sizes):
-            raise ValueError(f"Group sizes in ``period_group_size_dict`` must differ, got {sizes}.")
+        canonical = control_state.canonical_hierarchy(tuple(periods), tuple(sizes))
+        if canonical != (tuple(periods), tuple(sizes)):
+            warnings.warn(
+                f"avgctl: {dict(period_group_size_dict)} repeats a group size; averaging as "
+                f"{dict(zip(*canonical))} (the same steps and groups), one period per group size, "
+                "which set_hierarchy can address",
+                stacklevel=2,
+            )
+            periods, sizes = list(canonical[0]), list(canonical[1])
         if warmup_steps < 0:
             raise ValueError("Arg ``warmup_steps`` must be a non-negative number.")
         # The same subgroup calls as torch, in the same order, so ranks build identical groups.
@@ -146,7 +155,6 @@ class HierarchicalAverager(LiveAverager):
                 level_groups.append(subgroup)
             else:
                 level_groups.append(group)
-        self.period_process_group_dict = OrderedDict(zip(periods, level_groups))
         super().__init__(
             control_state.hierarchical_state(tuple(periods), tuple(sizes), warmup_steps),
             process_group,
@@ -157,3 +165,8 @@ class HierarchicalAverager(LiveAverager):
     @property
     def warmup_steps(self) -> int:
         return self._state.warmup_steps
+
+    @property
+    def period_process_group_dict(self) -> OrderedDict[int, dist.ProcessGroup]:
+        """torch's attribute: ``{period: process group}`` per level, with the live periods."""
+        return OrderedDict(zip(self._state.periods, self._level_groups))

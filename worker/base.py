@@ -7,6 +7,7 @@ It decides at each step whether ranks exchange control or average, runs the roun
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Iterable
@@ -21,12 +22,15 @@ from avgctl.protocol import AveragerConfig, ControlView
 from avgctl.worker import control_state, divergence
 from avgctl.worker.control import ControlExchange, ControlSource, PendingExchange
 from avgctl.worker.control_state import ControlState
+from avgctl.worker.device import RoundClock, control_group, read_at_sync_point
 from avgctl.worker.flat import layout_fingerprint
-from avgctl.worker.layout import Layout, build_layout
+from avgctl.worker.layout import Layout, average_in, build_layout
 from avgctl.worker.options import AveragerOptions
 from avgctl.worker.recorder import AveragerMetrics, MetricsListener, Recorder, RoundDraft
 
 Params = Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]]
+_TAGS = 1 << 20
+"""Distinct tags a changed parameter set gets in a two-rank tail (exact in float32)."""
 
 
 class LiveAverager(ModelAverager):
@@ -57,7 +61,8 @@ class LiveAverager(ModelAverager):
         self.rank = dist.get_rank(self.process_group)
         self.world_size = dist.get_world_size(self.process_group)
         self._recorder = Recorder(self.rank, self.world_size)
-        self._exchange = ControlExchange(self.process_group, levels=len(state.periods))
+        group, device = control_group(self.process_group)
+        self._exchange = ControlExchange(group, levels=len(state.periods), device=device)
         self._last_exchange = 0
         self._layout: Layout | None = None
         self._last_average: torch.Tensor | None = None  # drift-plan coordinates right after the last round
@@ -119,9 +124,14 @@ class LiveAverager(ModelAverager):
         if self._in_call:
             raise RuntimeError("flush() cannot be called from inside average_parameters (a listener)")
         self._settle(self.step)
+        self._recorder.send_landed(wait=True)
 
-    def record(self, loss: float | None = None, **scalars: float) -> None:
-        """Attach figures (the loss, accuracy...) to this step's metrics; call before ``average_parameters``."""
+    def record(self, loss: float | torch.Tensor | None = None, **scalars: float | torch.Tensor) -> None:
+        """Attach figures (the loss, accuracy...) to this step's metrics; call before ``average_parameters``.
+
+        Pass tensors as they are (``loss=loss``, not ``loss.item()``): they are read once their copy
+        to the host has landed, so recording costs no synchronisation on a GPU.
+        """
         self._recorder.record(loss, **scalars)
 
     def name_parameters(self, model: torch.nn.Module) -> None:
@@ -216,7 +226,8 @@ class LiveAverager(ModelAverager):
 
     def _tail_size(self, params: list[torch.nn.Parameter]) -> int:
         """Room for the exchange in the averaging buffer: two-rank jobs in float32/float64 only."""
-        if self.world_size != 2 or not params or params[0].dtype not in (torch.float32, torch.float64):
+        dtypes = {p.dtype for p in params}
+        if self.world_size != 2 or len(dtypes) != 1 or dtypes.pop() not in (torch.float32, torch.float64):
             return 0
         return self._exchange.tail_size
 
@@ -255,47 +266,108 @@ class LiveAverager(ModelAverager):
     # ------------------------------------------------------------------ rounds
 
     def _fast_round(self, params: list[torch.nn.Parameter], level: int, step: int) -> None:
-        """A round on the agreed flat buffer, its checks riding on the exchange that follows.
+        """A round on the agreed flat buffer, taking in a parameter set that changed on every rank alike.
 
-        A rank whose parameter set changed still averages the agreed set (its old parameters' live
-        values), so the all-reduce sizes match on every rank; the exchange then tells every rank, which
-        either agree on the new set (rebuilt at the next exchange) or all fail with a clear error.
+        A set that changed the same way on every rank (a layer unfrozen, a ``.grad`` gone) is
+        averaged at this round, as torch averages whatever has a gradient. Ranks whose sets differ
+        all average the agreed set (their old parameters' live values), so the all-reduce sizes match;
+        the exchange that follows tells every rank, which then agree on the new set at the next
+        exchange or all fail with a clear error.
         """
         layout = self._layout
         assert layout is not None and layout.flat is not None
         views = layout.flat.readopt()  # parameters re-pointed elsewhere come back, values and all
-        if views and layout.ids == tuple(id(p) for p in params):
-            self._round(layout, level, step)
-        else:
-            self._round(layout, level, step, changed_to=layout_fingerprint(params))
+        same = views and layout.ids == tuple(id(p) for p in params)
+        mine = layout.fingerprint if same else layout_fingerprint(params)
+        if self._rides_in_tail(layout, level):
+            self._tail_round(layout, params, level, step, None if same else mine)
+            return
+        # Otherwise the ranks compare their sets first: one tiny all-reduce at the round (a sync point).
+        if not self._sets_agree(level, mine, layout.device):
+            self._round(layout, level, step, changed_to=None if same else mine)
+            return
+        if not same:  # every rank's set changed alike: average the new one
+            layout = self._layout_for(params)
+            layout.agreed = True
+        self._round(layout, level, step)
 
-    def _round(self, layout: Layout, level: int, step: int, changed_to: int | None = None) -> None:
+    def _rides_in_tail(self, layout: Layout, level: int) -> bool:
+        return layout.tail is not None and self._level_groups[level] is self._level_groups[-1]
+
+    def _tail_round(
+        self, layout: Layout, params: list[torch.nn.Parameter], level: int, step: int, changed_to: int | None
+    ) -> None:
+        """Two ranks: the exchange in the buffer's tail compares the sets after the all-reduce, for free.
+
+        When both changed alike, the round is completed to torch's: parameters that left the set get
+        their values from before the round back, those that joined are averaged on their own (with
+        two operands a sum has one order, so this equals torch's one all-reduce of the new set).
+        """
+        if changed_to is None:
+            self._round(layout, level, step)
+            return
+        now = {id(p) for p in params}
+        leaving = [(p, p.detach().clone()) for p in layout.params if id(p) not in now]
+        joining = [p for p in params if id(p) not in set(layout.ids)]
+        self._round(layout, level, step, changed_to=changed_to, changed_tag=1 + layout_fingerprint(joining) % _TAGS)
+        pending = self._pending[0] if self._pending is not None else None
+        if pending is None or not self._exchange.changed_alike(pending):
+            return
+        with torch.no_grad():
+            for p, before in leaving:
+                p.copy_(before)
+        group = self._level_groups[level]
+        average_in(
+            joining, group, self._level_sizes[level], functools.reduce(torch.promote_types, [p.dtype for p in params])
+        )
+        rebuilt = self._layout_for(params)
+        rebuilt.agreed = True
+        self._last_average = rebuilt.drift_sample()
+        pending.layout_settled = True
+
+    def _sets_agree(self, level: int, fingerprint: int, device: torch.device) -> bool:
+        """Every rank of the level's group holds a parameter set with this fingerprint."""
+        pair = torch.tensor([fingerprint, -fingerprint], dtype=torch.float64, device=device)
+        dist.all_reduce(pair, op=dist.ReduceOp.MAX, group=self._level_groups[level])
+        high, low = read_at_sync_point(pair)
+        return high == -low
+
+    def _round(
+        self, layout: Layout, level: int, step: int, changed_to: int | None = None, changed_tag: int = 1
+    ) -> None:
         """Average over the level's group; the exchange that follows carries commands, checks, figures.
 
         In a two-rank job it rides in the averaging all-reduce's tail and both ranks' divergences
         are known locally (``theta_0 - theta_bar = -(theta_1 - theta_bar)``): no collective of its own.
         Otherwise it is its own small all-reduce, started without waiting.
         """
-        started = time.perf_counter()
+        clock = RoundClock(layout.device)
         fingerprint = layout.fingerprint if changed_to is None else changed_to
-        changed = changed_to is not None
+        changed = 0 if changed_to is None else changed_tag
         if self._state.average_now:
             self._state = dataclasses.replace(self._state, average_now=False)
         pending = None
-        if layout.tail is not None and self._level_groups[level] is self._level_groups[-1]:
+        if self._rides_in_tail(layout, level):
             pending = self._exchange.start(
                 self._state, step, fingerprint, anchor=step, changed=changed, tail=layout.tail
             )
         before = layout.samples()
         moved = self._combine(layout, level, step)
-        mine = divergence.rank_divergence(before, layout.samples(), layout.plan)
+        figures = divergence.round_figures(before, layout.samples(), layout.plan)
         self._last_average = layout.drift_sample()
-        seconds = time.perf_counter() - started
+        clock.stop()
+        # The round's one read: its figures, with the reduced tail when the exchange rode in it.
+        if pending is not None:
+            values = read_at_sync_point(torch.cat([layout.tail.double(), figures]))
+            pending.values, figures_read = values[: layout.tail.numel()], values[layout.tail.numel() :]
+        else:
+            figures_read = read_at_sync_point(figures)
+        self._recorder.send_landed(wait=True)  # the read above waited for every earlier copy
+        mine = divergence.RankDivergence.from_figures(figures_read)
         top = divergence.top_layers(mine.per_layer, layout.names)
-        draft = RoundDraft(step, self._level_sizes[level], seconds, moved, layout.plan.exact, top)
+        draft = RoundDraft(step, self._level_sizes[level], clock.seconds(), moved, layout.plan.exact, top)
         self._recorder.count_round(draft)
         if pending is not None:
-            pending.payload = pending.payload.clone()  # the tail as reduced; the buffer is reused next round
             self._recorder.round(draft, [mine.squared] * 2 + [mine.mean_norm_squared] * 2)
             self._pending = (pending, None)
         else:
@@ -310,8 +382,9 @@ class LiveAverager(ModelAverager):
             self._pending = (pending, draft)
         self._last_exchange = step
 
-    def _drift(self, step: int, averaged: bool) -> float | None:
-        """How far this rank moved since the last round, every ``drift_every`` steps (else None)."""
+    def _drift(self, step: int, averaged: bool) -> float | torch.Tensor | None:
+        """How far this rank moved since the last round, every ``drift_every`` steps (else None); a
+        tensor on the parameters' device, which the recorder reads once it has reached the host."""
         if averaged:
             return 0.0  # nothing moved since the round that just ended
         layout = self._layout

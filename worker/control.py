@@ -104,6 +104,10 @@ class PendingExchange:
     carries_stats: bool
     in_tail: bool = False
     """The payload rides in the tail of the averaging all-reduce (SUM) instead of its own (MAX)."""
+    values: list[float] | None = None
+    """The reduced payload, when the round already read it (with its figures, in one copy)."""
+    layout_settled: bool = False
+    """The round already moved every rank to their new parameter set: nothing to rebuild later."""
 
 
 _SPLIT = 1 << 20
@@ -136,8 +140,16 @@ class ControlExchange:
       bit-identical to torch's.
     """
 
-    def __init__(self, process_group: dist.ProcessGroup, levels: int, source: ControlSource | None = None):
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup,
+        levels: int,
+        source: ControlSource | None = None,
+        device: torch.device | None = None,
+    ):
         self.process_group = process_group
+        self.device = device if device is not None else torch.device("cpu")
+        """Where the payload lives (``device.control_group``): the CPU unless no CPU backend exists."""
         self.source = source
         self.is_leader = dist.get_rank(process_group) == 0
         self._rank = dist.get_rank(process_group)
@@ -161,7 +173,7 @@ class ControlExchange:
         fingerprint: int,
         *,
         anchor: int,
-        changed: bool = False,
+        changed: int = 0,
         stats: tuple[float, float] | None = None,
         wait: bool = False,
         tail: torch.Tensor | None = None,
@@ -169,6 +181,8 @@ class ControlExchange:
         """Propose (rank 0: commands applied with ``anchor`` as their grid start) and launch the exchange.
 
         With ``tail``, only fill it: the caller's all-reduce of the buffer it belongs to carries it.
+        ``changed`` is nonzero when this rank's parameter set changed (in a tail: a tag below 2**20
+        of how, so ranks can tell whether they changed alike).
         """
         applied: list[int] = []
         proposed = state
@@ -183,7 +197,9 @@ class ControlExchange:
         if stats is not None:
             figures[self._rank], figures[self._world + self._rank] = stats
         payload = torch.tensor(
-            head + [step, -step, fingerprint, -fingerprint, 1.0 if changed else 0.0] + figures, dtype=torch.float64
+            head + [step, -step, fingerprint, -fingerprint, 1.0 if changed else 0.0] + figures,
+            dtype=torch.float64,
+            device=self.device,
         )
         work = dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=self.process_group, async_op=not wait)
         return PendingExchange(payload, work, proposed, applied, stats is not None)
@@ -192,9 +208,11 @@ class ControlExchange:
         """Wait for ``pending``; every rank adopts the result at ``applied_step`` (rank 0 acks with it)."""
         if pending.work is not None:
             pending.work.wait()
-        values = pending.payload.tolist()
+        # A CPU payload, or a tail the round read: no device sync (see device.exchange_placement).
+        values = pending.values if pending.values is not None else pending.payload.tolist()
         if pending.in_tail:
-            head, steps, fingerprints, changed = self._read_tail(values)
+            head, steps, fingerprints, flags = self._read_tail(values)
+            changed = any(flags)
             stats = None
         else:
             head = values[: self._state_len]
@@ -214,24 +232,30 @@ class ControlExchange:
         new_state = state if head == control_state.encode(state) else control_state.decode(head, state)
         if self.is_leader and pending.applied:
             self._ack_applied(pending.applied, applied_step, new_state)
-        return ExchangeResult(new_state, changed, stats)
+        return ExchangeResult(new_state, changed and not pending.layout_settled, stats)
 
-    def _tail_values(self, proposed: ControlState, step: int, fingerprint: int, changed: bool) -> list[float]:
+    def changed_alike(self, pending: PendingExchange) -> bool:
+        """A tail read at its round says every rank's parameter set changed, and in the same way."""
+        assert pending.in_tail and pending.values is not None
+        _, _, fingerprints, flags = self._read_tail(pending.values)
+        return len(set(fingerprints)) == 1 and len(set(flags)) == 1 and flags[0] > 0
+
+    def _tail_values(self, proposed: ControlState, step: int, fingerprint: int, changed: int) -> list[float]:
         head = _split(control_state.encode(proposed)) if self.is_leader else [0.0] * (2 * self._state_len)
         mine = [0.0] * (5 * self._world)
         mine[5 * self._rank : 5 * self._rank + 5] = _split([step, fingerprint % (_SPLIT * _SPLIT)]) + [float(changed)]
         return head + mine
 
-    def _read_tail(self, values: list[float]) -> tuple[list[float], list[float], list[float], bool]:
+    def _read_tail(self, values: list[float]) -> tuple[list[float], list[float], list[float], list[float]]:
         head = _join(values[: 2 * self._state_len])
         ranks = values[2 * self._state_len :]
-        steps, fingerprints, changed = [], [], False
+        steps, fingerprints, flags = [], [], []
         for r in range(self._world):
             step, fingerprint = _join(ranks[5 * r : 5 * r + 4])
             steps.append(step)
             fingerprints.append(fingerprint)
-            changed = changed or ranks[5 * r + 4] > 0
-        return head, steps, fingerprints, changed
+            flags.append(ranks[5 * r + 4])
+        return head, steps, fingerprints, flags
 
     def _take_commands(self, state: ControlState, anchor: int) -> tuple[ControlState, list[int]]:
         if self.source is None:

@@ -7,6 +7,7 @@ ranks know where collectives happen without talking.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from avgctl.protocol import (
     SetPeriod,
     WorkerCommand,
 )
+from avgctl.protocol.hierarchy import InvalidHierarchy, hierarchy_periods
 
 
 class CommandRejected(ValueError):
@@ -71,6 +73,48 @@ def periodic_state(period: int, warmup_steps: int) -> ControlState:
 def hierarchical_state(periods: tuple[int, ...], group_sizes: tuple[int, ...], warmup_steps: int) -> ControlState:
     """Torch's ``HierarchicalModelAverager`` anchors its grid at step 0 (``step % period``)."""
     return ControlState(periods=periods, warmup_steps=warmup_steps, anchor=0, group_sizes=group_sizes)
+
+
+_CANONICAL_HORIZON = 1 << 20
+"""Steps over which two hierarchies are compared (one whole cycle of their periods must fit)."""
+
+
+def canonical_hierarchy(periods: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The same schedule as torch's ``{period: group_size}`` levels, with one level per group size.
+
+    torch accepts a group size on several levels (``{2: 4, 4: 4}``); ``set_hierarchy`` and the
+    dashboard address a level by its group size, so such levels are merged by dropping those whose
+    rounds another level of the same size already takes: the same steps, the same groups, so the
+    same values. Raises ``ValueError`` when no such merge keeps the schedule.
+    """
+    levels = list(zip(periods, sizes))
+    if len(set(sizes)) == len(sizes):
+        return periods, sizes
+    cycle = math.lcm(*periods)
+    if cycle > _CANONICAL_HORIZON:
+        raise ValueError(f"cannot compare hierarchies whose periods repeat only every {cycle} steps")
+    target = _schedule(levels, cycle)
+    while len({size for _, size in levels}) != len(levels):
+        repeated = [i for i, (_, size) in enumerate(levels) if [s for _, s in levels].count(size) > 1]
+        for i in repeated:
+            candidate = levels[:i] + levels[i + 1 :]
+            if _schedule(candidate, cycle) == target:
+                levels = candidate
+                break
+        else:
+            raise ValueError(
+                f"the hierarchy {dict(zip(periods, sizes))} (period: group size) averages one group size at "
+                "several periods that no single period reproduces; avgctl needs one period per group size"
+            )
+    return tuple(p for p, _ in levels), tuple(s for _, s in levels)
+
+
+def _schedule(levels: list[tuple[int, int]], cycle: int) -> list[int]:
+    """The group size that averages at each step of one cycle (0: none), by torch's rule."""
+    out = [0] * cycle
+    for period, size in levels:  # later levels win, as torch searches them from the last
+        out[::period] = [size] * len(range(0, cycle, period))
+    return out
 
 
 def round_level(state: ControlState, step: int) -> int | None:
@@ -130,19 +174,11 @@ def _checked_top_period(state: ControlState, period: int) -> tuple[int, ...]:
 
 
 def _checked_hierarchy(state: ControlState, by_size: dict[str, int]) -> tuple[int, ...]:
-    if state.group_sizes is None:
-        raise CommandRejected("set_hierarchy needs a hierarchical averager; use set_period")
-    sizes = {int(k) for k in by_size}
-    if sizes != set(state.group_sizes):
-        raise CommandRejected(
-            f"hierarchy must give a period for exactly the group sizes {list(state.group_sizes)}, got {sorted(sizes)}"
-        )
-    periods = tuple(by_size[str(size)] for size in state.group_sizes)
-    if any(not isinstance(p, int) or p < 1 for p in periods):
-        raise CommandRejected(f"periods must be positive integers, got {list(periods)}")
-    if any(a >= b for a, b in zip(periods, periods[1:])):
-        raise CommandRejected(f"periods must grow with the group size, got {list(periods)}")
-    return periods
+    # The rule is the protocol's, so the server refuses (422) exactly what rank 0 would reject.
+    try:
+        return hierarchy_periods(state.group_sizes, by_size)
+    except InvalidHierarchy as err:
+        raise CommandRejected(str(err)) from None
 
 
 def to_view(state: ControlState) -> ControlView:

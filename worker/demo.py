@@ -181,11 +181,12 @@ class RoundTable:
         if enabled:
             print(self.HEADER, flush=True)
 
-    def maybe_print(self, averager: LiveAverager, loss: float, force: bool = False) -> None:
+    def maybe_print(self, averager: LiveAverager, loss: float | torch.Tensor, force: bool = False) -> None:
         now = time.monotonic()
         if not self.enabled or (not force and now - self.last_print < 0.5):
             return
         self.last_print = now
+        loss = float(loss)  # read only when printed (twice a second), not every step
         rnd, step = averager.metrics.last_round, averager.metrics.last_step
         fmt = lambda v, w, p=4: f"{v:>{w}.{p}f}" if v is not None and not math.isnan(v) else f"{'-':>{w}}"  # noqa: E731
         done = f"{100 * (averager.step) / max(self.steps, 1):>4.0f}%"
@@ -256,7 +257,7 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * averager.step)
     table = RoundTable(cfg.steps, enabled=rank == 0 and not cfg.quiet)
     started = time.perf_counter()
-    loss_value = float("nan")
+    loss_value: float | torch.Tensor = float("nan")
     try:
         while averager.step < cfg.steps:
             labels = rank_labels(rank, world, cfg.batch_size, cfg.skew, gen)
@@ -266,8 +267,8 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
             loss = nn.functional.cross_entropy(model(x), labels)
             loss.backward()
             opt.step()
-            loss_value = loss.item()
-            averager.record(loss=loss_value)
+            loss_value = loss.detach()
+            averager.record(loss=loss_value)  # the tensor: read without a per-step sync
             if cfg.eval_every and averager.step % cfg.eval_every == 0:
                 table.accuracy = evaluate(model, centers, cfg.seed)[1]
                 averager.record(accuracy=table.accuracy)

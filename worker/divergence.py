@@ -1,4 +1,7 @@
-"""Parameter divergence: pure math on tensors, no communication.
+"""Parameter divergence: pure math on tensors, no communication and no host reads.
+
+Everything here stays on the parameters' device: plans are moved there once per layout
+(``SamplePlan.to``), and figures come back as device tensors the caller reads at a sync point.
 
 Divergence of rank i is ``||theta_i - theta_bar||``. It is computed from the difference itself in
 float64, never as ``sum ||theta_i||^2 - n ||theta_bar||^2`` (catastrophic cancellation in fp32).
@@ -15,6 +18,7 @@ budget, are measured exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -38,6 +42,16 @@ class SamplePlan:
     @property
     def layers(self) -> int:
         return len(self.layer_starts)
+
+    def to(self, device: torch.device) -> SamplePlan:
+        """The plan with its tensors on ``device`` (built on the CPU, moved once per layout)."""
+        return dataclasses.replace(
+            self,
+            index=self.index.to(device),
+            lengths=self.lengths.to(device),
+            weight=self.weight.to(device),
+            coord_weight=self.coord_weight.to(device),
+        )
 
 
 def make_plan(numels: list[int], budget: int | None, *, seed: int = 0, min_per_layer: int = 32) -> SamplePlan:
@@ -70,35 +84,40 @@ def make_plan(numels: list[int], budget: int | None, *, seed: int = 0, min_per_l
     )
 
 
-def _working(values: torch.Tensor) -> torch.Tensor:
-    """float32 or float64 on the CPU: half types are widened so differences of nearby values stay exact."""
-    values = values.to("cpu")
+def widen(values: torch.Tensor) -> torch.Tensor:
+    """float32 or float64: half types are widened so differences of nearby values stay exact."""
     return values if values.dtype in (torch.float32, torch.float64) else values.float()
 
 
-def gather(flat: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
-    """The sampled coordinates of a flat buffer, on the CPU, in float32 (float64 buffers stay float64)."""
-    if plan.exact and flat.numel() == plan.index.numel():
-        # The exact plan's index is every position in order: a plain copy, without the index pass.
-        values = _working(flat)
-        return values.clone() if values is flat else values  # never hand out the live buffer
-    return _working(flat.index_select(0, plan.index.to(flat.device)))
-
-
 def gather_params(params: list[torch.Tensor], plan: SamplePlan | DriftPlan) -> torch.Tensor:
-    """The sampled coordinates of separate tensors (the fallback path without a flat buffer), in float64."""
+    """The sampled coordinates of separate tensors (the fallback path without a flat buffer), in float64
+    on the first parameter's device (the plan's index must be there too)."""
     pieces = []
+    device = params[0].device if params else torch.device("cpu")
     for layer, p in enumerate(params):
         lo, hi = plan.sample_starts[layer], plan.sample_starts[layer + 1]
-        local = (plan.index[lo:hi] - plan.layer_starts[layer]).to(p.device)
-        pieces.append(p.detach().reshape(-1).index_select(0, local).to("cpu", torch.float64))
-    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.float64)
+        local = (plan.index.narrow(0, lo, hi - lo) - plan.layer_starts[layer]).to(p.device, non_blocking=True)
+        pieces.append(p.detach().reshape(-1).index_select(0, local).to(device, torch.float64, non_blocking=True))
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.float64, device=device)
 
 
 def layer_squares(values: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
     """Estimated ``||values_l||^2`` per layer from sampled coordinates, summed in float64."""
     values = values.double()
     return torch.segment_reduce(values * values, "sum", lengths=plan.lengths) * plan.weight
+
+
+def round_figures(before: torch.Tensor, after: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
+    """One round's figures of this rank, from samples taken before and after averaging, on their device:
+    ``[squared contribution of each layer...] + [||theta_bar||^2]`` in float64 (see ``RankDivergence``).
+
+    The difference is taken first, in the samples' float32/float64 (exact for nearby values, and
+    within one rounding otherwise), and only then squared and summed in float64, per layer in one
+    segmented reduction: a round costs a handful of tensor operations and no host read.
+    """
+    per_layer = layer_squares(before - after, plan)
+    mean = after.double()
+    return torch.cat([per_layer, torch.dot(mean * plan.coord_weight, mean).reshape(1)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,21 +128,16 @@ class RankDivergence:
     mean_norm_squared: float  # ||theta_bar||^2
     per_layer: list[float]  # squared contribution of each layer
 
+    @classmethod
+    def from_figures(cls, figures: list[float]) -> RankDivergence:
+        """From ``round_figures``' values, read on the host."""
+        per_layer = figures[:-1]
+        return cls(squared=sum(per_layer), mean_norm_squared=figures[-1], per_layer=per_layer)
+
 
 def rank_divergence(before: torch.Tensor, after: torch.Tensor, plan: SamplePlan) -> RankDivergence:
-    """Divergence of this rank from the average, from samples taken before and after averaging.
-
-    The difference is taken first, in the samples' float32/float64 (exact for nearby values, and
-    within one rounding otherwise), and only then squared and summed in float64, per layer in one
-    segmented reduction: a round costs a handful of tensor operations.
-    """
-    per_layer = layer_squares(before - after, plan).tolist()
-    mean = after.double()
-    return RankDivergence(
-        squared=sum(per_layer),
-        mean_norm_squared=float(torch.dot(mean * plan.coord_weight, mean)),
-        per_layer=per_layer,
-    )
+    """``round_figures`` read back (for tests and tools; a round reads them with its other figures)."""
+    return RankDivergence.from_figures(round_figures(before, after, plan).tolist())
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +149,10 @@ class DriftPlan:
     scale: float  # sqrt(total / k): turns the sample's norm into an estimate of the full norm
     layer_starts: list[int]  # offset of each layer in the flattened parameters
     sample_starts: list[int]  # where each layer's samples begin in ``index`` (plus the end)
+
+    def to(self, device: torch.device) -> DriftPlan:
+        """The plan with its index on ``device``."""
+        return self if self.index is None else dataclasses.replace(self, index=self.index.to(device))
 
 
 def make_drift_plan(numels: list[int], budget: int, *, seed: int = 1) -> DriftPlan:
@@ -152,28 +170,23 @@ def make_drift_plan(numels: list[int], budget: int, *, seed: int = 1) -> DriftPl
     )
 
 
-def drift_sample(flat: torch.Tensor, plan: DriftPlan) -> torch.Tensor:
-    """The drift plan's coordinates of a flat buffer, in its own dtype and device."""
-    if plan.index is None:
-        return flat.detach().clone()
-    return flat.index_select(0, plan.index.to(flat.device))
-
-
 def drift_sample_params(params: list[torch.Tensor], plan: DriftPlan) -> torch.Tensor:
-    """``drift_sample`` of separate tensors (the fallback path): only the sampled coordinates are
-    read, never a copy of the whole model; in float64 on the CPU."""
+    """The drift plan's coordinates of separate tensors (the fallback path): only the sampled
+    coordinates are read, never a copy of the whole model; in float64 on the parameters' device."""
     if plan.index is None:
-        return torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params])
+        device = params[0].device
+        return torch.cat([p.detach().reshape(-1).to(device, torch.float64, non_blocking=True) for p in params])
     return gather_params(params, plan)
 
 
-def drift(current: torch.Tensor, last_average: torch.Tensor, plan: DriftPlan) -> float:
-    """``||theta_i - theta_bar(last sync)||``: how far this rank moved since the last round.
+def drift(current: torch.Tensor, last_average: torch.Tensor, plan: DriftPlan) -> torch.Tensor:
+    """``||theta_i - theta_bar(last sync)||``: how far this rank moved since the last round (0-dim, on
+    the samples' device: read it without blocking, see ``device.Staged``).
 
     The difference of two nearby floats is exact (Sterbenz), so working in the parameters' dtype
     loses nothing that matters here; ``torch.dist`` sums the squares with pairwise accuracy.
     """
-    return plan.scale * float(torch.dist(current, last_average))
+    return torch.dist(current, last_average) * plan.scale
 
 
 def top_layers(per_layer: list[float], names: list[str], k: int = 5) -> list[tuple[str, float]]:

@@ -1,19 +1,41 @@
-"""An averager's figures: the latest step and round records, and the listeners they go to."""
+"""An averager's figures: the latest step and round records, and the listeners they go to.
+
+Figures given as tensors (a 0-dim loss on the GPU, the drift) are never read on the step they
+belong to: a step's record waits, in order, until its figures' copy to the host has landed
+(``device.Staged``), and is sent then; a sync point (a round, ``flush``) sends every one waiting.
+On the CPU the copy lands at once, so records go out on their own step.
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
+
 from avgctl.protocol import ControlEvent, ControlView, RoundRecord, StepRecord
 from avgctl.protocol.bounds import MAX_SCALARS, SCALAR_NAME_CHARS, SCALAR_NAME_MAX_LENGTH
 from avgctl.worker import divergence
+from avgctl.worker.device import Staged
 
 log = logging.getLogger(__name__)
 _SCALAR_NAME = re.compile(f"{SCALAR_NAME_CHARS}{{1,{SCALAR_NAME_MAX_LENGTH}}}")  # StepRecord's bound
+
+
+Figure = float | torch.Tensor
+"""A figure a step carries: a float, or a one-element tensor read later without a synchronisation."""
+
+
+def _figure(name: str, value: Figure) -> Figure:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:  # metadata only: no read
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {list(value.shape)}")
+        return value.detach()
+    return float(value)
 
 
 class MetricsListener(Protocol):
@@ -80,8 +102,9 @@ class Recorder:
         self.world_size = world_size
         self.metrics = AveragerMetrics()
         self._listeners: list[MetricsListener] = []
-        self._pending_loss: float | None = None
-        self._pending_scalars: dict[str, float] = {}
+        self._pending_loss: Figure | None = None
+        self._pending_scalars: dict[str, Figure] = {}
+        self._in_flight: collections.deque[tuple[dict, Staged]] = collections.deque()
 
     def add_listener(self, listener: MetricsListener) -> None:
         """Send every later record to ``listener`` too; one that raises is counted, never fatal."""
@@ -91,18 +114,19 @@ class Recorder:
         """Stop sending records to ``listener``."""
         self._listeners.remove(listener)
 
-    def record(self, loss: float | None = None, **scalars: float) -> None:
-        """Attach figures to the next step record (floats or 0-dim tensors)."""
+    def record(self, loss: Figure | None = None, **scalars: Figure) -> None:
+        """Attach figures to the next step record: floats, or one-element tensors on any device,
+        which are read later without a synchronisation (pass ``loss``, not ``loss.item()``)."""
         bad = [name for name in scalars if _SCALAR_NAME.fullmatch(name) is None]
         if bad:  # the server would refuse the whole batch (and the link would stop)
             raise ValueError(
                 f"scalar names must be 1-{SCALAR_NAME_MAX_LENGTH} characters without control characters, got {bad!r}"
             )
-        merged = {**self._pending_scalars, **{k: float(v) for k, v in scalars.items()}}
+        merged = {**self._pending_scalars, **{k: _figure(k, v) for k, v in scalars.items()}}
         if len(merged) > MAX_SCALARS:
             raise ValueError(f"at most {MAX_SCALARS} scalars per step, got {sorted(merged)}")
         if loss is not None:
-            self._pending_loss = float(loss)
+            self._pending_loss = _figure("loss", loss)
         self._pending_scalars = merged
 
     def note_fallback(self, reason: str | None) -> None:
@@ -111,17 +135,36 @@ class Recorder:
             log.warning("avgctl: averaging with torch's path (%s)", reason)
         self.metrics.fallback_reason = reason
 
-    def step(self, step: int, step_time: float | None, drift: float | None) -> None:
-        """Close a step's record with the figures ``record`` attached since the last one."""
-        fields = dict(
-            step=step,
-            time=time.time(),
-            step_time=step_time,
-            drift=drift,
-            loss=self._pending_loss,
-            scalars=self._pending_scalars,
-        )
+    def step(self, step: int, step_time: float | None, drift: Figure | None) -> None:
+        """Close a step's record with the figures ``record`` attached since the last one.
+
+        Tensor figures are copied to the host without blocking; the record goes out once they land.
+        """
+        fields = dict(step=step, time=time.time(), step_time=step_time, drift=drift, loss=self._pending_loss)
+        scalars = self._pending_scalars
         self._pending_loss, self._pending_scalars = None, {}
+        figures = [drift, fields["loss"], *scalars.values()]
+        if any(isinstance(f, torch.Tensor) for f in figures):
+            fields["scalars"] = list(scalars)  # names, until the values land
+            self._in_flight.append((fields, Staged(figures)))
+        else:
+            fields["scalars"] = scalars
+            self._close(fields)
+        self.send_landed()
+
+    def send_landed(self, wait: bool = False) -> None:
+        """Send, in order, the step records whose figures reached the host (``wait``: all of them;
+        only at a sync point, where waiting costs nothing more)."""
+        while self._in_flight:
+            fields, staged = self._in_flight[0]
+            if not wait and not staged.ready():
+                return
+            self._in_flight.popleft()
+            drift, loss, *values = staged.values(wait=True)
+            fields.update(drift=drift, loss=loss, scalars=dict(zip(fields["scalars"], values)))
+            self._close(fields)
+
+    def _close(self, fields: dict) -> None:
         self.metrics._step = fields
         if self._listeners:
             self._emit("on_step", self.metrics.last_step)

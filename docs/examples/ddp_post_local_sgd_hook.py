@@ -37,7 +37,7 @@ try:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        averager.record(loss=loss.item())
+        averager.record(loss=loss)
         averager.average_parameters(model.parameters())
     averager.flush()  # collect the last round's figures and command acks
     if dist.get_rank() == 0:

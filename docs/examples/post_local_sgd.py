@@ -26,7 +26,7 @@ try:
         loss = torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
         optimizer.zero_grad()
         loss.backward()
-        averager.record(loss=loss.item())  # shown per rank on the dashboard
+        averager.record(loss=loss)  # shown per rank on the dashboard
         optimizer.step()  # steps the optimizer, then averager.average_parameters(...)
     averager.flush()  # collect the last round's figures and command acks
     if dist.get_rank() == 0:

@@ -93,27 +93,68 @@ def test_periodic_parity_three_ranks():
 
 
 def _mixed_dtype(rank, world):
-    def make_mixed():
+    def make_mixed(low):
         model = make_model()
-        model[2].double()  # one layer in float64: one flat buffer cannot hold both exactly as torch does
+        model[2].to(low)  # a bf16 (or fp64) layer beside fp32 ones: one flat buffer per dtype
         return model
 
-    ref, mine = make_mixed(), make_mixed()
-    ref_opt, my_opt = torch.optim.SGD(ref.parameters(), lr=0.1), torch.optim.SGD(mine.parameters(), lr=0.1)
-    ref_avg, my_avg = PeriodicModelAverager(period=2), PeriodicAverager(period=2)
-    for step in range(12):
-        for model, opt, avg in ((ref, ref_opt, ref_avg), (mine, my_opt, my_avg)):
-            x, y = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank * 7 + step)), torch.zeros(4, 4)
-            opt.zero_grad()
-            model[2](model[1](model[0](x)).double()).sub(y.double()).pow(2).mean().backward()
-            opt.step()
-            avg.average_parameters(model.parameters())
-        assert torch.equal(flat_copy(ref), flat_copy(mine))
-    return my_avg.metrics.fallback_reason
+    out = {}
+    for low in (torch.bfloat16, torch.float64):
+        ref, mine = make_mixed(low), make_mixed(low)
+        ref_opt, my_opt = torch.optim.SGD(ref.parameters(), lr=0.1), torch.optim.SGD(mine.parameters(), lr=0.1)
+        ref_avg, my_avg = PeriodicModelAverager(period=2), PeriodicAverager(period=2)
+        for step in range(12):
+            for model, opt, avg in ((ref, ref_opt, ref_avg), (mine, my_opt, my_avg)):
+                gen = torch.Generator().manual_seed(rank * 7 + step)
+                x, y = torch.randn(4, 8, generator=gen), torch.zeros(4, 4)
+                opt.zero_grad()
+                model[2](model[1](model[0](x)).to(low)).float().sub(y).pow(2).mean().backward()
+                opt.step()
+                avg.average_parameters(model.parameters())
+            assert torch.equal(flat_copy(ref), flat_copy(mine)), (low, step)
+        out[str(low)] = (my_avg.metrics.fallback_reason, my_avg.metrics.rounds)
+    return out
 
 
-def test_mixed_dtypes_fall_back_to_torch_path_with_same_values():
-    assert run_ranks(_mixed_dtype, 2) == ["mixed dtypes", "mixed dtypes"]
+@pytest.mark.parametrize("world", [2, 3])
+def test_mixed_dtypes_average_on_the_fast_path_to_torchs_values(world):
+    expected = {"torch.bfloat16": (None, 6), "torch.float64": (None, 6)}
+    assert run_ranks(_mixed_dtype, world) == [expected] * world
+
+
+def _set_changes(rank, world):
+    """A layer frozen at the start, unfrozen mid-run, another frozen later: torch's values throughout."""
+    ref, mine = make_model(), make_model()
+    for model in (ref, mine):
+        model[2].weight.requires_grad_(False)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    my_opt = torch.optim.SGD(mine.parameters(), lr=0.05)
+    ref_avg, my_avg = PeriodicModelAverager(period=3), PeriodicAverager(period=3)
+    worst = 0.0
+    for step in range(24):
+        if step == 7:  # unfrozen between rounds: the round at step 9 averages it, as torch's does
+            for model in (ref, mine):
+                model[2].weight.requires_grad_(True)
+        if step == 15:  # the round at step 15 itself: leaves the set with its grad gone
+            for model in (ref, mine):
+                model[0].bias.requires_grad_(False)
+                model[0].bias.grad = None
+        sgd_step(ref, ref_opt, rank, step)
+        sgd_step(mine, my_opt, rank, step)
+        ref_avg.average_parameters(ref.parameters())
+        my_avg.average_parameters(mine.parameters())
+        assert torch.equal(flat_copy(ref), flat_copy(mine)), f"rank {rank}: values differ after step {step}"
+        if step == 9:
+            gathered = [torch.empty_like(mine[2].weight) for _ in range(world)]
+            torch.distributed.all_gather(gathered, mine[2].weight.detach())
+            worst = max(float((g - gathered[0]).abs().max()) for g in gathered)
+    return worst
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_parameter_set_changes_keep_torchs_steps_and_values(world):
+    # After the round that follows the unfreeze, the unfrozen layer is equal on every rank.
+    assert run_ranks(_set_changes, world) == [0.0] * world
 
 
 def _post_local_sgd(rank, world):
@@ -154,6 +195,40 @@ def test_hierarchical_parity_four_ranks():
     # torch anchors hierarchical periods at step 0, not at the end of warm-up.
     assert results[0][0] == [s for s in range(26) if s % 2 == 0]
     assert results[0][5] == [s for s in range(6, 26) if s % 2 == 0]
+    assert all(r == results[0] for r in results)
+
+
+def _repeated_sizes(rank, world):
+    """Hierarchies torch accepts that repeat a group size: canonicalised, same steps and values."""
+    out = {}
+    for hierarchy in ({2: 2, 4: 2, 8: world}, {2: world, 4: world}):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mine = HierarchicalAverager(period_group_size_dict=hierarchy)
+        # torch's attributes, with the periods it averages at
+        assert list(mine.period_process_group_dict) == list(mine.control.periods)
+        assert mine.step == 0 and mine.warmup_steps == 0
+        rounds = _compare(
+            rank,
+            lambda: HierarchicalModelAverager(period_group_size_dict=hierarchy),
+            lambda: mine,
+            _by_params,
+            steps=17,
+        )[0]
+        out[str(hierarchy)] = (
+            dict(mine.control_view().hierarchy),
+            len(rounds),
+            ["repeats a group size" in str(w.message) for w in caught],
+        )
+    return out
+
+
+def test_hierarchies_that_repeat_a_group_size_average_as_torch_after_canonicalising():
+    results = run_ranks(_repeated_sizes, 4, timeout=180)
+    assert results[0] == {
+        "{2: 2, 4: 2, 8: 4}": ({"2": 2, "4": 8}, 9, [True]),  # one warning each
+        "{2: 4, 4: 4}": ({"4": 2}, 9, [True]),
+    }
     assert all(r == results[0] for r in results)
 
 
