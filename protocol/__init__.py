@@ -14,6 +14,7 @@ from avgctl.protocol.commands import (
     ResumeTraining,
     SetAutotune,
     SetHierarchy,
+    SetOuterLr,
     SetPeriod,
     WorkerCommand,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "ServerMessage",
     "SetAutotune",
     "SetHierarchy",
+    "SetOuterLr",
     "SetPeriod",
     "StepRecord",
     "StorableInt",

@@ -86,6 +86,14 @@ class SetHierarchy(Message):
         return periods
 
 
+class SetOuterLr(Message):
+    """A new learning rate for every param group of a DiLoCo job's outer optimizer, from the applied
+    step on, on every rank; finite and above 0 (else 422). Other averagers reject it."""
+
+    type: Literal["set_outer_lr"] = "set_outer_lr"
+    lr: float = Field(gt=0, le=1e6, allow_inf_nan=False)
+
+
 class SetAutotune(Message):
     """Switch the server's autopilot; ``target_divergence`` None means calibrate it (else a finite
     number in (0, 1e6]: NaN, ``Infinity`` and ``1e999`` are refused with a 422)."""
@@ -95,7 +103,16 @@ class SetAutotune(Message):
     target_divergence: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False)
 
 
-_WORKER_COMMANDS = (SetPeriod, PauseAveraging, ResumeAveraging, PauseTraining, ResumeTraining, AverageNow, SetHierarchy)
+_WORKER_COMMANDS = (
+    SetPeriod,
+    PauseAveraging,
+    ResumeAveraging,
+    PauseTraining,
+    ResumeTraining,
+    AverageNow,
+    SetHierarchy,
+    SetOuterLr,
+)
 
 WorkerCommand = Annotated[Union[_WORKER_COMMANDS], Field(discriminator="type")]  # noqa: UP007 (a tuple of members)
 """A command rank 0 carries out."""

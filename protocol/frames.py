@@ -28,11 +28,12 @@ class ControlView(Message):
     averaging_paused: bool = False
     training_paused: bool = False
     hierarchy: dict[str, int] | None = None  # group_size -> period, hierarchical averagers only
+    outer_lr: float | None = None  # DiLoCo: the outer optimizer's lr once a set_outer_lr applied
     version: StorableInt = 0
 
 
 class AveragerConfig(Message):
-    kind: Literal["periodic", "hierarchical"]
+    kind: Literal["periodic", "hierarchical", "diloco"]
     period: int
     warmup_steps: int
     group_sizes: list[int] | None = None  # hierarchical: fixed at construction, ascending
@@ -89,6 +90,10 @@ class RoundRecord(Message):
     bytes: int  # bytes all-reduced by this rank
     exact: bool  # False when divergence is estimated from a coordinate sample
     top_layers: list[tuple[str, float]] = Field(default_factory=list, max_length=MAX_TOP_LAYERS)
+    # DiLoCo rounds (None for plain averaging): the pseudo-gradient Delta = theta_g - mean_i theta_i
+    pseudo_gradient_norm: float | None = None  # ||Delta||
+    pseudo_gradient_relative: float | None = None  # ||Delta|| / ||theta_g||
+    outer_lr: float | None = None  # the outer optimizer's lr (first param group) at this round
 
 
 class ControlEvent(Message):

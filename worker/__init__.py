@@ -1,12 +1,13 @@
 """The training side of avgctl: drop-in averagers, divergence metrics, live control.
 
-from avgctl.worker import PeriodicAverager, HierarchicalAverager, connect
+from avgctl.worker import PeriodicAverager, HierarchicalAverager, DiLoCoAverager, connect
 """
 
 from avgctl.worker.averagers import HierarchicalAverager, PeriodicAverager
 from avgctl.worker.base import LiveAverager
 from avgctl.worker.control import ControlSource, InProcessControlSource
 from avgctl.worker.control_state import CommandRejected, ControlState
+from avgctl.worker.diloco import DiLoCoAverager
 from avgctl.worker.options import AveragerOptions
 from avgctl.worker.recorder import AveragerMetrics, MetricsListener
 
@@ -27,6 +28,7 @@ __all__ = [
     "CommandRejected",
     "ControlSource",
     "ControlState",
+    "DiLoCoAverager",
     "HierarchicalAverager",
     "InProcessControlSource",
     "LiveAverager",

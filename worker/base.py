@@ -37,7 +37,7 @@ class LiveAverager(ModelAverager):
     """torch's averaging schedule and values, in place on a flat buffer, with metrics and live control.
 
     Subclasses give the initial control state and one process group per level. A subclass whose
-    round is not a plain mean (an outer optimizer step) overrides ``_combine``.
+    round goes on after the mean (an outer optimizer step) overrides ``_after_mean``.
 
     Args:
         state: the initial control state (periods, warm-up, hierarchy).
@@ -176,6 +176,8 @@ class LiveAverager(ModelAverager):
         loaded = control_state.from_dict(state_dict["control"])
         if loaded.group_sizes != self._state.group_sizes or len(loaded.periods) != len(self._state.periods):
             raise ValueError("checkpoint was saved by an averager with a different hierarchy")
+        if loaded.diloco != self._state.diloco:
+            raise ValueError("checkpoint was saved by another kind of averager (DiLoCo and plain averaging differ)")
         self.step = int(state_dict["step"])
         self._state = loaded
         self._last_exchange = int(state_dict.get("last_exchange", self.step))
@@ -189,14 +191,20 @@ class LiveAverager(ModelAverager):
 
     # ------------------------------------------------------------------ the seam for other rounds
 
-    def _combine(self, layout: Layout, level: int, step: int) -> int:
-        """What a round does to the averaged parameters: here, their mean over the level's group.
+    def _after_mean(self, layout: Layout, level: int, step: int) -> torch.Tensor | None:
+        """What a round does once the averaged parameters hold their mean over the level's group:
+        nothing here. An averager whose round goes on (DiLoCo's outer optimizer step on the
+        pseudo-gradient) overrides it, and may return figures (a 1-d float64 tensor on the
+        parameters' device) that the round reads with its own, in one copy."""
+        return None
 
-        Returns the bytes all-reduced. An averager whose round is not a plain mean (DiLoCo's outer
-        optimizer step on the pseudo-gradient) overrides this; the tail of ``layout``'s buffer must
-        still go through one SUM all-reduce of the level's group (``layout.average`` does it).
-        """
-        return layout.average(level, self._level_groups[level], self._level_sizes[level])
+    def _control_changed(self, step: int) -> None:
+        """A new control version took effect at ``step`` (the same step on every rank)."""
+        self._recorder.control(step, self.control_view())
+
+    def _round_fields(self, figures: list[float]) -> dict[str, float | None]:
+        """Round-record fields from ``_after_mean``'s figures, read on the host."""
+        return {}
 
     # ------------------------------------------------------------------ schedule
 
@@ -242,7 +250,7 @@ class LiveAverager(ModelAverager):
         self._last_exchange = step
         self._state = new_state
         if new_state.version != state.version:
-            self._recorder.control(step, self.control_view())
+            self._control_changed(step)
         return new_state
 
     def _settle(self, step: int) -> None:
@@ -261,7 +269,7 @@ class LiveAverager(ModelAverager):
         if draft is not None and result.stats is not None:
             self._recorder.round(draft, result.stats)
         if result.state.version != old.version:
-            self._recorder.control(step, self.control_view())
+            self._control_changed(step)
 
     # ------------------------------------------------------------------ rounds
 
@@ -352,20 +360,24 @@ class LiveAverager(ModelAverager):
                 self._state, step, fingerprint, anchor=step, changed=changed, tail=layout.tail
             )
         before = layout.samples()
-        moved = self._combine(layout, level, step)
+        moved = layout.average(level, self._level_groups[level], self._level_sizes[level])
         figures = divergence.round_figures(before, layout.samples(), layout.plan)
+        extra = self._after_mean(layout, level, step)
         self._last_average = layout.drift_sample()
         clock.stop()
-        # The round's one read: its figures, with the reduced tail when the exchange rode in it.
+        # The round's one read: its figures, the reduced tail when the exchange rode in it, and
+        # what the round did after the mean.
+        tail = layout.tail.double() if pending is not None else figures[:0]
+        parts = [tail, figures] if extra is None else [tail, figures, extra]
+        values = read_at_sync_point(torch.cat(parts))
         if pending is not None:
-            values = read_at_sync_point(torch.cat([layout.tail.double(), figures]))
-            pending.values, figures_read = values[: layout.tail.numel()], values[layout.tail.numel() :]
-        else:
-            figures_read = read_at_sync_point(figures)
+            pending.values = values[: tail.numel()]
+        figures_read = values[tail.numel() : tail.numel() + figures.numel()]
+        fields = self._round_fields(values[tail.numel() + figures.numel() :]) if extra is not None else {}
         self._recorder.send_landed(wait=True)  # the read above waited for every earlier copy
         mine = divergence.RankDivergence.from_figures(figures_read)
         top = divergence.top_layers(mine.per_layer, layout.names)
-        draft = RoundDraft(step, self._level_sizes[level], clock.seconds(), moved, layout.plan.exact, top)
+        draft = RoundDraft(step, self._level_sizes[level], clock.seconds(), moved, layout.plan.exact, top, fields)
         self._recorder.count_round(draft)
         if pending is not None:
             self._recorder.round(draft, [mine.squared] * 2 + [mine.mean_norm_squared] * 2)

@@ -11,11 +11,14 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from pydantic import TypeAdapter
 
 from avgctl.protocol import CommandAck, WorkerCommand
 from avgctl.worker import control_state
 from avgctl.worker.control_state import CommandRejected, ControlState
 from avgctl.worker.ledger import CommandLedger
+
+_WORKER_COMMAND = TypeAdapter(WorkerCommand)
 
 
 def drain(inbox: queue.SimpleQueue) -> list:
@@ -50,8 +53,11 @@ class InProcessControlSource:
         self._acks: dict[int, CommandAck] = {}
         self._acked = threading.Condition()
 
-    def submit(self, command: WorkerCommand, command_id: int | None = None) -> int:
-        """Queue a command; returns its id (give ``command_id`` to re-deliver one)."""
+    def submit(self, command: WorkerCommand | dict, command_id: int | None = None) -> int:
+        """Queue a command (a model, or its JSON body as a dict: ``{"type": "set_period", "period": 8}``);
+        returns its id (give ``command_id`` to re-deliver one). A malformed dict raises ``ValueError``."""
+        if isinstance(command, dict):
+            command = _WORKER_COMMAND.validate_python(command)
         cid = next(self._ids) if command_id is None else command_id
         self._inbox.put((cid, command))
         return cid

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from avgctl.protocol import (
     ResumeAveraging,
     ResumeTraining,
     SetHierarchy,
+    SetOuterLr,
     SetPeriod,
     WorkerCommand,
 )
@@ -46,6 +48,10 @@ class ControlState:
     training_paused: bool = False
     average_now: bool = False
     version: int = 0
+    diloco: bool = False
+    """A DiLoCo averager: rounds are outer optimizer steps, ``set_outer_lr`` applies."""
+    outer_lr: float | None = None
+    """The outer lr every rank sets once a ``set_outer_lr`` applied (None: the optimizer's own)."""
 
     def __post_init__(self) -> None:
         if not self.periods or min(self.periods) < 1:
@@ -68,6 +74,11 @@ class ControlState:
 def periodic_state(period: int, warmup_steps: int) -> ControlState:
     """Torch's ``PeriodicModelAverager`` anchors its grid at the end of warm-up."""
     return ControlState(periods=(period,), warmup_steps=warmup_steps, anchor=warmup_steps)
+
+
+def diloco_state(period: int, warmup_steps: int) -> ControlState:
+    """DiLoCo's rounds fall where ``PeriodicModelAverager``'s do; ``set_outer_lr`` applies to it."""
+    return ControlState(periods=(period,), warmup_steps=warmup_steps, anchor=warmup_steps, diloco=True)
 
 
 def hierarchical_state(periods: tuple[int, ...], group_sizes: tuple[int, ...], warmup_steps: int) -> ControlState:
@@ -158,6 +169,12 @@ def apply_command(state: ControlState, command: WorkerCommand, step: int) -> Con
         return dataclasses.replace(state, training_paused=False, **bump)
     if isinstance(command, AverageNow):
         return dataclasses.replace(state, average_now=True, **bump)
+    if isinstance(command, SetOuterLr):
+        if not state.diloco:
+            raise CommandRejected("set_outer_lr needs a DiLoCo averager (this job averages without an outer optimizer)")
+        if not (math.isfinite(command.lr) and command.lr > 0):
+            raise CommandRejected(f"the outer lr must be finite and above 0, got {command.lr!r}")
+        return dataclasses.replace(state, outer_lr=float(command.lr), **bump)
     raise CommandRejected(f"the worker does not carry out {getattr(command, 'type', command)!r} commands")
 
 
@@ -192,6 +209,7 @@ def to_view(state: ControlState) -> ControlView:
         averaging_paused=state.averaging_paused,
         training_paused=state.training_paused,
         hierarchy=hierarchy,
+        outer_lr=state.outer_lr,
         version=state.version,
     )
 
@@ -199,7 +217,7 @@ def to_view(state: ControlState) -> ControlView:
 def to_config(state: ControlState) -> AveragerConfig:
     """How the averager was built, as a worker's ``hello`` tells the server."""
     return AveragerConfig(
-        kind="hierarchical" if state.hierarchical else "periodic",
+        kind="diloco" if state.diloco else "hierarchical" if state.hierarchical else "periodic",
         period=state.period,
         warmup_steps=state.warmup_steps,
         group_sizes=list(state.group_sizes) if state.group_sizes else None,
@@ -220,19 +238,24 @@ _FIELDS = ("version", "warmup_steps", "anchor", "averaging_paused", "training_pa
 
 
 def encode(state: ControlState) -> list[float]:
-    """Numbers rank 0 broadcasts; exact in float64 for any value below 2**53."""
-    return [float(getattr(state, name)) for name in _FIELDS] + [float(p) for p in state.periods]
+    """Numbers rank 0 broadcasts; exact in float64 for any value below 2**53. Every one is an
+    integer (a tail carries integers only): the outer lr travels as the two halves of its bits."""
+    lr_bits = struct.unpack("<Q", struct.pack("<d", state.outer_lr or 0.0))[0]
+    fields = [float(getattr(state, name)) for name in _FIELDS]
+    return fields + [float(lr_bits >> 32), float(lr_bits & 0xFFFFFFFF)] + [float(p) for p in state.periods]
 
 
 def encoded_size(levels: int) -> int:
     """Length of ``encode``'s vector for a state with ``levels`` periods."""
-    return len(_FIELDS) + levels
+    return len(_FIELDS) + 2 + levels
 
 
 def decode(values: list[float], template: ControlState) -> ControlState:
     """Inverse of ``encode``; group sizes come from the template (they never change)."""
     fields = dict(zip(_FIELDS, values))
-    periods = tuple(int(v) for v in values[len(_FIELDS) :])
+    high, low = (int(v) for v in values[len(_FIELDS) : len(_FIELDS) + 2])
+    outer_lr = struct.unpack("<d", struct.pack("<Q", (high << 32) | low))[0]
+    periods = tuple(int(v) for v in values[len(_FIELDS) + 2 :])
     return dataclasses.replace(
         template,
         version=int(fields["version"]),
@@ -241,5 +264,6 @@ def decode(values: list[float], template: ControlState) -> ControlState:
         averaging_paused=bool(fields["averaging_paused"]),
         training_paused=bool(fields["training_paused"]),
         average_now=bool(fields["average_now"]),
+        outer_lr=outer_lr or None,
         periods=periods,
     )

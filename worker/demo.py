@@ -25,6 +25,7 @@ from torch import nn
 
 from avgctl.protocol.flags import add_flags, from_flags
 from avgctl.worker.averagers import HierarchicalAverager, LiveAverager, PeriodicAverager
+from avgctl.worker.diloco import DiLoCoAverager
 from avgctl.worker.dist import read_env
 
 CLASSES = 10
@@ -33,6 +34,8 @@ SEPARATION = 0.35  # class centers overlap: the best loss stays well above 0
 
 LrSchedule = Literal["constant", "cosine"]
 LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
+AveragerKind = Literal["periodic", "hierarchical", "diloco"]
+AVERAGER_KINDS: tuple[str, ...] = get_args(AveragerKind)
 
 
 def _hierarchy(text: str) -> dict[int, int]:
@@ -50,6 +53,15 @@ class DemoConfig:
 
     steps: int = field(default=2000, metadata={"help": "training steps"})
     """Training steps per rank."""
+    averager: AveragerKind = field(
+        default="periodic",
+        metadata={
+            "help": "periodic, hierarchical (groups of half the world; see --hierarchy) or diloco (an outer SGD step per round)"
+        },
+    )
+    """Which averager trains: ``PeriodicAverager``, ``HierarchicalAverager`` or ``DiLoCoAverager``."""
+    outer_lr: float = field(default=0.7, metadata={"help": "DiLoCo's outer lr (SGD, Nesterov momentum 0.9)"})
+    """The outer optimizer's lr for ``--averager diloco`` (Douillard et al.: 0.7)."""
     period: int = field(default=8, metadata={"help": "averaging period"})
     """Averaging period (the global period when ``hierarchy`` is set)."""
     warmup_steps: int = field(default=0, metadata={"help": "steps before the first average"})
@@ -97,6 +109,10 @@ class DemoConfig:
             raise ValueError("period must be a positive integer")
         if not 0.0 <= self.skew <= 1.0:
             raise ValueError("skew must be between 0 and 1")
+        if self.averager not in AVERAGER_KINDS:
+            raise ValueError(f"averager must be one of {', '.join(AVERAGER_KINDS)}, got {self.averager!r}")
+        if self.averager == "diloco" and self.hierarchy:
+            raise ValueError("--hierarchy and --averager diloco do not go together (DiLoCo averages the whole world)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 
@@ -150,9 +166,17 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def make_averager(cfg: DemoConfig, world: int) -> LiveAverager:
-    if cfg.hierarchy:
-        levels = {period: size for size, period in sorted(cfg.hierarchy.items()) if size != world}
+def make_averager(cfg: DemoConfig, world: int, model: nn.Module | None = None) -> LiveAverager:
+    """The averager ``cfg`` names (DiLoCo needs the ``model`` its outer optimizer steps)."""
+    if cfg.averager == "diloco":
+        assert model is not None, "DiLoCo's outer optimizer needs the model"
+        outer = torch.optim.SGD(model.parameters(), lr=cfg.outer_lr, momentum=0.9, nesterov=True)
+        return DiLoCoAverager(outer, cfg.period, warmup_steps=cfg.warmup_steps, **cfg.extra_averager_args)
+    hierarchy = cfg.hierarchy
+    if not hierarchy and cfg.averager == "hierarchical":  # groups of half the world, twice as often
+        hierarchy = {max(1, world // 2): max(1, cfg.period // 2)}
+    if hierarchy:
+        levels = {period: size for size, period in sorted(hierarchy.items()) if size != world}
         levels[cfg.period] = world
         return HierarchicalAverager(levels, warmup_steps=cfg.warmup_steps, **cfg.extra_averager_args)
     return PeriodicAverager(cfg.period, warmup_steps=cfg.warmup_steps, **cfg.extra_averager_args)
@@ -207,6 +231,14 @@ def _previous(path: Path) -> Path:
     return path.with_suffix(".prev.pt")
 
 
+def _checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, averager: LiveAverager) -> dict:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "averager": averager.state_dict()}
+    outer = getattr(averager, "outer_optimizer", None)
+    if outer is not None:  # DiLoCo: the outer optimizer's momentum is the user's to keep
+        state["outer_optimizer"] = outer.state_dict()
+    return state
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     """Keep this rank's last two checkpoints: ranks save on their own, so a crash can leave them one apart."""
     tmp = path.with_suffix(".tmp")
@@ -234,6 +266,9 @@ def _load_common_checkpoint(
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     averager.load_state_dict(state["averager"])
+    outer = getattr(averager, "outer_optimizer", None)
+    if outer is not None and "outer_optimizer" in state:
+        outer.load_state_dict(state["outer_optimizer"])
     return chosen
 
 
@@ -242,7 +277,7 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
     centers = class_centers(cfg.seed)
     model = make_model(cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
-    averager = make_averager(cfg, world)
+    averager = make_averager(cfg, world, model)
     averager.name_parameters(model)
     ckpt = _checkpoint_path(cfg, rank)
     if ckpt is not None:
@@ -275,10 +310,7 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
             averager.average_parameters(model.parameters())
             table.maybe_print(averager, loss_value)
             if ckpt is not None and averager.step % cfg.checkpoint_every == 0:
-                _save_checkpoint(
-                    ckpt,
-                    {"model": model.state_dict(), "optimizer": opt.state_dict(), "averager": averager.state_dict()},
-                )
+                _save_checkpoint(ckpt, _checkpoint_state(model, opt, averager))
             if cfg.step_delay:
                 time.sleep(cfg.step_delay)
         averager.flush()  # the last round's group figures and command acks
@@ -312,9 +344,11 @@ FLAGS = (
     "server",
     "job_id",
     "steps",
+    "averager",
     "period",
     "warmup_steps",
     "hierarchy",
+    "outer_lr",
     "lr",
     "lr_schedule",
     "seed",

@@ -9,6 +9,7 @@ On the CPU the copy lands at once, so records go out on their own step.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import re
 import time
@@ -87,6 +88,8 @@ class RoundDraft:
     moved: int
     exact: bool
     top_layers: list[tuple[str, float]]
+    extra: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    """Fields a round that does more than a mean adds (DiLoCo's pseudo-gradient figures)."""
 
 
 class Recorder:
@@ -193,6 +196,7 @@ class Recorder:
             bytes=draft.moved,
             exact=draft.exact,
             top_layers=draft.top_layers,
+            **draft.extra,
         )
         self.metrics._round = fields
         if self._listeners:
