@@ -83,6 +83,11 @@ class CommandOut(BaseModel):
     reason: str | None = None
     command: dict  # the command body as posted
     note: str | None = None  # why its author sent it (the autopilot's reason for a set_period)
+    control_version: int | None = None  # the ranks' control version with it applied (rank 0's ack)
+    # A restore from a checkpoint undid it (the job came back with a lower control version): the
+    # step the job resumed at, and when. Its status stays "applied": it was, until then.
+    rolled_back_at_step: int | None = None
+    rolled_back_at: float | None = None  # unix seconds
 
 
 class RankOut(BaseModel):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -19,7 +22,7 @@ from avgctl.server.errors import install as install_error_handlers
 from avgctl.server.headers import SecurityHeadersMiddleware
 from avgctl.server.hub import Hub
 from avgctl.server.pages import mount_docs, mount_pages
-from avgctl.server.routes import commands, health, jobs, limits, metrics, prometheus, ws
+from avgctl.server.routes import commands, health, jobs, limits, metrics, prometheus, session, ws
 from avgctl.server.settings import Settings, browsable_host
 from avgctl.server.store import Store
 from avgctl.server.workers import WorkerRegistry
@@ -27,11 +30,75 @@ from avgctl.server.workers import WorkerRegistry
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class GeneratedToken:
+    """The control token a server without any configured token uses, and where it is kept."""
+
+    token: str
+    kept_in: Path | None
+    """The file it was read from or written to; None: this run's only (``why`` says why)."""
+    why: str = ""
+
+
+def token_file(db: str) -> Path | None:
+    """Where the generated control token of the store ``db`` is kept: ``<db>.token`` beside the
+    SQLite file, so the token lives exactly as long as the jobs it guards. None for a database that
+    is no file (``:memory:``, ``""``, ``file::memory:``, ``mode=memory``)."""
+    if db in ("", ":memory:") or db.startswith("file::memory:") or "mode=memory" in db:
+        return None
+    return Path(db + ".token")
+
+
+def generated_token(db: str) -> GeneratedToken:
+    """The control token kept beside ``db`` (``token_file``): read back if the file exists, else made
+    and written there with mode 0600 (``O_CREAT | O_EXCL``: never over another's file), so a
+    restarted server takes the links and dashboards it let in before. A file that other users may
+    read is used, with a warning; a database that is no file, or a file that cannot be written, gets
+    a token for this run only."""
+    path = token_file(db)
+    if path is None:
+        return GeneratedToken(secrets.token_urlsafe(24), None, "the database is not a file")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            token = _read_token(path)
+            if token:
+                return GeneratedToken(token, path)
+            # Empty: a start that died between creating and writing it, so no one was given it.
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        except OSError as err:
+            log.warning("cannot keep the generated control token in %s: %s", path, err.strerror)
+            return GeneratedToken(secrets.token_urlsafe(24), None, f"{path} cannot be written: {err.strerror}")
+        token = secrets.token_urlsafe(24)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return GeneratedToken(token, path)
+    raise RuntimeError(f"{path} keeps appearing empty: remove it, or configure a token")
+
+
+def _read_token(path: Path) -> str:
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        log.warning(
+            "the control token file %s may be read by other users (mode %s): chmod 600 it,"
+            " or delete it and restart for a new token",
+            path,
+            oct(mode & 0o777),
+        )
+    return path.read_text().strip()
+
+
 def with_token(settings: Settings) -> Settings:
-    """``settings`` with a generated control token when none of the three tokens is set."""
+    """``settings`` with the generated control token (``generated_token``) when none of the three
+    tokens is set."""
     if settings.control_token or settings.read_token or settings.worker_token:
         return settings
-    return settings.model_copy(update={"control_token": secrets.token_urlsafe(24)})
+    return settings.model_copy(update={"control_token": generated_token(settings.db).token})
 
 
 def dashboard_url(settings: Settings) -> str:
@@ -41,10 +108,13 @@ def dashboard_url(settings: Settings) -> str:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the server. Without any token configured, a control token is generated and printed."""
-    configured = settings if settings is not None else Settings()
-    settings = with_token(configured)
-    generated = settings is not configured
+    """Build the server. Without any token configured, a control token is generated (and kept beside
+    the database for the next start: ``generated_token``) and printed."""
+    settings = settings if settings is not None else Settings()
+    generated = None
+    if not (settings.control_token or settings.read_token or settings.worker_token):
+        generated = generated_token(settings.db)
+        settings = settings.model_copy(update={"control_token": generated.token})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,8 +140,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.commands = CommandService(store, workers, hub)
         app.state.autopilot = Autopilot(store, app.state.commands)
         ticker = asyncio.create_task(hub.run(), name="avgctl-hub")
-        if generated:
-            print(f"avgctl: no token configured; dashboard: {dashboard_url(settings)}", file=sys.stderr, flush=True)
+        if generated is not None:
+            where = (
+                f"control token kept in {generated.kept_in} (mode 0600; the next start uses it again)"
+                if generated.kept_in is not None
+                else f"control token for this run only ({generated.why})"
+            )
+            print(
+                f"avgctl: no token configured; {where}; dashboard: {dashboard_url(settings)}",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             yield
         finally:
@@ -86,7 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # FastAPI's own /docs and /redoc load their scripts from a CDN: ours come from /vendor.
     app = FastAPI(title="avgctl", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
-    for module in (health, jobs, commands, metrics, prometheus, limits, ws):
+    for module in (health, jobs, commands, metrics, prometheus, limits, session, ws):
         app.include_router(module.router)
 
     install_error_handlers(app)

@@ -245,6 +245,12 @@ class Autopilot:
     async def _issue(self, job_id: str, job: _Job, proposal: autotune.Proposal) -> None:
         try:
             out = await self.commands.submit(job_id, SetPeriod(period=proposal.period), AUTOPILOT, note=proposal.reason)
+        except writes.JobFinished:
+            # The job's last rank left while the round that prompted this was being read: nothing
+            # to retune, and nothing went wrong.
+            log.info("autopilot: job %s finished before its set_period to %d was logged", job_id, proposal.period)
+            job.pending = None
+            return
         except Exception:
             log.exception("autopilot: set_period for job %s failed", job_id)
             job.pending = None

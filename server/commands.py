@@ -54,8 +54,11 @@ class CommandService:
         self._observers.append(observer)
 
     async def submit(self, job_id: str, command: Command, author: str, note: str | None = None) -> CommandOut:
-        """Log ``command`` as pending and deliver it if rank 0 is connected (``UnknownJob`` if none).
+        """Log ``command`` as pending and deliver it if rank 0 is connected.
 
+        Nothing is logged for a command that can never apply: ``UnknownJob`` (no such job),
+        ``JobFinished`` (the job finished), ``InapplicableCommand`` (a ``set_hierarchy`` that does not
+        fit the job's group sizes, by the rule rank 0 applies: ``protocol.hierarchy``).
         ``note`` says why, in the log (the autopilot's reason for a ``set_period``).
         """
         body = command.model_dump(mode="json")
@@ -126,6 +129,25 @@ class CommandService:
             for observer in self._observers:
                 await observer.on_resolved(out)
             self.announce_job(job_id)
+
+    async def on_disconnect(self, job_id: str, rank: int, normal: bool) -> None:
+        """A rank's connection ended: store it; if that finished the job, its pending commands were
+        rejected in the same write, and each is announced as a resolution (dashboards, autopilot)."""
+        now = time.time()
+        rejected = await self.store.write(lambda c: writes.disconnect(c, job_id, rank, normal, now))
+        for out in rejected:
+            self._announce(out)
+            for observer in self._observers:
+                await observer.on_resolved(out)
+        self.announce_job(job_id)
+
+    def announce_restore(self, restore: writes.Restore) -> None:
+        """Show dashboards what a job's restore from a checkpoint undid: the control event with
+        the restored state, and each command it rolled back. The autopilot is not told: those
+        commands resolved long ago, and the hello that follows tells it the restored period."""
+        self.hub.publish(restore.job_id, {"kind": "control_event", "event": restore.event})
+        for out in restore.rolled_back:
+            self._announce(out)
 
     def _announce(self, out: CommandOut) -> None:
         self.hub.publish(out.job_id, {"kind": "command", "command": out.model_dump(mode="json")})

@@ -25,7 +25,10 @@ class Settings(BaseSettings):
     """The one-token setup (``AVGCTL_TOKEN``, the variable workers and the CLI read too): the control
     token when ``control_token`` is not set, so one variable serves the server, its workers and the CLI."""
     control_token: str | None = None
-    """May do everything. If no token at all is set, one is generated at start and printed."""
+    """May do everything. If no token at all is set, one is generated at the first start, kept in
+    ``<db>.token`` beside the SQLite file (mode 0600) and read back at every later start, so a
+    restart does not lock out the links and dashboards holding it; the dashboard URL with it is
+    printed. Delete that file for a new token."""
     read_token: str | None = None
     """May read: GET endpoints, /metrics, the dashboard and its websocket."""
     worker_token: str | None = None

@@ -9,7 +9,8 @@
 //   controls: #period-input, #set-period, #period-error, #pause-averaging, #resume-averaging,
 //       #pause-training, #resume-training, #average-now, #hierarchy-controls,
 //       #hierarchy-input-<group size>, #set-hierarchy, #hierarchy-error, #autopilot-state,
-//       #autopilot-target, #autopilot-on, #autopilot-off, #autopilot-error, #command-error
+//       #autopilot-target, #autopilot-on, #autopilot-off, #autopilot-error, #command-error;
+//       #controls[data-read-only] and #controls-read-only when the token is a read token
 //   #nonfinite-banner      which figures were NaN or infinite, on which ranks, since which step
 //   charts (data-points = drawn values, data-series, data-markers on #chart-period,
 //       data-non-finite = steps whose figure was NaN or infinite, drawn as red marks):
@@ -20,11 +21,14 @@
 import { $ } from './dom.js';
 import { openJobPage } from './job.js';
 import { openJobList } from './jobs.js';
-import { getLimits } from './rest.js';
+import { getLimits, getSession } from './rest.js';
 
 // Fetched once per page load: the bounds are constants of the server. Without them (no token, no
 // server: the views say so) inputs are checked without upper bounds and the server has the say.
 const limits = await getLimits().catch(() => null);
+// The token's role, also once: a read token sees the controls disabled (the server would refuse
+// them). Unknown (no token, an older server): the controls stay on and the server has the say.
+const role = await getSession().then((s) => s.role, () => null);
 let close = null;
 
 function showError(message) {
@@ -51,7 +55,7 @@ function route() {
     const id = decodeURIComponent(match[1]);
     $('#crumb').textContent = `/ job ${id}`;
     document.title = `${id} · avgctl`;
-    close = openJobPage(id, { limits, showError, setConnection });
+    close = openJobPage(id, { limits, role, showError, setConnection });
   } else {
     $('#crumb').textContent = '';
     document.title = 'avgctl';

@@ -42,7 +42,7 @@ const defined = (obj) => Object.fromEntries(Object.entries(obj).filter(([, v]) =
  * again when the bucket width grows or what a series shows changes (relative divergence).
  */
 export class LiveChart {
-  /** axes: y axes [{label, scale?, side?}]; markers(): [{x, label}] drawn as dashed vertical lines;
+  /** axes: y axes [{label, scale?, side?}]; markers(): [{x, label, color?}] drawn as dashed vertical lines;
    * minBucket: fewest steps per drawn point (rates need a few steps to mean something). */
   constructor(el, { axes = [{ label: '' }], scales = {}, markers = null, legendMax = 16, minBucket = 1 } = {}) {
     Object.assign(this, { el, axes, scales, markers, legendMax, minBucket });
@@ -104,6 +104,17 @@ export class LiveChart {
       s.heldK = -Infinity;
       for (let i = 0; i < s.xs.length; i++) this.fold(s, s.xs[i], s.recs[i]);
     }
+  }
+
+  /** Forget the records of series `key` after step `x` (a restore: that part of its history was
+   * undone), so what comes next starts from there. */
+  cutAfter(key, x) {
+    const s = this.series.get(key);
+    if (!s) return;
+    const keep = s.xs.map((v) => v <= x);
+    s.xs = s.xs.filter((_, i) => keep[i]);
+    s.recs = s.recs.filter((_, i) => keep[i]);
+    this.invalidate(true);
   }
 
   /** Let the x range reach step `x` (the job's latest step) even where no series has a point. */
@@ -195,8 +206,9 @@ export class LiveChart {
     this.el.dataset.points = String(points);
     this.el.dataset.nonFinite = String(this.nonFinite.size);
     this.el.dataset.series = String(all.length);
-    // What each series shows, in one number per series (its median point), for scripts and tests.
+    // What each series shows, in one number per series (its median point, its last), for scripts and tests.
     this.el.dataset.medians = JSON.stringify(Object.fromEntries(all.map((s, i) => [s.label, median(data[i + 1])])));
+    this.el.dataset.lasts = JSON.stringify(Object.fromEntries(all.map((s, i) => [s.label, data[i + 1].findLast((y) => y !== null) ?? null])));
   }
 
   build(all, data, shape) {
@@ -226,6 +238,7 @@ export class LiveChart {
   drawMarkers(u) {
     const marks = this.markers ? this.markers() : [];
     this.el.dataset.markers = String(marks.length);
+    this.el.dataset.markerLabels = JSON.stringify(marks.map((m) => m.label));
     const { ctx } = u;
     const { left, top, width, height } = u.bbox;
     const r = devicePixelRatio || 1;
@@ -233,19 +246,24 @@ export class LiveChart {
     ctx.beginPath();
     ctx.rect(left, top, width, height);
     ctx.clip();
-    ctx.strokeStyle = '#7a5cc2';
-    ctx.fillStyle = '#5a3fa0';
     ctx.lineWidth = r;
     ctx.setLineDash([4 * r, 4 * r]);
     ctx.font = `${11 * r}px system-ui, sans-serif`;
-    for (const [i, m] of marks.entries()) {
+    // In step order, so neighbours take different rows of the stagger.
+    for (const [i, m] of [...marks].sort((a, b) => a.x - b.x).entries()) {
       if (m.x < u.scales.x.min || m.x > u.scales.x.max) continue;
       const px = Math.round(u.valToPos(m.x, 'x', true)) + 0.5;
+      ctx.strokeStyle = m.color ?? '#7a5cc2';
+      ctx.fillStyle = m.color ?? '#5a3fa0';
       ctx.beginPath();
       ctx.moveTo(px, top);
       ctx.lineTo(px, top + height);
       ctx.stroke();
-      ctx.fillText(m.label, px + 3 * r, top + 12 * r * (1 + (i % 3))); // staggered: marks can be close
+      // Left of the line where the label would run past the plot's right edge. (uPlot leaves its
+      // own axis labels' alignment on the context: set ours.)
+      const flip = px + 3 * r + ctx.measureText(m.label).width > left + width;
+      ctx.textAlign = flip ? 'right' : 'left';
+      ctx.fillText(m.label, flip ? px - 3 * r : px + 3 * r, top + 12 * r * (1 + (i % 3))); // staggered: marks can be close
     }
     ctx.restore();
   }
@@ -262,6 +280,7 @@ export class LiveChart {
     ctx.rect(left, top, width, height);
     ctx.clip();
     ctx.font = `${11 * r}px system-ui, sans-serif`;
+    ctx.textAlign = 'left'; // uPlot leaves its axis labels' alignment on the context
     let lastLabel = -Infinity;
     for (const [x, label] of [...this.nonFinite].sort((p, q) => p[0] - q[0])) {
       if (x < u.scales.x.min || x > u.scales.x.max) continue;

@@ -39,16 +39,26 @@ function shortLabel(cmd) {
   return b.type === 'set_period' ? `period ${b.period}` : String(b.type).replaceAll('_', ' ');
 }
 
+/** Whether a restore from a checkpoint undid this applied command (its status stays "applied"). */
+const rolledBack = (cmd) => typeof cmd.rolled_back_at_step === 'number';
+
 function statusText(cmd) {
-  if (cmd.status === 'applied') return cmd.applied_step === null || cmd.applied_step === undefined ? 'applied' : `applied at step ${cmd.applied_step}`;
+  if (cmd.status === 'applied') {
+    const applied = cmd.applied_step === null || cmd.applied_step === undefined ? 'applied' : `applied at step ${cmd.applied_step}`;
+    return rolledBack(cmd) ? `${applied}, rolled back at step ${cmd.rolled_back_at_step} (restored from checkpoint)` : applied;
+  }
   if (cmd.status === 'rejected') return `rejected: ${cmd.reason || 'no reason given'}`;
   return cmd.status;
 }
 
+const READ_ONLY_TITLE = 'Needs a control token: this page holds a read token, which may look but not send commands.';
+
 export class Controls {
-  /** limits: the server's bounds (GET /api/limits), or null when they could not be read. */
-  constructor(jobId, { limits, showError, onApplied }) {
+  /** limits: the server's bounds (GET /api/limits), or null when they could not be read; role: the
+   * token's (GET /api/session): 'read' disables every control, since the server would refuse them. */
+  constructor(jobId, { limits, role = null, showError, onApplied }) {
     Object.assign(this, { jobId, showError, onApplied });
+    this.readOnly = role === 'read';
     this.maxPeriod = limits?.max_period ?? null;
     this.maxTarget = limits?.max_target_divergence ?? null;
     this.commands = new Map();
@@ -61,6 +71,18 @@ export class Controls {
     $('#autopilot-on').onclick = () => this.setAutotune(true);
     $('#autopilot-off').onclick = () => this.setAutotune(false);
     this.poller = setInterval(() => this.pollPending(), POLL_MS);
+    $('#controls').toggleAttribute('data-read-only', this.readOnly);
+    $('#controls-read-only').hidden = !this.readOnly;
+    this.applyRole();
+  }
+
+  /** With a read token, every button and input of the panel is disabled and says why. */
+  applyRole() {
+    if (!this.readOnly) return;
+    for (const node of document.querySelectorAll('#controls button, #controls input')) {
+      node.disabled = true;
+      node.title = READ_ONLY_TITLE;
+    }
   }
 
   destroy() {
@@ -94,6 +116,7 @@ export class Controls {
       }));
     }
     for (const g of sizes) $(`#hierarchy-input-${g}`).placeholder = String(control.hierarchy[g]);
+    this.applyRole(); // the hierarchy's inputs are new
   }
 
   // Show or clear an inline problem; true when there is one (and nothing must be sent).
@@ -170,15 +193,16 @@ export class Controls {
     if (!cmd || cmd.id === undefined) return;
     const old = this.commands.get(cmd.id);
     this.commands.set(cmd.id, { ...old, ...cmd });
-    if (cmd.status !== 'pending' && old?.status !== cmd.status) this.onApplied();
+    const undone = rolledBack(cmd) && !(old && rolledBack(old)); // a restore rolled it back just now
+    if ((cmd.status !== 'pending' && old?.status !== cmd.status) || undone) this.onApplied();
     this.renderSoon();
   }
 
-  /** Applied commands as chart markers at their applied step. */
+  /** Applied commands as chart markers at their applied step (those a restore undid say so). */
   markers() {
     return [...this.commands.values()]
       .filter((c) => c.status === 'applied' && typeof c.applied_step === 'number')
-      .map((c) => ({ x: c.applied_step, label: shortLabel(c) }));
+      .map((c) => ({ x: c.applied_step, label: rolledBack(c) ? `${shortLabel(c)} (rolled back)` : shortLabel(c) }));
   }
 
   async pollPending() {
@@ -218,9 +242,10 @@ export class Controls {
         el('td', { textContent: describe(c), title: c.note ?? '' }, ...(c.note ? [el('div', { className: 'note', textContent: c.note })] : [])),
         el('td', { textContent: c.author ?? '' }),
         el('td', { textContent: clockTime(c.created_at) }),
-        el('td', { className: `status status-${c.status}`, textContent: statusText(c) }));
+        el('td', { className: `status status-${rolledBack(c) ? 'rolled-back' : c.status}`, textContent: statusText(c) }));
       tr.dataset.commandId = c.id;
       tr.dataset.status = c.status;
+      if (rolledBack(c)) tr.dataset.rolledBackAtStep = c.rolled_back_at_step;
       return tr;
     });
     $('#command-log tbody').replaceChildren(...rows);

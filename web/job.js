@@ -12,6 +12,8 @@ const MAX_RANK_SERIES = 1024;
 const RENDER_SOON_MS = 500; // live frames refresh the summary and rank table at most this often
 const RENDER_EVERY_MS = 2000; // keeps "last seen" ages fresh
 
+const RESTORE_COLOR = '#9a6700'; // a restore's marker on the period chart (style.css: --warn)
+
 const rankKey = (rank) => `r${rank}`;
 
 /** Raise map[key] to `step` unless it already holds that step or a later one. */
@@ -22,7 +24,7 @@ function keepLatest(map, key, step) {
 /** The five charts of a job page, fed record by record. */
 class JobCharts {
   /** relative: divergence shown relative to the mean model's norm; markers(): applied commands as
-   * [{x, label}]; worldSize(): the job's number of ranks. */
+   * [{x, label}] (the period chart adds the restores); worldSize(): the job's number of ranks. */
   constructor({ relative, markers, worldSize }) {
     this.relative = relative;
     this.worldSize = worldSize;
@@ -34,7 +36,8 @@ class JobCharts {
     this.divergence.define('mean', { label: 'group mean', stroke: '#111', width: 2.5, z: 1, reduce: mean(pick('divergence_mean', 'relative_mean')) });
     this.divergence.define('max', { label: 'group max', stroke: '#c00', width: 2, dash: [6, 4], z: 1, reduce: mean(pick('divergence_max', 'relative_max')) });
 
-    this.period = new LiveChart($('#chart-period'), { axes: [{ label: 'period (steps)' }], markers });
+    this.restores = []; // [{x, label}]: restores from checkpoints, marked beside the commands
+    this.period = new LiveChart($('#chart-period'), { axes: [{ label: 'period (steps)' }], markers: () => [...markers(), ...this.restores] });
     this.period.define('period', { label: 'period', stroke: '#5a3fa0', width: 2, stepped: true, reduce: latest((c) => c.period) });
 
     this.throughput = new LiveChart($('#chart-throughput'), {
@@ -95,9 +98,15 @@ class JobCharts {
     this.throughput.push('share', r.step, r);
   }
 
-  /** A control event: the period from its step on, and each group level's for hierarchies. */
+  /** A control event: the period from its step on, and each group level's for hierarchies. An
+   * event with a `note` is the server's record of a restore from a checkpoint: the periods after
+   * its step were undone, so they are dropped, and the event is marked on the chart. */
   addControl(ev) {
     if (!ev.control) return;
+    if (ev.note) {
+      for (const key of this.period.series.keys()) this.period.cutAfter(key, ev.step);
+      this.restores.push({ x: ev.step, label: ev.note, color: RESTORE_COLOR });
+    }
     this.period.push('period', ev.step, ev.control);
     for (const size of Object.keys(ev.control.hierarchy || {})) {
       const key = `g${size}`;
@@ -117,6 +126,7 @@ class JobCharts {
   }
 
   clear() {
+    this.restores = [];
     for (const chart of this.all()) chart.clear();
   }
 
@@ -239,7 +249,7 @@ function renderRankTable(ranks, rankSteps) {
 
 /** One open job page: the job's stream feeds its charts, controls, summary and rank table. */
 class JobPage {
-  constructor(jobId, { limits, showError, setConnection }) {
+  constructor(jobId, { limits, role, showError, setConnection }) {
     this.jobId = jobId;
     this.showError = showError;
     this.job = null;
@@ -250,7 +260,7 @@ class JobPage {
     this.banner.setAttribute('role', 'status');
     $('#job-summary').before(this.banner);
     this.renderTimer = null;
-    this.controls = new Controls(jobId, { limits, showError, onApplied: () => this.charts.period.invalidate() });
+    this.controls = new Controls(jobId, { limits, role, showError, onApplied: () => this.charts.period.invalidate() });
     this.relativeBox = $('#divergence-relative');
     this.charts = new JobCharts({
       relative: this.relativeBox.checked,
@@ -288,6 +298,7 @@ class JobPage {
     else if (msg.kind === 'metrics_batch') this.onMetricsBatch(msg);
     else if (msg.kind === 'job') this.setJob(msg.job);
     else if (msg.kind === 'command') this.controls.upsert(msg.command);
+    else if (msg.kind === 'control_event') this.charts.addControl(msg.event); // a restore, from the server
   }
 
   // Sent on every (re)connect: everything shown starts again from it.
@@ -375,8 +386,9 @@ class JobPage {
   }
 }
 
-/** Open the page of job `jobId`; returns a function that closes it. `limits`: GET /api/limits, or null. */
-export function openJobPage(jobId, { limits, showError, setConnection }) {
-  const page = new JobPage(jobId, { limits, showError, setConnection });
+/** Open the page of job `jobId`; returns a function that closes it. `limits`: GET /api/limits, or
+ * null; `role`: the token's (GET /api/session), or null when unknown. */
+export function openJobPage(jobId, { limits, role, showError, setConnection }) {
+  const page = new JobPage(jobId, { limits, role, showError, setConnection });
   return () => page.close();
 }

@@ -51,6 +51,9 @@ export async function api(path, { method = 'GET', body } = {}) {
 /** The bounds the server enforces on commands and records (GET /api/limits, `LimitsOut`). */
 export const getLimits = () => api('/api/limits');
 
+/** What this page's token may do: {role: 'control' | 'read'} (GET /api/session). */
+export const getSession = () => api('/api/session');
+
 const job = (id) => `/api/jobs/${encodeURIComponent(id)}`;
 export const listJobs = () => api('/api/jobs');
 export const getJob = (id) => api(job(id));

@@ -64,6 +64,13 @@ _REFUSED_WHY = {
     close_codes.CONFLICT: "this rank is connected from another link (a restarted rank's predecessor whose"
     " connection has not closed yet, or another job using this job id)",
 }
+# HTTP answers to the websocket upgrade that refuse the token: tried again with backoff, since the
+# token may become right (a server restarted with the token it had, a fixed configuration).
+_UNAUTHORIZED = frozenset({401, 403})
+_UNAUTHORIZED_WHY = (
+    "the server was likely restarted with a new token (one it generated, or another AVGCTL_TOKEN), or this"
+    " link's token (token=, AVGCTL_TOKEN) is not the server's worker token"
+)
 
 
 class Averager(Protocol):
@@ -104,6 +111,9 @@ class WorkerLink:
         reconnect_delays: the ``websockets`` backoff generator factory (default: 0.5 s up to 10 s).
         refused_delays: the same for a hello the server refused (4403 not a process of this job,
             4409 rank connected from elsewhere): default 1 s up to 30 s.
+        unauthorized_delays: the same for an upgrade the server answered 401 or 403 (it refused
+            the token): default 1 s doubling up to 60 s. Training goes on meanwhile, its records
+            buffered as while the server is down.
 
     The hello carries ``averager.job_secret`` (one is made when the averager has none: a link made
     without :func:`connect`, for one process).
@@ -122,6 +132,7 @@ class WorkerLink:
         send_interval: float = 0.25,
         reconnect_delays: Callable[[], Generator[float]] | None = None,
         refused_delays: Callable[[], Generator[float]] | None = None,
+        unauthorized_delays: Callable[[], Generator[float]] | None = None,
     ):
         self.averager = averager
         self.url = worker_url(server)
@@ -136,6 +147,9 @@ class WorkerLink:
         self._refused_delays = refused_delays or functools.partial(
             backoff, initial_delay=1.0, min_delay=1.0, max_delay=30.0
         )
+        self._unauthorized_delays = unauthorized_delays or functools.partial(
+            backoff, initial_delay=1.0, min_delay=1.0, max_delay=60.0, factor=2.0
+        )
         if getattr(averager, "job_secret", None) is None:
             averager.job_secret = job_secret.new_secret()
         self._outbox = Outbox(max_records)
@@ -149,10 +163,14 @@ class WorkerLink:
         self.connected = threading.Event()
         """Set while a session with the server is open (after our hello went out)."""
         self.error: BaseException | None = None
-        """Why the link gave up for good (refused token, refused hello), else None."""
+        """Why the link gave up for good (an upgrade answered with another HTTP error than 401/403,
+        a hello closed with 1008 or 1009), else None."""
         self.refused: tuple[int, str] | None = None
         """The close code and reason of the last hello the server refused (4403, 4409) while the link
         tries again; None once a session ends any other way."""
+        self.unauthorized: tuple[int, str] | None = None
+        """The HTTP status (401, 403) and body of the last upgrade the server refused for the token
+        while the link tries again; None once the server takes the token."""
         self._loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -255,52 +273,81 @@ class WorkerLink:
         stop.cancel()
 
     async def _connect_loop(self) -> None:
+        unauthorized: Generator[float] | None = None
+        while True:
+            try:
+                await self._connections()
+                return
+            except InvalidStatus as err:
+                status = err.response.status_code
+                if status not in _UNAUTHORIZED:
+                    self.error = err
+                    log.error("avgctl server refused rank %d: HTTP %d", self.rank, status)
+                    return
+                # Not fatal either: training goes on (records are buffered) and the link gets in
+                # once the server takes the token again, e.g. restarted with the token it had.
+                if self.unauthorized is None:  # the first refusal since a connection opened
+                    unauthorized = self._unauthorized_delays()
+                delay = next(unauthorized)
+                self.unauthorized = (status, _body_text(err))
+                log.warning(
+                    "avgctl server refused the token of rank %d of job %s (HTTP %d %s): %s; trying again in %.1f s",
+                    self.rank,
+                    self.job_id,
+                    status,
+                    self.unauthorized[1],
+                    _UNAUTHORIZED_WHY,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            except Exception as err:  # never let the link's failure reach training
+                self.error = err
+                log.exception("avgctl link of rank %d stopped", self.rank)
+                return
+
+    async def _connections(self) -> None:
+        """Connect, and reconnect after each session, until stopping (returns) or a final refusal
+        (returns, ``self.error`` set); an upgrade answered with an HTTP error raises ``InvalidStatus``."""
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         refusals: Generator[float] | None = None
-        try:
-            async for ws in websockets.connect(
-                self.url,
-                additional_headers=headers,
-                open_timeout=5,
-                ping_interval=5,
-                ping_timeout=10,  # a frozen server is noticed within ~15 s and we reconnect
-                close_timeout=1,
-                max_size=MAX_FRAME,
-                reconnect_delays=self._delays,
-            ):
-                try:
-                    await self._session(ws)
-                    return  # stopping: flushed and closed
-                except ConnectionClosed as err:
-                    if ws.close_code in close_codes.WORKER_FATAL:
-                        self.error = err
-                        log.error("avgctl server refused rank %d: %s %s", self.rank, ws.close_code, ws.close_reason)
-                        return
-                    if ws.close_code in close_codes.WORKER_REFUSED:
-                        # Not fatal: the job's secret may come later with a checkpoint, and a
-                        # restarted rank's predecessor stays registered until its socket closes.
-                        refusals = refusals or self._refused_delays()
-                        delay = next(refusals)
-                        self.refused = (ws.close_code, ws.close_reason or "")
-                        log.warning(
-                            "avgctl server refused rank %d of job %s (%d %s): %s; trying again in %.1f s",
-                            self.rank,
-                            self.job_id,
-                            ws.close_code,
-                            ws.close_reason,
-                            _REFUSED_WHY[ws.close_code],
-                            delay,
-                        )
-                        await asyncio.sleep(delay)
-                        continue
-                    refusals, self.refused = None, None
-                    log.info("avgctl link of rank %d lost (%s); reconnecting", self.rank, err)
-        except InvalidStatus as err:
-            self.error = err
-            log.error("avgctl server refused rank %d: HTTP %d", self.rank, err.response.status_code)
-        except Exception as err:  # never let the link's failure reach training
-            self.error = err
-            log.exception("avgctl link of rank %d stopped", self.rank)
+        async for ws in websockets.connect(
+            self.url,
+            additional_headers=headers,
+            open_timeout=5,
+            ping_interval=5,
+            ping_timeout=10,  # a frozen server is noticed within ~15 s and we reconnect
+            close_timeout=1,
+            max_size=MAX_FRAME,
+            reconnect_delays=self._delays,
+        ):
+            self.unauthorized = None  # the server took the token
+            try:
+                await self._session(ws)
+                return  # stopping: flushed and closed
+            except ConnectionClosed as err:
+                if ws.close_code in close_codes.WORKER_FATAL:
+                    self.error = err
+                    log.error("avgctl server refused rank %d: %s %s", self.rank, ws.close_code, ws.close_reason)
+                    return
+                if ws.close_code in close_codes.WORKER_REFUSED:
+                    # Not fatal: the job's secret may come later with a checkpoint, and a
+                    # restarted rank's predecessor stays registered until its socket closes.
+                    refusals = refusals or self._refused_delays()
+                    delay = next(refusals)
+                    self.refused = (ws.close_code, ws.close_reason or "")
+                    log.warning(
+                        "avgctl server refused rank %d of job %s (%d %s): %s; trying again in %.1f s",
+                        self.rank,
+                        self.job_id,
+                        ws.close_code,
+                        ws.close_reason,
+                        _REFUSED_WHY[ws.close_code],
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                refusals, self.refused = None, None
+                log.info("avgctl link of rank %d lost (%s); reconnecting", self.rank, err)
 
     async def _session(self, ws: Any) -> None:
         hello = Hello(
@@ -402,6 +449,12 @@ class WorkerLink:
         elif self._ledger.take(delivery.id):  # also queued once only while the averager is busy
             self._inbox.put((delivery.id, delivery.command))
             self._arrived.set()
+
+
+def _body_text(err: InvalidStatus, limit: int = 200) -> str:
+    """The server's reason for refusing an upgrade (its answer's body), short and on one line."""
+    body = err.response.body or b""
+    return " ".join(body[:limit].decode(errors="replace").split())
 
 
 def connect(

@@ -8,7 +8,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from avgctl.server.cli.exits import CliError
+from avgctl.server.cli.exits import CliError, for_status
 
 
 def job_path(job_id: str) -> str:
@@ -55,21 +55,34 @@ class Client:
             return None
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
-        """``call`` with its failures as a one-line ``CliError``: what the commands print."""
+        """``call`` with its failures as a one-line ``CliError``: what the commands print. A 4xx or
+        5xx answer's ``detail`` is the server's reason; its exit code is ``exits.for_status``'s."""
         try:
             return self.call(method, path, body)
         except urllib.error.HTTPError as err:
-            raise CliError(f"{method} {path}: {err.code} {_detail(err)}") from None
+            raise CliError(f"{method} {path}: {err.code} {_detail(err, body)}", for_status(err.code)) from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise CliError(f"cannot reach the server at {self.server}: {reason}") from None
 
 
-def _detail(err: urllib.error.HTTPError) -> str:
+def _detail(err: urllib.error.HTTPError, body: Any = None) -> str:
+    """The server's reason: its ``detail`` (a string, or FastAPI's validation errors, each as
+    ``field: message``), else the status line's reason."""
     try:
         detail = json.loads(err.read()).get("detail")
     except Exception:
-        return err.reason
-    if isinstance(detail, list) and detail:  # FastAPI's validation errors
-        return "; ".join(str(d.get("msg", d)) for d in detail)
-    return str(detail)
+        return str(err.reason)
+    if isinstance(detail, list) and detail:
+        return "; ".join(_validation_error(d, body) for d in detail)
+    return str(detail) if detail else str(err.reason)
+
+
+def _validation_error(error: Any, body: Any) -> str:
+    if not isinstance(error, dict):
+        return str(error)
+    loc = [str(part) for part in error.get("loc") or () if part != "body"]
+    if loc and isinstance(body, dict) and loc[0] == body.get("type"):
+        loc = loc[1:]  # the member of the command union FastAPI names: the type the body says
+    msg = str(error.get("msg", error))
+    return f"{'.'.join(loc)}: {msg}" if loc else msg

@@ -1,13 +1,16 @@
 """``avgctl demo``: the server on SQLite, CPU torchrun workers on the demo task, and a progress bar.
 
 Both children run in their own process groups so Ctrl-C, the end of ``--steps`` or a failure stops
-all of them: no orphans. Exit code 0 on success (Ctrl-C counts as a clean stop), otherwise the
-workers' (or the server's) failure code.
+all of them: no orphans. SIGTERM and SIGHUP (the terminal closed) stop them as Ctrl-C does: the
+launcher stops its children before it exits, so neither the server (with its SQLite writer
+process) nor the workers outlive it. Exit code 0 on success (Ctrl-C, SIGTERM and SIGHUP count as
+a clean stop), otherwise the workers' (or the server's) failure code.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import secrets
@@ -16,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +126,37 @@ def _stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
             continue
 
 
+# What stops the demo besides Ctrl-C's SIGINT: a stop request (``kill``, a service manager) and the
+# hangup its terminal sends when closed. Python's default for both kills the launcher on the spot,
+# leaving the server, its writer process and the workers (each in a session of its own) running.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _handling(signals: tuple[signal.Signals, ...], handler):
+    """``handler`` for ``signals`` while inside, the previous handlers after (in the main thread
+    only: Python takes signal handlers there alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _say(text: str, stream=None) -> None:
+    """Print a line; a terminal that is gone (SIGHUP: writes fail with EIO) must not stop the cleanup."""
+    with contextlib.suppress(OSError):
+        print(text, file=stream or sys.stdout, flush=True)
+
+
 def _wait_healthy(client: Client, server: subprocess.Popen, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -179,7 +214,12 @@ class ProgressBar:
 
 
 def run_demo(launch: DemoLaunch) -> int:
-    """Run the demo to the end of its steps (or Ctrl-C); returns the exit code."""
+    """Run the demo to the end of its steps (or Ctrl-C, SIGTERM, SIGHUP); returns the exit code."""
+    with _handling(STOP_SIGNALS, _interrupt):  # SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C
+        return _run_demo(launch)
+
+
+def _run_demo(launch: DemoLaunch) -> int:
     control_token, worker_token = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
     base = f"http://{browsable_host(launch.host)}:{launch.port}"
     client = Client(base, control_token, timeout=2.0)
@@ -240,13 +280,16 @@ def run_demo(launch: DemoLaunch) -> int:
                 server.wait()
         else:
             print(f"avgctl demo: workers failed with code {code}; see {log_path}", file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        print("\navgctl demo: stopping", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP
+        _say("\navgctl demo: stopping")
         code = 0
     except RuntimeError as err:
-        print(f"avgctl demo: {err}", file=sys.stderr, flush=True)
+        _say(f"avgctl demo: {err}", sys.stderr)
         code = 1
     finally:
-        _stop(workers)
-        _stop(server)
+        # A second Ctrl-C (or SIGTERM, SIGHUP) must not cut the children's stop short (at most ~20 s
+        # each) and leave them running.
+        with _handling((signal.SIGINT, *STOP_SIGNALS), signal.SIG_IGN):
+            _stop(workers)
+            _stop(server)
     return code

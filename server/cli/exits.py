@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # the server answered no (rejected command, unknown job, bad token) or is unreachable
-EXIT_USAGE = 2  # argparse's own code for bad arguments
+EXIT_FAILED = 1  # the server answered no (rejected command, unknown or finished job, bad token) or is unreachable
+# argparse's own code for bad arguments; also a 422, the server judging them bad (a period above its limit)
+EXIT_USAGE = 2
 EXIT_TIMEOUT = 3  # the command is still pending after --timeout
+
+
+def for_status(status: int) -> int:
+    """The exit code of a request the server refused with HTTP ``status``."""
+    return EXIT_USAGE if status == 422 else EXIT_FAILED
 
 
 class CliError(Exception):

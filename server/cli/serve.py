@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
+import signal
+import threading
 
 from avgctl.protocol.flags import argument_options, flag_name
 from avgctl.server.cli.exits import EXIT_OK, EXIT_USAGE, CliError
@@ -85,8 +88,33 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     install_token_redaction()  # after Config: it configures uvicorn's loggers
     tune_garbage_collector()  # last: what was built so far lives as long as the process
-    uvicorn.Server(config).run()
+    _server_class(uvicorn)(config).run()
     return EXIT_OK
+
+
+def _server_class(uvicorn):
+    """uvicorn's ``Server``, stopping on SIGHUP as it does on SIGINT and SIGTERM."""
+
+    class Server(uvicorn.Server):
+        """Closing the terminal of ``avgctl serve`` sends SIGHUP, whose default kills the process on the
+        spot: no lifespan shutdown, so the store's last writes were lost. Here it stops the server
+        as SIGTERM does (the lifespan's shutdown runs, the SQLite writer process, which ignores the
+        signal, finishes and exits), and uvicorn raises it again at the end, so the exit status
+        says SIGHUP, as SIGTERM's says SIGTERM (Ctrl-C's SIGINT exits with 130)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                previous = signal.signal(signal.SIGHUP, self.handle_exit)
+                try:
+                    yield
+                finally:  # restored before uvicorn raises the captured signals again
+                    signal.signal(signal.SIGHUP, previous)
+
+    return Server
 
 
 _TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s\"]*")

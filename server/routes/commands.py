@@ -9,7 +9,7 @@ from avgctl.protocol import Command
 from avgctl.server.api import CommandOut
 from avgctl.server.commands import AUTOPILOT
 from avgctl.server.deps import CommandsDep, JobIdPath, StoreDep
-from avgctl.server.store import UnknownJob
+from avgctl.server.store import InapplicableCommand, JobFinished, UnknownJob
 
 router = APIRouter(prefix="/api/jobs/{job_id}/commands", tags=["commands"])
 
@@ -41,13 +41,20 @@ async def post_command(
     commands: CommandsDep,
     author: AuthorHeader = None,
 ) -> CommandOut:
-    """Queue a command; it is ``pending`` until rank 0 applies (or rejects) it."""
+    """Queue a command; it is ``pending`` until rank 0 applies (or rejects) it.
+
+    A command that can never apply is answered at once and not logged: 404 for an unknown job,
+    409 for a finished one, 422 for a ``set_hierarchy`` that does not fit the job's group sizes."""
     if author is not None and is_reserved(author):
         raise HTTPException(422, f"the author {author!r} is reserved: 'autopilot' names the server's own commands")
     try:
         return await commands.submit(job_id, command, author or "api")
     except UnknownJob:
         raise HTTPException(404, f"no job {job_id!r}") from None
+    except JobFinished as err:
+        raise HTTPException(409, str(err)) from None
+    except InapplicableCommand as err:
+        raise HTTPException(422, str(err)) from None
 
 
 @router.get("", response_model=list[CommandOut])

@@ -110,7 +110,9 @@ async def worker_ingest(
             raise _Refuse(close_codes.POLICY, "the first frame must be a hello")
         if hello.rank >= hello.world_size:
             raise _Refuse(close_codes.POLICY, f"rank {hello.rank} is not below world size {hello.world_size}")
-        conn = await _register(websocket, hello, store, workers)
+        conn, restore = await _register(websocket, hello, store, workers)
+        if restore is not None:
+            commands.announce_restore(restore)
         await autopilot.on_hello(hello)
         if hello.rank == 0:
             await commands.deliver_pending(hello.job_id)
@@ -137,9 +139,7 @@ async def worker_ingest(
             await websocket.close(err.code, _short(err.reason))
     finally:
         if conn is not None and workers.remove(conn):
-            job_id, rank = conn.job_id, conn.rank
-            await store.write(lambda c: writes.disconnect(c, job_id, rank, normal, time.time()))
-            commands.announce_job(job_id)
+            await commands.on_disconnect(conn.job_id, conn.rank, normal)
 
 
 def _check_live_rank(hello: Hello, workers) -> None:
@@ -151,11 +151,14 @@ def _check_live_rank(hello: Hello, workers) -> None:
         raise _Refuse(close_codes.CONFLICT, f"rank {hello.rank} of this job is connected from another link")
 
 
-async def _register(websocket: WebSocket, hello: Hello, store: Store, workers) -> WorkerConnection:
+async def _register(
+    websocket: WebSocket, hello: Hello, store: Store, workers
+) -> tuple[WorkerConnection, writes.Restore | None]:
+    """Store the hello and register the connection; what a restore it brought undid, if any."""
     _check_live_rank(hello, workers)
     now = time.time()
     try:
-        await store.write(lambda c: writes.hello(c, hello, now))
+        restore = await store.write(lambda c: writes.hello(c, hello, now))
     except writes.NotMember as err:
         raise _Refuse(close_codes.NOT_MEMBER, str(err)) from None
     except writes.Conflict as err:
@@ -166,7 +169,7 @@ async def _register(websocket: WebSocket, hello: Hello, store: Store, workers) -
     if old is not None:
         with contextlib.suppress(Exception):
             await old.websocket.close(close_codes.REPLACED, "replaced by a newer connection of the same link")
-    return conn
+    return conn, restore
 
 
 async def _store(batch: EncodedBatch, seq: int | None, conn: WorkerConnection, store: Store, commands, workers) -> None:

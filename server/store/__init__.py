@@ -24,13 +24,15 @@ from typing import Any, TypeVar
 
 from avgctl.server.api import CommandOut, JobDetail, JobOut
 from avgctl.server.records import EncodedBatch
-from avgctl.server.store import process, reads, schema
+from avgctl.server.store import process, reads, schema, writes
 from avgctl.server.store.reads import Readers
 from avgctl.server.store.retention import Retention
 from avgctl.server.store.schema import NewerSchema
 from avgctl.server.store.writer import Writer
 from avgctl.server.store.writes import (
     Conflict,
+    InapplicableCommand,
+    JobFinished,
     UnknownJob,
     disconnect,
     hello,
@@ -45,6 +47,8 @@ from avgctl.server.store.writes import (
 
 __all__ = [
     "Conflict",
+    "InapplicableCommand",
+    "JobFinished",
     "NewerSchema",
     "Retention",
     "Store",
@@ -96,7 +100,8 @@ class Store:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        """Bring the file to the latest schema, mark every rank disconnected, start the writer."""
+        """Bring the file to the latest schema, mark every rank disconnected (and reject any command
+        still pending for a finished job), start the writer."""
         conn = process.connect_writer(self.path)
         schema.migrate(conn)
         # Nothing is connected right after a (re)start: the workers will say hello again.
@@ -104,6 +109,8 @@ class Store:
         conn.execute("BEGIN")
         conn.execute("UPDATE ranks SET connected = 0 WHERE connected = 1")
         conn.execute("UPDATE jobs SET status = 'disconnected', updated_at = ? WHERE status = 'running'", (now,))
+        # A file from before finishing rejected them may hold pending commands of finished jobs.
+        writes.reject_pending(conn, None, now)
         conn.execute("COMMIT")
         self._writer.start(conn)
 

@@ -9,7 +9,7 @@ only hands it the batches as plain tuples (one pickle) and waits, off the GIL, f
 Protocol, over the child's stdin and stdout: frames of a 4-byte big-endian length and a body.
 The parent sends a pickled list of ``Entry``; the child flattens it (``metric_rows``), writes it in
 one transaction and answers an empty body once committed, or the error's text after rolling back.
-EOF on stdin stops the child; it ignores SIGINT and SIGTERM, so the server alone decides when.
+EOF on stdin stops the child; it ignores SIGINT, SIGTERM and SIGHUP, so the server alone decides when.
 
 Only the standard library is imported here, and the child runs this file as a script (``python -I
 process.py``), not as ``-m avgctl.server.store.process``, which would first import the store
@@ -339,9 +339,10 @@ def serve(path: str, requests: BinaryIO, answers: BinaryIO) -> None:
     # A frame unpickles into tens of thousands of tuples, which set off collection after collection
     # (a tenth of the child's time); they hold no reference cycles, so nothing needs collecting.
     gc.disable()
-    # Ctrl-C in a terminal (or a stop) signals the whole process group: the server then shuts down
-    # and flushes what is queued through this process, so the server alone says when it stops (EOF).
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # Ctrl-C in a terminal (or a stop, or the terminal closing: SIGHUP) signals the whole process
+    # group: the server then shuts down and flushes what is queued through this process, so the
+    # server alone says when it stops (EOF).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     conn = connect_writer(path)
     try:

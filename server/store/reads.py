@@ -107,8 +107,11 @@ def _divergence(value: float | None, step: int | None) -> float | None:
 
 # ------------------------------------------------------------------------------ commands
 
-# Named, not ``*``: ``_command_out`` takes them by position (``note`` is last in every file).
-_COMMAND_COLUMNS = "id, job_id, author, created_at, body, type, status, applied_step, reason, updated_at, note"
+# Named, not ``*``: ``_command_out`` takes them by position (files differ in their columns' order).
+_COMMAND_COLUMNS = (
+    "id, job_id, author, created_at, body, type, status, applied_step, reason, updated_at, note,"
+    " control_version, rolled_back_at_step, rolled_back_at"
+)
 
 
 def list_commands(conn: sqlite3.Connection, job_id: str, limit: int = 1000) -> list[CommandOut]:
@@ -135,7 +138,8 @@ def pending_commands(conn: sqlite3.Connection, job_id: str) -> list[CommandOut]:
 
 
 def _command_out(row: tuple) -> CommandOut:
-    cid, job_id, author, created_at, body, ctype, status, applied_step, reason, updated_at, note = row
+    cid, job_id, author, created_at, body, ctype, status, applied_step, reason, updated_at, note, *rest = row
+    control_version, rolled_back_at_step, rolled_back_at = rest
     return CommandOut(
         id=cid,
         job_id=job_id,
@@ -148,6 +152,9 @@ def _command_out(row: tuple) -> CommandOut:
         reason=reason,
         updated_at=updated_at,
         note=note,
+        control_version=control_version,
+        rolled_back_at_step=rolled_back_at_step,
+        rolled_back_at=rolled_back_at,
     )
 
 
@@ -198,11 +205,26 @@ def metrics_text(
             (lambda rank, body: json_text(_record(rank, body, names))) if names else _record_json,
         )
     cur = conn.execute(
-        f"SELECT rank, step, control FROM control_events WHERE job_id = ? AND step >= ?{rank_sql} ORDER BY id LIMIT ?",
+        f"SELECT rank, step, control, note FROM control_events WHERE job_id = ? AND step >= ?{rank_sql}"
+        " ORDER BY id LIMIT ?",
         (job_id, since_step, *rank_args, limit),
     )
-    yield from _array(',"control_events":[', cur, lambda r, s, c: f'{{"rank":{r},"step":{s},"control":{c}}}')
+    yield from _array(',"control_events":[', cur, _control_event_json)
     yield "}"
+
+
+def control_event(rank: int, step: int, control: str, note: str | None) -> dict:
+    """A stored control event as readers get it: ``note`` only on those the server stored itself (a
+    restore from a checkpoint: ``writes.Restore``)."""
+    event = {"rank": rank, "step": step, "control": json.loads(control)}
+    if note is not None:
+        event["note"] = note
+    return event
+
+
+def _control_event_json(rank: int, step: int, control: str, note: str | None) -> str:
+    text = f'{{"rank":{rank},"step":{step},"control":{control}'
+    return text + ("}" if note is None else f',"note":{json.dumps(note)}}}')
 
 
 def stream_metrics(
@@ -258,14 +280,14 @@ def snapshot_json(
         return None
     per_rank = max(100, budget // max(1, job.world_size))
     rows = conn.execute(
-        "SELECT rank, step, control FROM (SELECT * FROM control_events WHERE job_id = ? ORDER BY id DESC LIMIT ?)"
-        " ORDER BY id",
+        "SELECT rank, step, control, note FROM"
+        " (SELECT * FROM control_events WHERE job_id = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
         (job_id, events),
     ).fetchall()
     head = {
         "kind": "snapshot",
         "job": job.model_dump(mode="json"),
-        "control_events": [{"rank": r, "step": s, "control": json.loads(c)} for r, s, c in rows],
+        "control_events": [control_event(*row) for row in rows],
         "commands": [c.model_dump(mode="json") for c in list_commands(conn, job_id, commands)],
     }
     parts = [json_text(head)[:-1]]  # a diverged job's figures as strings, never bare NaN tokens

@@ -104,11 +104,25 @@ def _v4_counters(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID")
 
 
+def _v5_rollbacks(conn: sqlite3.Connection) -> None:
+    """What a restore from a checkpoint undid. ``commands.control_version``: the control version
+    rank 0's ack of an applied command reported (the ranks' version with it applied; NULL for
+    ``set_autotune``, rejected commands and those acknowledged before this version);
+    ``commands.rolled_back_at_step`` and ``rolled_back_at``: the step the job resumed at, and when,
+    after a rank-0 hello brought a control version below that one (the command stays ``applied``);
+    ``control_events.note``: why the server stored an event no rank reported (the restore's label)."""
+    conn.execute("ALTER TABLE commands ADD COLUMN control_version INTEGER")
+    conn.execute("ALTER TABLE commands ADD COLUMN rolled_back_at_step INTEGER")
+    conn.execute("ALTER TABLE commands ADD COLUMN rolled_back_at REAL")
+    conn.execute("ALTER TABLE control_events ADD COLUMN note TEXT")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_tables,
     _v2_control_without_autotune,
     _v3_job_secret,
     _v4_counters,
+    _v5_rollbacks,
 )
 LATEST = len(MIGRATIONS)
 

@@ -11,12 +11,14 @@ import hmac
 import json
 import logging
 import sqlite3
+from dataclasses import dataclass
 
 from avgctl.protocol import CommandAck, ControlView, Hello
+from avgctl.protocol.hierarchy import InvalidHierarchy, hierarchy_periods
 from avgctl.server.api import AutotuneView, CommandOut
 from avgctl.server.records import EncodedBatch
 from avgctl.server.store import process
-from avgctl.server.store.reads import get_command
+from avgctl.server.store.reads import control_event, get_command
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +36,55 @@ class NotMember(PermissionError):
     """A hello whose ``job_secret`` is not the one the job was bound to: not a process of this job."""
 
 
+class JobFinished(Exception):
+    """A command for a finished job: no rank is left to apply it (the REST answer is 409)."""
+
+
+class InapplicableCommand(ValueError):
+    """A command the job's averager can never apply (a ``set_hierarchy`` that does not fit its group
+    sizes); the message says why (the REST answer is 422)."""
+
+
+FINISHED_REASON = "the job finished before the command was applied"
+"""The reason of every command still pending when its job finished."""
+
+
 def secret_hash(secret: str) -> str:
     """What the store keeps of a job's secret (sha256, hex): a stolen file does not give it away."""
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def hello(conn: sqlite3.Connection, msg: Hello, now: float) -> None:
+@dataclass(frozen=True, slots=True)
+class Restore:
+    """A job resumed from an earlier state: its rank 0 said hello with a lower control version
+    than the job had, or at an earlier step (a restart from a checkpoint, or from scratch)."""
+
+    job_id: str
+    step: int
+    """The step the job resumed at (rank 0's hello)."""
+    from_version: int
+    to_version: int
+    from_step: int
+    """Rank 0's last step before."""
+    event: dict
+    """The control event stored for it, as readers get it (``reads.control_event``): the restored
+    control state from ``step`` on, its ``note`` the label dashboards show."""
+    rolled_back: list[CommandOut]
+    """The applied commands whose control version the restored state lacks, now marked rolled back."""
+
+
+def restore_label(step: int, from_version: int, to_version: int) -> str:
+    """``restored from checkpoint (version 3 -> 2)``: what a restore's control event says."""
+    versions = f"version {from_version} -> {to_version}" if from_version != to_version else f"version {to_version}"
+    return f"restarted from step 0 ({versions})" if step == 0 else f"restored from checkpoint ({versions})"
+
+
+def hello(conn: sqlite3.Connection, msg: Hello, now: float) -> Restore | None:
     """A rank (re)connected: create or update its job and rank; rank 0 brings the control state.
 
     The job is bound to the hello's secret at its first hello (or the first since the store knew
     secrets); ``NotMember`` for any other secret, before anything is read or written for it.
+    A rank-0 hello that takes the job back (``_restore``) is recorded, and returned.
     """
     row = conn.execute("SELECT world_size, secret_hash FROM jobs WHERE id = ?", (msg.job_id,)).fetchone()
     presented = secret_hash(msg.job_secret)
@@ -77,6 +118,7 @@ def hello(conn: sqlite3.Connection, msg: Hello, now: float) -> None:
         # The same job id started again with another world size: forget the old ranks.
         conn.execute("DELETE FROM ranks WHERE job_id = ?", (msg.job_id,))
         conn.execute("UPDATE jobs SET world_size = ? WHERE id = ?", (msg.world_size, msg.job_id))
+    restore = _restore(conn, msg, now) if row is not None and msg.rank == 0 else None
     conn.execute(
         "INSERT INTO ranks (job_id, rank, host, pid, step, last_seen, connected, closed_normally)"
         " VALUES (?, ?, ?, ?, ?, ?, 1, 0) ON CONFLICT (job_id, rank) DO UPDATE SET host = excluded.host,"
@@ -92,10 +134,66 @@ def hello(conn: sqlite3.Connection, msg: Hello, now: float) -> None:
         (now, now, msg.job_id),
     )
     _update_job_step(conn, msg.job_id)
+    return restore
 
 
-def disconnect(conn: sqlite3.Connection, job_id: str, rank: int, normal: bool, now: float) -> None:
-    """A rank's connection ended; the job is finished once every rank closed normally."""
+def _restore(conn: sqlite3.Connection, msg: Hello, now: float) -> Restore | None:
+    """Record what rank 0's hello undid, if it takes the job back: a control version below the
+    stored one, or a step before rank 0's last one (a hello at step 0 with the same version is a
+    new start with nothing to undo). Only rank 0's exchange moves the version, one per applied
+    command, and a live process never goes back, so a lower version is a process that resumed
+    from an earlier state. The applied commands above it are marked rolled back at the hello's
+    step, and a control event there carries the restored state, labelled."""
+    (stored,) = conn.execute(
+        "SELECT json_extract(control, '$.version') FROM jobs WHERE id = ?", (msg.job_id,)
+    ).fetchone()
+    stored = int(stored or 0)
+    row = conn.execute("SELECT step FROM ranks WHERE job_id = ? AND rank = 0", (msg.job_id,)).fetchone()
+    last_step = row[0] if row is not None else msg.step
+    version = msg.control.version
+    if version >= stored and not 0 < msg.step < last_step:
+        return None
+    ids = [
+        cid
+        for (cid,) in conn.execute(
+            "SELECT id FROM commands WHERE job_id = ? AND status = 'applied' AND control_version > ?"
+            " AND rolled_back_at IS NULL ORDER BY id",
+            (msg.job_id, version),
+        )
+    ]
+    conn.executemany(
+        "UPDATE commands SET rolled_back_at_step = ?, rolled_back_at = ?, updated_at = ? WHERE id = ?",
+        [(msg.step, now, now, cid) for cid in ids],
+    )
+    label = restore_label(msg.step, stored, version)
+    body, _ = _control_view(msg.control)
+    conn.execute(
+        "INSERT INTO control_events (job_id, rank, step, control, note) VALUES (?, 0, ?, ?, ?)",
+        (msg.job_id, msg.step, body, label),
+    )
+    log.warning(
+        "job %s resumed at step %d (rank 0 was at step %d): %s; commands rolled back: %s",
+        msg.job_id,
+        msg.step,
+        last_step,
+        label,
+        ", ".join(map(str, ids)) or "none",
+    )
+    return Restore(
+        job_id=msg.job_id,
+        step=msg.step,
+        from_version=stored,
+        to_version=version,
+        from_step=last_step,
+        event=control_event(0, msg.step, body, label),
+        rolled_back=[get_command(conn, msg.job_id, cid) for cid in ids],  # type: ignore[misc]
+    )
+
+
+def disconnect(conn: sqlite3.Connection, job_id: str, rank: int, normal: bool, now: float) -> list[CommandOut]:
+    """A rank's connection ended; the job is finished once every rank closed normally. Then its
+    pending commands are rejected (``FINISHED_REASON``) in the same transaction, and returned, so
+    the caller can announce them; no later run under the job's id applies them."""
     conn.execute(
         "UPDATE ranks SET connected = 0, closed_normally = ?, last_seen = ? WHERE job_id = ? AND rank = ?",
         (int(normal), now, job_id, rank),
@@ -112,6 +210,21 @@ def disconnect(conn: sqlite3.Connection, job_id: str, rank: int, normal: bool, n
     else:
         status = "disconnected"
     conn.execute("UPDATE jobs SET status = ?, updated_at = ? WHERE id = ?", (status, now, job_id))
+    return reject_pending(conn, job_id, now) if status == "finished" else []
+
+
+def reject_pending(conn: sqlite3.Connection, job_id: str | None, now: float) -> list[CommandOut]:
+    """Reject the pending commands of ``job_id`` (None: of every finished job) as ``FINISHED_REASON``;
+    returns them as they are now, oldest first."""
+    where = "job_id = ?" if job_id is not None else "job_id IN (SELECT id FROM jobs WHERE status = 'finished')"
+    args = (job_id,) if job_id is not None else ()
+    ids = conn.execute(f"SELECT job_id, id FROM commands WHERE status = 'pending' AND {where} ORDER BY id", args)
+    ids = ids.fetchall()
+    conn.executemany(
+        "UPDATE commands SET status = 'rejected', reason = ?, updated_at = ? WHERE id = ? AND status = 'pending'",
+        [(FINISHED_REASON, now, cid) for _, cid in ids],
+    )
+    return [get_command(conn, jid, cid) for jid, cid in ids]  # type: ignore[misc]
 
 
 def write_metrics(
@@ -171,15 +284,37 @@ def _update_job_step(conn: sqlite3.Connection, job_id: str) -> None:
 def insert_command(
     conn: sqlite3.Connection, job_id: str, body: dict, author: str, now: float, note: str | None = None
 ) -> CommandOut:
-    """Log a new pending command; ``UnknownJob`` if the job was never seen."""
-    if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+    """Log a new pending command; ``UnknownJob`` if the job was never seen, ``JobFinished`` if it
+    finished, ``InapplicableCommand`` if its averager can never apply it. Nothing is logged then.
+
+    Checked in the writer's transaction, so a job cannot finish between the check and the insert
+    (``disconnect`` rejects what is pending when it finishes)."""
+    row = conn.execute("SELECT status, config, control FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
         raise UnknownJob(job_id)
+    status, config, control = row
+    if status == "finished":
+        raise JobFinished(f"job {job_id!r} finished: no rank is left to apply a command")
+    if body["type"] == "set_hierarchy":
+        try:
+            hierarchy_periods(_group_sizes(config, control), body["periods"])
+        except InvalidHierarchy as err:
+            raise InapplicableCommand(str(err)) from None
     cur = conn.execute(
         "INSERT INTO commands (job_id, author, created_at, body, type, status, updated_at, note)"
         " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
         (job_id, author, now, json.dumps(body), body["type"], now, note),
     )
     return get_command(conn, job_id, cur.lastrowid)  # type: ignore[return-value]
+
+
+def _group_sizes(config: str | None, control: str) -> list[int] | None:
+    """The job's group sizes as its latest rank-0 hello told them (None: not hierarchical). The
+    averager's config names them; a job stored before configs were kept has its control's levels."""
+    if config:
+        return json.loads(config).get("group_sizes")
+    hierarchy = json.loads(control).get("hierarchy")
+    return None if hierarchy is None else sorted(int(size) for size in hierarchy)
 
 
 def resolve_command(
@@ -200,6 +335,8 @@ def resolve_command(
         return None
     if ack.control is not None and ack.status == "applied" and _reachable(conn, job_id, ack.control.version, max_ahead):
         process.set_controls(conn, [(job_id, *_control_view(ack.control), now)])
+        # The version it brought: a restore to a lower one rolls it back (``_restore``).
+        conn.execute("UPDATE commands SET control_version = ? WHERE id = ?", (ack.control.version, ack.command_id))
     return get_command(conn, job_id, ack.command_id)
 
 

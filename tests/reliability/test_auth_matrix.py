@@ -31,6 +31,7 @@ MATRIX: dict[tuple[str, str], tuple[str, dict[str, int | str]]] = {
     ("GET", "/api/health"): ("/api/health", PUBLIC),
     ("GET", "/api/jobs"): ("/api/jobs", GET),
     ("GET", "/api/limits"): ("/api/limits", GET),
+    ("GET", "/api/session"): ("/api/session", GET),
     ("GET", "/api/jobs/{job_id}"): (f"/api/jobs/{JOB}", GET),
     ("POST", "/api/jobs/{job_id}/commands"): (
         f"/api/jobs/{JOB}/commands",
@@ -89,7 +90,8 @@ def client(tmp_path_factory):
 def _hello() -> str:
     from tests.support.frames import hello
 
-    return hello(world_size=1).replace("job-1", JOB)
+    # World size 2 with one rank: the job is left disconnected, not finished, so it takes commands.
+    return hello(world_size=2).replace("job-1", JOB)
 
 
 def test_every_route_has_a_matrix_entry(client):

@@ -30,7 +30,8 @@ def server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("fuzz") / "fuzz.db").start()
     try:
         with connect(srv.base.replace("http", "ws", 1) + "/ws/worker", additional_headers=auth(WORKER)) as ws:
-            ws.send(hello(world_size=1).replace("job-1", JOB))
+            # World size 2 with one rank: the job is left disconnected, not finished, so it takes commands.
+            ws.send(hello(world_size=2).replace("job-1", JOB))
             ws.send(batch(1, 20))
             wait_for(lambda: (srv.api.try_get(f"/api/jobs/{JOB}") or {}).get("step") == 20, 10, what="the fuzz job")
             srv.api.command(JOB, {"type": "average_now"})

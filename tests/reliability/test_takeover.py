@@ -186,8 +186,11 @@ def test_a_finished_jobs_history_and_commands_are_closed_to_hellos_without_its_s
                 ws.send(hello(job_id=job, rank=rank, world_size=2, pid=100 + rank))
                 ws.send(batch(0, 50))
                 wait_for(lambda: stored_steps(srv, job) == 50 * (rank + 1), 10)
+                if rank == 1:  # rank 0 has left: the command waits for it until the job finishes
+                    pending = srv.api.command(job, {"type": "average_now"})
         wait_for(lambda: job_of(srv, job)["status"] == "finished", 10, what="finished")
-        pending = srv.api.command(job, {"type": "average_now"})
+        rejected = srv.api.get(f"/api/jobs/{job}/commands/{pending['id']}")
+        assert (rejected["status"], rejected["reason"]) == ("rejected", writes.FINISHED_REASON)
         history = srv.api.get(f"/api/jobs/{job}/metrics")
         srv.stop()  # the binding is in the store: a restarted server keeps it
         srv.start()
@@ -208,11 +211,13 @@ def test_a_finished_jobs_history_and_commands_are_closed_to_hellos_without_its_s
         detail = job_of(srv, job)
         assert (detail["status"], detail["world_size"], [r["rank"] for r in detail["ranks"]]) == ("finished", 2, [0, 1])
         assert srv.api.get(f"/api/jobs/{job}/metrics") == history
-        assert srv.api.get(f"/api/jobs/{job}/commands/{pending['id']}")["status"] == "pending"
-        # The job's own process (its secret) is still welcome, and gets the pending command.
+        assert srv.api.get(f"/api/jobs/{job}/commands/{pending['id']}") == rejected
+        # The job's own process (its secret) is still welcome; the first command it gets is a new one.
         with open_ws(srv.base) as ws:
             ws.send(hello(job_id=job, rank=0, world_size=2, pid=100))
-            assert json.loads(ws.recv(timeout=10))["id"] == pending["id"]
+            wait_for(lambda: job_of(srv, job)["status"] == "running", 10, what="running again")
+            fresh = srv.api.command(job, {"type": "average_now"})
+            assert json.loads(ws.recv(timeout=10))["id"] == fresh["id"]
     finally:
         srv.stop()
 

@@ -8,8 +8,6 @@ import threading
 import pytest
 
 from avgctl.server import cli
-from avgctl.server.cli.commands import run_command
-from avgctl.server.cli.exits import CliError
 from avgctl.server.cli.serve import add_serve_parser, serve_settings
 from avgctl.server.settings import Settings
 from avgctl.worker.link import connect  # the full signature (with link options)
@@ -74,10 +72,9 @@ def test_client_commands_against_a_live_job(tmp_path, capsys):
             assert "job-c" in capsys.readouterr().out
             assert cli.main(["status", "job-c", *base]) == 0
             assert "period 3" in capsys.readouterr().out
-            # A periodic averager rejects a hierarchy: the client reports it and exits non-zero.
-            args = cli.build_parser().parse_args(["average-now", "job-c", *base])
-            with pytest.raises(CliError, match="rejected"):
-                run_command(args, {"type": "set_hierarchy", "periods": {"2": 2}})
+            # A periodic averager takes no hierarchy: the server says so (422), the CLI prints it, exit 2.
+            assert cli.main(["set-hierarchy", "job-c", "2=2", *base]) == 2
+            assert "422 set_hierarchy needs a hierarchical averager" in capsys.readouterr().err
             assert cli.main(["status", "nope", *base]) == 1
             assert "404" in capsys.readouterr().err
             assert cli.main(["jobs", "--server", server.url, "--token", "wrong"]) == 1

@@ -106,7 +106,8 @@ def test_a_new_file_reaches_the_latest_version_with_every_column(path):
     _opened(path)
     assert _raw(path, "PRAGMA user_version") == [(schema.LATEST,)] and schema.LATEST == len(schema.MIGRATIONS) >= 3
     assert _columns(path, "jobs")[-3:] == ["last_seen", "divergence_step", "secret_hash"]
-    assert _columns(path, "commands")[-1] == "note"
+    assert _columns(path, "commands")[-4:] == ["note", "control_version", "rolled_back_at_step", "rolled_back_at"]
+    assert _columns(path, "control_events")[-1] == "note"
 
 
 def test_a_file_from_before_the_versions_migrates_and_keeps_its_rows(path):
@@ -117,7 +118,7 @@ def test_a_file_from_before_the_versions_migrates_and_keeps_its_rows(path):
     store.start()
     try:
         assert _raw(path, "PRAGMA user_version") == [(schema.LATEST,)]
-        assert _columns(path, "commands")[-1] == "note" and "divergence_step" in _columns(path, "jobs")
+        assert _columns(path, "commands")[-4] == "note" and "divergence_step" in _columns(path, "jobs")
         # The view's stale autotune key is gone from the row; the column's settings are what reads show.
         ((control,),) = _raw(path, "SELECT control FROM jobs")
         assert json.loads(control) == {

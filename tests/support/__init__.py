@@ -6,9 +6,11 @@
   a thread), ``running_server``.
 - ``processes``: real processes: ``ServerProcess`` (``avgctl serve``), ``Workers`` (``torchrun``
   demo ranks), ``torchrun_demo`` (one 2-rank job, restarts optional), ``Api`` (the CLI's REST
-  client), ``free_port``, ``descendants``, ``stop_tree``, ``rss_bytes``, and a slower ``wait_for``.
-- ``fakes``: ``FakeAverager`` (one link's averager, with the real ``CommandLedger``) and
-  ``FakeJob`` (a job's ranks over ``/ws/worker``, acknowledging commands).
+  client), ``free_port``, ``listening``, ``alive``, ``descendants``, ``stop_tree``, ``rss_bytes``,
+  and a slower ``wait_for``.
+- ``fakes``: ``FakeAverager`` (one link's averager, with the real ``CommandLedger``),
+  ``FakeJob`` (a job's ranks over ``/ws/worker``, acknowledging commands) and ``SteppedRank`` (a
+  one-rank job driven call by call: steps, commands, a crash and a resume from a checkpoint).
 - ``frames``: worker-protocol frames (``hello``, ``batch``), ``encoded`` batches,
   ``store_with_two_ranks``, and ``close_of`` (a websocket's close code and reason).
 - ``strict``: ``strict_json`` (valid JSON as ``JSON.parse`` reads it) and ``NON_FINITE``.

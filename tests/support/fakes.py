@@ -1,4 +1,5 @@
-"""Stand-ins for the worker side: an averager for one link, and a job's ranks over /ws/worker.
+"""Stand-ins for the worker side: an averager for one link, a job's ranks over /ws/worker, and a
+one-rank job a test drives step by step (``SteppedRank``: commands, a crash, a resume).
 
 Both apply commands with the workers' own rules (``avgctl.worker.control_state``); the averager
 also keeps the real ``CommandLedger``, so a re-delivered command is answered, never re-applied.
@@ -231,3 +232,74 @@ class FakeJob:
             ws.send(MetricsBatch(steps=steps, rounds=rounds, control=events).model_dump_json())
         for ack in acks:
             sockets[0].send(ack.model_dump_json())
+
+
+class SteppedRank:
+    """Rank 0 of a one-rank job over ``/ws/worker``, driven by its test one call at a time: steps
+    on demand, each command delivered to it applied (``control_state``'s rules) at the step it has
+    reached, and a crash and resume from a checkpoint (its step and control state), as a job that
+    torchrun restarts from its last checkpoint: a new process, a new connection, a new hello."""
+
+    def __init__(self, url: str, job_id: str = "restore-job", period: int = 4):
+        self.ws_url = url.replace("http", "ws", 1) + "/ws/worker"
+        self.job_id = job_id
+        self.step = 0
+        self.state = cs.periodic_state(period, 0)
+        self.job_secret = secrets.token_hex(16)  # kept in checkpoints, so a resumed job is let in
+        self.ws: Any = None
+        self._sockets = contextlib.ExitStack()  # every connection it made, closed by close()
+
+    def connect(self) -> SteppedRank:
+        headers = {"Authorization": f"Bearer {WORKER}"}
+        self.ws = self._sockets.enter_context(ws_connect(self.ws_url, additional_headers=headers))
+        self.ws.send(
+            Hello(
+                job_id=self.job_id,
+                rank=0,
+                world_size=1,
+                host="host0",
+                pid=2000,
+                config=AveragerConfig(kind="periodic", period=self.state.period, warmup_steps=0),
+                control=cs.to_view(self.state),
+                step=self.step,
+                job_secret=self.job_secret,
+            ).model_dump_json()
+        )
+        return self
+
+    def run(self, steps: int) -> None:
+        """``steps`` more steps, their records in one batch (a round every period steps)."""
+        now = time.time()
+        first, self.step = self.step + 1, self.step + steps
+        records = [StepRecord(step=s, time=now, step_time=0.01, loss=1.0 / s) for s in range(first, self.step + 1)]
+        self.ws.send(MetricsBatch(steps=records).model_dump_json())
+
+    def apply(self, timeout: float = 10.0) -> CommandAck:
+        """Wait for the next command, apply it at the current step, report the control event and ack."""
+        frame = CommandDelivery.model_validate_json(self.ws.recv(timeout))
+        try:
+            self.state = cs.apply_command(self.state, frame.command, self.step)
+        except cs.CommandRejected as err:
+            ack = CommandAck(command_id=frame.id, status="rejected", reason=str(err))
+        else:
+            view = cs.to_view(self.state)
+            event = ControlEvent(step=self.step, control=view)
+            self.ws.send(MetricsBatch(control=[event]).model_dump_json())
+            ack = CommandAck(command_id=frame.id, status="applied", applied_step=self.step, control=view)
+        self.ws.send(ack.model_dump_json())
+        return ack
+
+    def checkpoint(self) -> tuple[int, cs.ControlState]:
+        return self.step, self.state
+
+    def crash(self) -> None:
+        """The process dies: its connection ends abnormally (the job is ``disconnected``, not finished)."""
+        self.ws.close(code=1011)
+
+    def resume(self, checkpoint: tuple[int, cs.ControlState]) -> SteppedRank:
+        """A new process loaded ``checkpoint`` and says hello (once the old connection is gone)."""
+        self.step, self.state = checkpoint
+        return self.connect()
+
+    def close(self) -> None:
+        self._sockets.close()

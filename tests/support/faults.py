@@ -53,8 +53,8 @@ def worker_main(out_dir: str, demo_argv: list[str]) -> int:
     recorder = _Recorder()
     make = demo.make_averager
 
-    def make_recorded(cfg, world):
-        averager = make(cfg, world)
+    def make_recorded(cfg, world, model=None):
+        averager = make(cfg, world, model)
         averager.add_listener(recorder)
         return averager
 

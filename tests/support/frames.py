@@ -25,6 +25,8 @@ def hello(
     link: str | None = None,
     job_secret: str = JOB_SECRET,
     host: str = "h",
+    config: AveragerConfig | None = None,
+    step: int = 0,
 ) -> str:
     return Hello(
         job_id=job_id,
@@ -32,8 +34,9 @@ def hello(
         world_size=world_size,
         host=host,
         pid=pid,
-        config=AveragerConfig(kind="periodic", period=4, warmup_steps=0),
+        config=config or AveragerConfig(kind="periodic", period=4, warmup_steps=0),
         control=control or ControlView(period=4, warmup_steps=0),
+        step=step,
         link=link,
         job_secret=job_secret,
     ).model_dump_json()

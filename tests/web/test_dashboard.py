@@ -14,7 +14,7 @@ from avgctl.worker import control_state as cs
 from tests.support.browser import login
 from tests.support.fakes import FakeJob
 from tests.support.polling import wait_for
-from tests.support.servers import READ, ServerThread, auth, make_settings
+from tests.support.servers import ServerThread, auth, make_settings
 
 pytestmark = pytest.mark.browser
 
@@ -175,14 +175,6 @@ def test_missing_or_wrong_token_is_explained(server, fake_job, token, page):
     page.goto(server.url + "/" if token is None else f"{server.url}/?token={token}")
     expect(page.locator("#error")).to_contain_text("Missing or wrong token")
     expect(page.locator("#error")).to_contain_text("?token=")
-
-
-def test_read_token_cannot_send_commands(server, fake_job, rest, page):
-    login(page, server, token=READ, route="#/jobs/web-job")
-    expect(page.locator("#connection-state")).to_have_attribute("data-state", "connected")
-    page.locator("#average-now").click()
-    expect(page.locator("#command-error")).to_contain_text("token")
-    assert rest.get("/api/jobs/web-job/commands").json() == []
 
 
 def test_connection_state_follows_the_server(server, fake_job, settings, page):

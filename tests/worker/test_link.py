@@ -12,7 +12,7 @@ from websockets.client import backoff
 from avgctl.worker.link import connect  # the full signature (with link options)
 from tests.support.fakes import FakeAverager
 from tests.support.polling import wait_for
-from tests.support.servers import CONTROL, WORKER, ServerThread, auth, make_settings, running_server
+from tests.support.servers import CONTROL, READ, WORKER, ServerThread, auth, make_settings, running_server
 
 FAST = functools.partial(backoff, initial_delay=0.05, min_delay=0.1, max_delay=0.5)
 
@@ -48,20 +48,17 @@ def test_metrics_and_commands_through_the_link(tmp_path):
                 lambda: (c := get(server, f"/api/jobs/job-l/commands/{cmd['id']}").json())["status"] != "pending" and c
             )
             assert out["status"] == "applied" and out["applied_step"] == 11
-            bad = post(server, "/api/jobs/job-l/commands", {"type": "set_hierarchy", "periods": {"2": 2}}).json()
-            wait_for(lambda: links[0]._arrived.is_set())
-            averagers[0].train_step()
-            out = wait_for(
-                lambda: (c := get(server, f"/api/jobs/job-l/commands/{bad['id']}").json())["status"] != "pending" and c
-            )
-            assert out["status"] == "rejected" and out["reason"]
+            # A hierarchy for a periodic averager: refused before rank 0 sees it, with rank 0's reason.
+            bad = post(server, "/api/jobs/job-l/commands", {"type": "set_hierarchy", "periods": {"2": 2}})
+            assert bad.status_code == 422 and "needs a hierarchical averager" in bad.json()["detail"]
+            assert [c["id"] for c in get(server, "/api/jobs/job-l/commands").json()] == [cmd["id"]]
             job = get(server, "/api/jobs/job-l").json()
             assert job["control"]["period"] == 2 and job["status"] == "running"
         finally:
             for link in links:
                 link.close()
         job = wait_for(lambda: (j := get(server, "/api/jobs/job-l").json())["status"] == "finished" and j)
-        assert job["step"] >= 12
+        assert job["step"] >= 11
 
 
 def test_close_returns_once_the_server_stored_everything(tmp_path):
@@ -144,18 +141,19 @@ def test_server_restart_keeps_history_and_redelivers_pending(tmp_path):
         server.stop()
 
 
-@pytest.mark.parametrize("token", [None, "wrong"])
-def test_bad_token_stops_the_link_not_training(tmp_path, token):
+@pytest.mark.parametrize(("token", "status"), [(None, 401), ("wrong", 401), (READ, 403)])
+def test_a_bad_token_is_retried_and_never_stops_training(tmp_path, token, status):
     with running_server(make_settings(tmp_path)) as server:
         averager = FakeAverager(world_size=1)
-        link = connect(averager, server=server.url, job_id="job-l", token=token)
+        link = connect(averager, server=server.url, job_id="job-l", token=token, unauthorized_delays=FAST)
         try:
-            wait_for(lambda: link.error is not None)
-            assert "401" in str(link.error)
+            wait_for(lambda: link.unauthorized is not None)
+            assert link.unauthorized[0] == status and link.error is None and link._thread.is_alive()
             for _ in range(100):
                 averager.train_step()
         finally:
             link.close()
+        assert not link._thread.is_alive()
         assert get(server, "/api/jobs").json() == []
 
 
