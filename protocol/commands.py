@@ -94,6 +94,10 @@ class SetOuterLr(Message):
     lr: float = Field(gt=0, le=1e6, allow_inf_nan=False)
 
 
+NOT_DILOCO = "set_outer_lr needs a DiLoCo averager (this job averages without an outer optimizer)"
+"""Why ``set_outer_lr`` is refused for a job without an outer optimizer (rank 0 and the server alike)."""
+
+
 class SetAutotune(Message):
     """Switch the server's autopilot; ``target_divergence`` None means calibrate it (else a finite
     number in (0, 1e6]: NaN, ``Infinity`` and ``1e999`` are refused with a 422)."""

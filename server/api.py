@@ -61,7 +61,8 @@ class AutotuneView(_Message):
 
 
 class JobControl(ControlView):
-    """A job's control state as the server shows it: the ranks' view plus the autopilot's."""
+    """A job's control state as the server shows it: the ranks' view (``outer_lr``: a DiLoCo job's
+    outer lr once a ``set_outer_lr`` applied, else None) plus the autopilot's."""
 
     autotune: AutotuneView = Field(default_factory=AutotuneView)
 
@@ -112,7 +113,7 @@ class JobOut(BaseModel):
     status: JobStatus
     step: int
     control: JobControl
-    config: AveragerConfig | None = None
+    config: AveragerConfig | None = None  # rank 0's averager; ``kind``: periodic, hierarchical or diloco
     created_at: float
     updated_at: float
     divergence_mean: float | None = None  # of the latest averaging round, over the job's ranks
@@ -165,6 +166,7 @@ class LimitsOut(BaseModel):
     max_period: int  # steps, for set_period and each level of set_hierarchy
     max_hierarchy_levels: int  # group levels in one set_hierarchy
     max_target_divergence: float  # set_autotune's target_divergence
+    max_outer_lr: float  # set_outer_lr's lr (DiLoCo jobs)
     max_ranks: int  # a job's world size
     max_scalars: int  # user figures per step record
     max_batch_records: int  # records of one kind in one metric batch

@@ -58,7 +58,8 @@ class CommandService:
 
         Nothing is logged for a command that can never apply: ``UnknownJob`` (no such job),
         ``JobFinished`` (the job finished), ``InapplicableCommand`` (a ``set_hierarchy`` that does not
-        fit the job's group sizes, by the rule rank 0 applies: ``protocol.hierarchy``).
+        fit the job's group sizes, by the rule rank 0 applies: ``protocol.hierarchy``; a
+        ``set_outer_lr`` for a job that is not DiLoCo).
         ``note`` says why, in the log (the autopilot's reason for a ``set_period``).
         """
         body = command.model_dump(mode="json")

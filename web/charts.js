@@ -150,6 +150,8 @@ export class LiveChart {
     this.resize.disconnect();
     this.plot?.destroy();
     this.plot = null;
+    // What draw() told scripts and tests about this chart goes with it (the element stays, for the next page).
+    for (const key of ['points', 'nonFinite', 'series', 'medians', 'lasts', 'markers', 'markerLabels']) delete this.el.dataset[key];
   }
 
   size() {

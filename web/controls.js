@@ -8,6 +8,8 @@ import { clockTime, num } from './format.js';
 const LOG_ROWS = 200;
 const POLL_MS = 2500;
 
+const ERRORS = ['#period-error', '#hierarchy-error', '#outer-lr-error', '#autopilot-error', '#command-error'];
+
 const SIMPLE = [
   ['pause-averaging', 'pause_averaging'],
   ['resume-averaging', 'resume_averaging'],
@@ -29,6 +31,7 @@ export function describe(cmd) {
   switch (b.type) {
     case 'set_period': return `set period to ${b.period}`;
     case 'set_hierarchy': return `set periods ${Object.entries(b.periods || {}).map(([g, p]) => `groups of ${g}: ${p}`).join(', ')}`;
+    case 'set_outer_lr': return `set outer lr to ${b.lr}`;
     case 'set_autotune': return b.enabled ? `autopilot on (target ${b.target_divergence ?? 'calibrated'})` : 'autopilot off';
     default: return String(b.type || '?').replaceAll('_', ' ');
   }
@@ -36,7 +39,9 @@ export function describe(cmd) {
 
 function shortLabel(cmd) {
   const b = cmd.command;
-  return b.type === 'set_period' ? `period ${b.period}` : String(b.type).replaceAll('_', ' ');
+  if (b.type === 'set_period') return `period ${b.period}`;
+  if (b.type === 'set_outer_lr') return `outer lr ${b.lr}`;
+  return String(b.type).replaceAll('_', ' ');
 }
 
 /** Whether a restore from a checkpoint undid this applied command (its status stays "applied"). */
@@ -61,6 +66,9 @@ export class Controls {
     this.readOnly = role === 'read';
     this.maxPeriod = limits?.max_period ?? null;
     this.maxTarget = limits?.max_target_divergence ?? null;
+    this.maxOuterLr = limits?.max_outer_lr ?? null;
+    this.diloco = false; // the job's averager is DiLoCo: its outer lr can be set
+    this.roundOuterLr = null; // {lr, step}: the outer lr the latest DiLoCo round reported
     this.commands = new Map();
     this.control = null;
     this.renderTimer = null;
@@ -68,6 +76,8 @@ export class Controls {
     $('#period-input').onkeydown = (e) => { if (e.key === 'Enter') this.setPeriod(); };
     for (const [id, type] of SIMPLE) $(`#${id}`).onclick = () => this.send({ type }, '#command-error');
     $('#set-hierarchy').onclick = () => this.setHierarchy();
+    $('#set-outer-lr').onclick = () => this.setOuterLr();
+    $('#outer-lr-input').onkeydown = (e) => { if (e.key === 'Enter') this.setOuterLr(); };
     $('#autopilot-on').onclick = () => this.setAutotune(true);
     $('#autopilot-off').onclick = () => this.setAutotune(false);
     this.poller = setInterval(() => this.pollPending(), POLL_MS);
@@ -88,16 +98,22 @@ export class Controls {
   destroy() {
     clearInterval(this.poller);
     clearTimeout(this.renderTimer);
-    for (const id of ['set-period', 'set-hierarchy', 'autopilot-on', 'autopilot-off', ...SIMPLE.map(([i]) => i)]) $(`#${id}`).onclick = null;
+    for (const id of ['set-period', 'set-hierarchy', 'set-outer-lr', 'autopilot-on', 'autopilot-off', ...SIMPLE.map(([i]) => i)]) $(`#${id}`).onclick = null;
     $('#period-input').onkeydown = null;
+    $('#outer-lr-input').onkeydown = null;
+    $('#outer-lr-controls').hidden = true; // the next job's page shows it again if it is DiLoCo
     $('#command-log tbody').replaceChildren();
-    for (const sel of ['#period-error', '#hierarchy-error', '#autopilot-error', '#command-error']) $(sel).hidden = true;
+    for (const sel of ERRORS) $(sel).hidden = true;
   }
 
-  /** Show the buttons that make sense for the job's control state. */
-  setControl(control) {
+  /** Show the buttons that make sense for the job's control state; `config`: how its averager was
+   * built (GET /api/jobs/{id}'s config: its `kind`), or null when the server has none. */
+  setControl(control, config = null) {
     if (!control) return;
     this.control = control;
+    this.diloco = config?.kind === 'diloco' || typeof control.outer_lr === 'number';
+    $('#outer-lr-controls').hidden = !this.diloco;
+    this.renderOuterLr();
     $('#pause-averaging').hidden = !!control.averaging_paused;
     $('#resume-averaging').hidden = !control.averaging_paused;
     $('#pause-training').hidden = !!control.training_paused;
@@ -163,6 +179,41 @@ export class Controls {
     this.send({ type: 'set_hierarchy', periods: Object.fromEntries(levels.map((l) => [String(l.size), l.period])) }, '#hierarchy-error');
   }
 
+  /** A DiLoCo round's record: the outer lr it ran with (shown until a set_outer_lr applies). */
+  noteRound(r) {
+    if (typeof r.outer_lr !== 'number' || (this.roundOuterLr && r.step < this.roundOuterLr.step)) return;
+    this.roundOuterLr = { lr: r.outer_lr, step: r.step };
+    if (this.diloco) this.renderOuterLr();
+  }
+
+  // The outer lr in force: what a set_outer_lr set (the control state), else the latest round's.
+  renderOuterLr() {
+    const set = this.control?.outer_lr;
+    const round = this.roundOuterLr;
+    const value = $('#outer-lr-value');
+    if (typeof set === 'number') {
+      value.textContent = num(set);
+      value.title = 'set by a set_outer_lr command';
+    } else if (round) {
+      value.textContent = num(round.lr);
+      value.title = `the outer optimizer's own, at the round of step ${round.step}`;
+    } else {
+      value.textContent = '-';
+      value.title = "the outer optimizer's own (no round reported yet)";
+    }
+    $('#outer-lr-input').placeholder = value.textContent === '-' ? '' : value.textContent;
+  }
+
+  setOuterLr() {
+    const input = $('#outer-lr-input');
+    const raw = input.value.trim();
+    const lr = /^[+]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$/i.test(raw) ? Number(raw) : NaN;
+    const ok = Number.isFinite(lr) && lr > 0 && (this.maxOuterLr === null || lr <= this.maxOuterLr);
+    const range = this.maxOuterLr === null ? 'above 0' : `above 0 and at most ${this.maxOuterLr}`;
+    if (this.invalid([input], '#outer-lr-error', ok ? null : `Outer lr must be a finite number ${range} (got "${raw}"). Nothing was sent.`)) return;
+    this.send({ type: 'set_outer_lr', lr }, '#outer-lr-error');
+  }
+
   setAutotune(enabled) {
     const input = $('#autopilot-target');
     const raw = input.value.trim();
@@ -173,7 +224,7 @@ export class Controls {
   }
 
   async send(command, errSel) {
-    for (const sel of ['#period-error', '#hierarchy-error', '#autopilot-error', '#command-error']) $(sel).hidden = true;
+    for (const sel of ERRORS) $(sel).hidden = true;
     try {
       this.upsert(await sendCommand(this.jobId, command));
     } catch (err) {

@@ -10,6 +10,7 @@ const SPELLED = new Map([['NaN', NaN], ['Infinity', Infinity], ['-Infinity', -In
 const FIGURES = new Set([
   'time', 'step_time', 'drift', 'loss',
   'divergence', 'relative_divergence', 'divergence_mean', 'divergence_max', 'relative_mean', 'relative_max', 'seconds',
+  'pseudo_gradient_norm', 'pseudo_gradient_relative', 'outer_lr',
   'target_divergence', 'calibrated_target', 'delta', 'growth', 'target', 'raw_period',
 ]);
 

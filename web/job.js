@@ -21,10 +21,11 @@ function keepLatest(map, key, step) {
   if (!(step <= map.get(key))) map.set(key, step);
 }
 
-/** The five charts of a job page, fed record by record. */
+/** The charts of a job page, fed record by record: five for every job, two more for DiLoCo's rounds. */
 class JobCharts {
   /** relative: divergence shown relative to the mean model's norm; markers(): applied commands as
-   * [{x, label}] (the period chart adds the restores); worldSize(): the job's number of ranks. */
+   * [{x, label}] (the period chart adds the restores, the outer lr chart shows them too);
+   * worldSize(): the job's number of ranks. */
   constructor({ relative, markers, worldSize }) {
     this.relative = relative;
     this.worldSize = worldSize;
@@ -39,6 +40,18 @@ class JobCharts {
     this.restores = []; // [{x, label}]: restores from checkpoints, marked beside the commands
     this.period = new LiveChart($('#chart-period'), { axes: [{ label: 'period (steps)' }], markers: () => [...markers(), ...this.restores] });
     this.period.define('period', { label: 'period', stroke: '#5a3fa0', width: 2, stepped: true, reduce: latest((c) => c.period) });
+
+    // DiLoCo: each round's pseudo-gradient Δ = θ_g − mean θ_i (one figure for the whole job, so the
+    // ranks' records fold into one line) and the outer lr it was applied with. Shown for DiLoCo jobs.
+    this.pseudoGradient = new LiveChart($('#chart-pseudo-gradient'), {
+      axes: [{ label: '‖Δ‖' }, { label: '‖Δ‖ / ‖θ_g‖', scale: 'relative', side: 1 }],
+    });
+    this.pseudoGradient.define('norm', { label: '‖Δ‖', stroke: '#00695c', width: 2, reduce: mean((r) => r.pseudo_gradient_norm) });
+    this.pseudoGradient.define('relative', {
+      label: '‖Δ‖ / ‖θ_g‖', stroke: '#ad1457', width: 1.5, dash: [6, 4], scale: 'relative', reduce: mean((r) => r.pseudo_gradient_relative),
+    });
+    this.outerLr = new LiveChart($('#chart-outer-lr'), { axes: [{ label: 'outer lr' }], markers });
+    this.outerLr.define('lr', { label: 'outer lr', stroke: '#6d4c41', width: 2, stepped: true, reduce: latest((r) => r.outer_lr) });
 
     this.throughput = new LiveChart($('#chart-throughput'), {
       axes: [{ label: 'steps/s per rank' }, { label: 'averaging share', scale: 'share', side: 1 }],
@@ -59,7 +72,7 @@ class JobCharts {
   }
 
   all() {
-    return [this.loss, this.divergence, this.drift, this.period, this.throughput];
+    return [this.loss, this.divergence, this.drift, this.period, this.throughput, this.pseudoGradient, this.outerLr];
   }
 
   /** Give `rank` its lines on the loss, drift and divergence charts; false past MAX_RANK_SERIES ranks. */
@@ -90,12 +103,19 @@ class JobCharts {
     return true;
   }
 
-  /** A round record of `rank`: its divergence, the group's mean and max, the time it took. */
+  /** A round record of `rank`: its divergence, the group's mean and max, the time it took; a
+   * DiLoCo round's pseudo-gradient and outer lr (rank 0's: every rank reports the same). */
   addRound(rank, r) {
     if (this.addRank(rank)) this.divergence.push(rankKey(rank), r.step, r);
     this.divergence.push('mean', r.step, r);
     this.divergence.push('max', r.step, r);
     this.throughput.push('share', r.step, r);
+    if (rank !== 0) return;
+    if (r.pseudo_gradient_norm !== null && r.pseudo_gradient_norm !== undefined) {
+      this.pseudoGradient.push('norm', r.step, r);
+      this.pseudoGradient.push('relative', r.step, r);
+    }
+    if (typeof r.outer_lr === 'number') this.outerLr.push('lr', r.step, r);
   }
 
   /** A control event: the period from its step on, and each group level's for hierarchies. An
@@ -108,6 +128,7 @@ class JobCharts {
       this.restores.push({ x: ev.step, label: ev.note, color: RESTORE_COLOR });
     }
     this.period.push('period', ev.step, ev.control);
+    if (typeof ev.control.outer_lr === 'number') this.outerLr.push('lr', ev.step, ev.control); // set_outer_lr applied
     for (const size of Object.keys(ev.control.hierarchy || {})) {
       const key = `g${size}`;
       if (!this.period.series.has(key)) {
@@ -162,7 +183,10 @@ class SnapshotOverlap {
 }
 
 const STEP_FIGURES = ['loss', 'drift', 'step_time'];
-const ROUND_FIGURES = ['divergence', 'relative_divergence', 'divergence_mean', 'divergence_max', 'relative_mean', 'relative_max', 'seconds'];
+const ROUND_FIGURES = [
+  'divergence', 'relative_divergence', 'divergence_mean', 'divergence_max', 'relative_mean', 'relative_max', 'seconds',
+  'pseudo_gradient_norm', 'pseudo_gradient_relative',
+];
 const MAX_BANNER_RANKS = 8;
 
 /**
@@ -218,6 +242,7 @@ function renderSummary(job, step) {
     ['job', 'Job', job.id],
     ['status', 'Status', job.status ?? ''],
     ['world-size', 'World size', job.world_size ?? ''],
+    ['averager', 'Averager', job.config?.kind ?? null],
     ['step', 'Step', step],
     ['period', 'Period', c.period ?? ''],
     ['warmup', 'Warm-up', c.warmup_steps ?? ''],
@@ -260,7 +285,9 @@ class JobPage {
     this.banner.setAttribute('role', 'status');
     $('#job-summary').before(this.banner);
     this.renderTimer = null;
-    this.controls = new Controls(jobId, { limits, role, showError, onApplied: () => this.charts.period.invalidate() });
+    this.controls = new Controls(jobId, {
+      limits, role, showError, onApplied: () => { this.charts.period.invalidate(); this.charts.outerLr.invalidate(); },
+    });
     this.relativeBox = $('#divergence-relative');
     this.charts = new JobCharts({
       relative: this.relativeBox.checked,
@@ -291,6 +318,7 @@ class JobPage {
     this.banner.remove();
     $('#job-summary').replaceChildren();
     $('#rank-table tbody').replaceChildren();
+    for (const sel of ['#figure-pseudo-gradient', '#figure-outer-lr']) $(sel).hidden = true;
   }
 
   onMessage(msg) {
@@ -345,6 +373,7 @@ class JobPage {
   addRound(rank, r) {
     this.notFinite.note(rank, r, ROUND_FIGURES);
     this.charts.addRound(rank, r);
+    if (rank === 0) this.controls.noteRound(r);
   }
 
   renderBanner() {
@@ -360,7 +389,10 @@ class JobPage {
     // A control change the metrics did not carry (yet): show it from the job's step.
     if (next.control && before !== undefined && next.control.version > before) this.charts.addControl({ step: next.step ?? 0, control: next.control });
     if (typeof next.step === 'number') this.charts.period.extendTo(next.step);
-    this.controls.setControl(next.control);
+    this.controls.setControl(next.control, next.config);
+    // DiLoCo's charts, for DiLoCo jobs only (their averager's kind, as rank 0's hello named it).
+    $('#figure-pseudo-gradient').hidden = !this.controls.diloco;
+    $('#figure-outer-lr').hidden = !this.controls.diloco;
     this.render();
   }
 

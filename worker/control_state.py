@@ -25,6 +25,7 @@ from avgctl.protocol import (
     SetPeriod,
     WorkerCommand,
 )
+from avgctl.protocol.commands import NOT_DILOCO
 from avgctl.protocol.hierarchy import InvalidHierarchy, hierarchy_periods
 
 
@@ -171,7 +172,7 @@ def apply_command(state: ControlState, command: WorkerCommand, step: int) -> Con
         return dataclasses.replace(state, average_now=True, **bump)
     if isinstance(command, SetOuterLr):
         if not state.diloco:
-            raise CommandRejected("set_outer_lr needs a DiLoCo averager (this job averages without an outer optimizer)")
+            raise CommandRejected(NOT_DILOCO)
         if not (math.isfinite(command.lr) and command.lr > 0):
             raise CommandRejected(f"the outer lr must be finite and above 0, got {command.lr!r}")
         return dataclasses.replace(state, outer_lr=float(command.lr), **bump)

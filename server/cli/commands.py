@@ -1,6 +1,6 @@
 """The ``avgctl`` commands that act on a running server: ``jobs``, ``status``, ``commands``, and one
-subcommand per command the REST API takes (``set-period``, ``set-hierarchy``, ``pause``, ``resume``,
-``average-now``, ``autotune``). Each is one small ``add_*_parser(subparsers)`` function; a handler
+subcommand per command the REST API takes (``set-period``, ``set-hierarchy``, ``set-outer-lr``,
+``pause``, ``resume``, ``average-now``, ``autotune``). Each is one small ``add_*_parser(subparsers)`` function; a handler
 takes the parsed arguments and returns the exit code. With ``--json`` each prints the server's JSON
 (the job, the list, or the command as it ended) on stdout instead of text."""
 
@@ -41,6 +41,17 @@ def _positive_number(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _above_zero(text: str) -> float:
+    """A finite number > 0 (an outer learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text!r}")
     return value
 
 
@@ -150,8 +161,23 @@ def _autotune_text(a: dict) -> str:
     return state
 
 
+def _outer_lr_text(client: Client, job: dict) -> str:
+    """A DiLoCo job's outer lr: the one a ``set_outer_lr`` set, else what rank 0's latest round
+    reported (its optimizer's own lr), looked for over the last two periods' records."""
+    lr = job["control"].get("outer_lr")
+    if lr is not None:
+        return f"{lr:g} (set_outer_lr)"
+    since = max(0, job["step"] - 2 * job["control"]["period"] - 1)
+    rounds = client.request("GET", f"{job_path(job['id'])}/metrics?ranks=0&names=outer_lr&since_step={since}")["rounds"]
+    reported = [r for r in rounds if isinstance(r.get("outer_lr"), (int, float))]
+    if not reported:
+        return "not reported yet (the optimizer's own until a set_outer_lr applies)"
+    return f"{reported[-1]['outer_lr']:g} (the optimizer's, at the round of step {reported[-1]['step']})"
+
+
 def run_status(args: argparse.Namespace) -> int:
-    job = _client(args).request("GET", job_path(args.job))
+    client = _client(args)
+    job = client.request("GET", job_path(args.job))
     if args.json:
         _print_json(job)
         return EXIT_OK
@@ -167,6 +193,8 @@ def run_status(args: argparse.Namespace) -> int:
     if hierarchy:
         levels = ", ".join(f"groups of {g} every {hierarchy[g]} steps" for g in sorted(hierarchy, key=int))
         print(f"hierarchy (group size -> period): {levels}")
+    if (job.get("config") or {}).get("kind") == "diloco":
+        print(f"DiLoCo: outer lr {_outer_lr_text(client, job)}")
     for r in job["ranks"]:
         state = "connected" if r["connected"] else "gone"
         print(f"  rank {r['rank']:>4}  {r['host']}:{r['pid']}  step {r['step']}  {state}  dropped {r['dropped']}")
@@ -311,6 +339,23 @@ def add_set_hierarchy_parser(subparsers: argparse._SubParsersAction) -> None:
             'GROUP_SIZE=PERIOD, group size first as in the REST API ({"2": 2, "8": 4}); torch\'s '
             "HierarchicalModelAverager writes the same levels the other way round, {period: group_size}. "
             "The group sizes are the averager's own; only their periods change."
+        ),
+    )
+
+
+def add_set_outer_lr_parser(subparsers: argparse._SubParsersAction) -> None:
+    _add_command_parser(
+        subparsers,
+        "set-outer-lr",
+        "set the outer optimizer's learning rate from the applied step on (DiLoCo averagers)",
+        lambda a: {"type": "set_outer_lr", "lr": a.lr},
+        lambda p: p.add_argument(
+            "lr", metavar="LR", type=_above_zero, help="the new lr of every param group of the outer optimizer"
+        ),
+        description=(
+            "Set the learning rate of a DiLoCo job's outer optimizer: every param group takes LR at one "
+            "applied step on every rank. LR must be finite and above 0; a job whose averager is not "
+            "DiLoCo refuses it."
         ),
     )
 

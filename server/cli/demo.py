@@ -24,10 +24,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avgctl.protocol import AveragerConfig
 from avgctl.protocol.flags import add_flags, from_flags
 from avgctl.server.cli.client import Client, job_path
 from avgctl.server.cli.exits import EXIT_USAGE, CliError
 from avgctl.server.settings import Settings, browsable_host
+
+AveragerKind = AveragerConfig.model_fields["kind"].annotation
+"""The averagers a demo worker builds (``--averager``): the kinds a hello names, written once."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -38,6 +42,14 @@ class DemoLaunch:
     """Worker processes (CPU ranks)."""
     steps: int = field(default=3000, metadata={"help": "training steps per rank"})
     period: int = field(default=8, metadata={"help": "initial averaging period"})
+    averager: AveragerKind | None = field(  # type: ignore[valid-type]
+        default=None,
+        metadata={
+            "help": "the workers' averager; diloco adds an outer optimizer step per round (default: the demo worker's own)"
+        },
+    )
+    """Forwarded to the workers as ``--averager`` when given; else the demo worker's own default
+    stands (``avgctl.worker.demo.DemoConfig``), written there once."""
     step_delay: float = field(default=0.02, metadata={"help": "seconds added per step"})
     """Seconds per step added so the dashboard moves at a watchable pace."""
     host: str = field(default=Settings.model_fields["host"].default, metadata={"help": "server interface"})
@@ -89,6 +101,25 @@ def serve_args(launch: DemoLaunch) -> list[str]:
         str(launch.db),
         "--log-level",
         "warning",
+    ]
+
+
+def worker_args(launch: DemoLaunch, server: str, job_id: str) -> list[str]:
+    """The demo worker's arguments (``-m avgctl.worker.demo ...``) for ``launch``'s run; no token
+    (the environment carries it, as ``serve_args`` says)."""
+    averager = [] if launch.averager is None else ["--averager", launch.averager]
+    return [
+        "--server",
+        server,
+        "--job-id",
+        job_id,
+        "--steps",
+        str(launch.steps),
+        "--period",
+        str(launch.period),
+        *averager,
+        "--step-delay",
+        str(launch.step_delay),
     ]
 
 
@@ -249,16 +280,7 @@ def _run_demo(launch: DemoLaunch) -> int:
                     str(launch.nproc),
                     "-m",
                     "avgctl.worker.demo",
-                    "--server",
-                    base,
-                    "--job-id",
-                    job_id,
-                    "--steps",
-                    str(launch.steps),
-                    "--period",
-                    str(launch.period),
-                    "--step-delay",
-                    str(launch.step_delay),
+                    *worker_args(launch, base, job_id),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

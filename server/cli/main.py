@@ -20,6 +20,7 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     commands.add_commands_parser,
     commands.add_set_period_parser,
     commands.add_set_hierarchy_parser,
+    commands.add_set_outer_lr_parser,
     commands.add_pause_parser,
     commands.add_resume_parser,
     commands.add_average_now_parser,

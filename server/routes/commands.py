@@ -44,7 +44,8 @@ async def post_command(
     """Queue a command; it is ``pending`` until rank 0 applies (or rejects) it.
 
     A command that can never apply is answered at once and not logged: 404 for an unknown job,
-    409 for a finished one, 422 for a ``set_hierarchy`` that does not fit the job's group sizes."""
+    409 for a finished one, 422 for a ``set_hierarchy`` that does not fit the job's group sizes or a
+    ``set_outer_lr`` for a job whose averager is not DiLoCo (the job's config, ``kind``)."""
     if author is not None and is_reserved(author):
         raise HTTPException(422, f"the author {author!r} is reserved: 'autopilot' names the server's own commands")
     try:

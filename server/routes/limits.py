@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from avgctl.protocol import SetAutotune, bounds
+from avgctl.protocol import SetAutotune, SetOuterLr, bounds
 from avgctl.server.api import LimitsOut
 
 router = APIRouter(tags=["limits"])
@@ -18,6 +18,7 @@ LIMITS = LimitsOut(
     max_period=bounds.MAX_PERIOD,
     max_hierarchy_levels=bounds.MAX_HIERARCHY_LEVELS,
     max_target_divergence=_upper_bound(SetAutotune, "target_divergence"),
+    max_outer_lr=_upper_bound(SetOuterLr, "lr"),
     max_ranks=bounds.MAX_RANKS,
     max_scalars=bounds.MAX_SCALARS,
     max_batch_records=bounds.MAX_BATCH_RECORDS,

@@ -14,6 +14,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from avgctl.protocol import CommandAck, ControlView, Hello
+from avgctl.protocol.commands import NOT_DILOCO
 from avgctl.protocol.hierarchy import InvalidHierarchy, hierarchy_periods
 from avgctl.server.api import AutotuneView, CommandOut
 from avgctl.server.records import EncodedBatch
@@ -42,7 +43,12 @@ class JobFinished(Exception):
 
 class InapplicableCommand(ValueError):
     """A command the job's averager can never apply (a ``set_hierarchy`` that does not fit its group
-    sizes); the message says why (the REST answer is 422)."""
+    sizes, a ``set_outer_lr`` for an averager without an outer optimizer); the message says why (the
+    REST answer is 422)."""
+
+
+"""Why a ``set_outer_lr`` for a job that is not DiLoCo is refused: rank 0's own words for it
+(``worker/control_state.py``), so the answer reads the same whichever side refuses."""
 
 
 FINISHED_REASON = "the job finished before the command was applied"
@@ -300,6 +306,8 @@ def insert_command(
             hierarchy_periods(_group_sizes(config, control), body["periods"])
         except InvalidHierarchy as err:
             raise InapplicableCommand(str(err)) from None
+    if body["type"] == "set_outer_lr" and not _is_diloco(config, control):
+        raise InapplicableCommand(NOT_DILOCO)
     cur = conn.execute(
         "INSERT INTO commands (job_id, author, created_at, body, type, status, updated_at, note)"
         " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
@@ -315,6 +323,14 @@ def _group_sizes(config: str | None, control: str) -> list[int] | None:
         return json.loads(config).get("group_sizes")
     hierarchy = json.loads(control).get("hierarchy")
     return None if hierarchy is None else sorted(int(size) for size in hierarchy)
+
+
+def _is_diloco(config: str | None, control: str) -> bool:
+    """Whether the job's averager is DiLoCo, as its latest rank-0 hello told (its config's kind); a
+    job stored before configs were kept predates DiLoCo, unless its control holds an outer lr."""
+    if config:
+        return json.loads(config).get("kind") == "diloco"
+    return json.loads(control).get("outer_lr") is not None
 
 
 def resolve_command(

@@ -25,6 +25,7 @@ ELSEWHERE = {
     "export AVGCTL_TOKEN=secret     # or avgctl serve --token secret": "tests/e2e/test_one_token.py starts `avgctl serve` with AVGCTL_TOKEN, and with --token",
     "torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint node0:29400 --rdzv-id my-job train.py": "the same flags as docker-compose.yml's worker command, run as two nodes in tests/e2e/test_compose.py",
     "avgctl set-hierarchy $JOB 2=2 8=4": "needs a hierarchical job (the docs' job is periodic): tests/server/test_cli_commands.py runs set-hierarchy",
+    "avgctl set-outer-lr $JOB 0.35": "needs a DiLoCo job (the docs' job is periodic): tests/e2e/test_diloco_demo.py runs set-outer-lr",
     "srun --nodes 2 --ntasks-per-node 1 torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint "
     "$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29400 --rdzv-id $SLURM_JOB_ID train.py": "needs a SLURM cluster: not exercised here",
 }

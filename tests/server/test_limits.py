@@ -15,6 +15,7 @@ def test_limits_are_the_protocols_bounds(client):
     assert out.status_code == 200, out.text
     served = out.json()
     assert served.pop("max_target_divergence") > 0  # a bound of SetAutotune, tested below
+    assert served.pop("max_outer_lr") == 1e6  # SetOuterLr's own bound
     assert served == {
         "max_period": bounds.MAX_PERIOD,
         "max_hierarchy_levels": bounds.MAX_HIERARCHY_LEVELS,

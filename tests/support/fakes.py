@@ -115,11 +115,21 @@ class FakeJob:
     every 50 ms five steps per rank in a metrics batch; rank 0 applies and acknowledges commands
     with the workers' own rules (``control_state``), so commands really go pending -> applied."""
 
-    def __init__(self, url: str, job_id: str = "web-job", world_size: int = 4, state: cs.ControlState | None = None):
+    def __init__(
+        self,
+        url: str,
+        job_id: str = "web-job",
+        world_size: int = 4,
+        state: cs.ControlState | None = None,
+        outer_lr: float = 0.7,
+    ):
         self.ws_url = url.replace("http", "ws", 1) + "/ws/worker"
         self.job_id = job_id
         self.world_size = world_size
         self.state = state or cs.periodic_state(4, 0)
+        # A DiLoCo state (``cs.diloco_state``): the outer optimizer's own lr, which its rounds report
+        # until a set_outer_lr applies.
+        self.outer_lr = outer_lr
         self.step = 0
         self.streaming = threading.Event()  # hello is sent at once; metrics only while set
         self.stopped = threading.Event()
@@ -128,13 +138,7 @@ class FakeJob:
         self.job_secret = secrets.token_hex(16)  # what its ranks share, as a real job's
 
     def hello(self, rank: int) -> str:
-        group_sizes = list(self.state.group_sizes) if self.state.group_sizes else None
-        config = AveragerConfig(
-            kind="hierarchical" if group_sizes else "periodic",
-            period=self.state.period,
-            warmup_steps=self.state.warmup_steps,
-            group_sizes=group_sizes,
-        )
+        config = cs.to_config(self.state)  # the kind, period and group sizes, as a real rank's hello
         return Hello(
             job_id=self.job_id,
             rank=rank,
@@ -225,6 +229,7 @@ class FakeJob:
                     seconds=0.002,
                     bytes=4096,
                     exact=True,
+                    **self._pseudo_gradient(s),
                 )
                 for s in range(first, self.step + 1)
                 if s % self.state.period == 0
@@ -232,6 +237,14 @@ class FakeJob:
             ws.send(MetricsBatch(steps=steps, rounds=rounds, control=events).model_dump_json())
         for ack in acks:
             sockets[0].send(ack.model_dump_json())
+
+    def _pseudo_gradient(self, step: int) -> dict[str, float]:
+        """A DiLoCo round's figures (none for other averagers): ||Delta|| shrinking as training goes."""
+        if not self.state.diloco:
+            return {}
+        norm = 1.0 / (1.0 + step / 100)
+        lr = self.state.outer_lr if self.state.outer_lr is not None else self.outer_lr
+        return {"pseudo_gradient_norm": norm, "pseudo_gradient_relative": norm / 10, "outer_lr": lr}
 
 
 class SteppedRank:
