@@ -76,6 +76,7 @@ def test_a_stop_signal_stops_the_server_its_writer_and_the_workers(tmp_path, sig
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        proc.stdout.close()
         for pid in tree:  # what the old launcher left behind, so the machine is clean either way
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
