@@ -85,14 +85,6 @@ class PeriodicAverager(LiveAverager):
             settings,
         )
 
-    @property
-    def period(self) -> int:
-        return self._state.period
-
-    @property
-    def warmup_steps(self) -> int:
-        return self._state.warmup_steps
-
 
 class HierarchicalAverager(LiveAverager):
     __doc__ = (
@@ -161,10 +153,6 @@ class HierarchicalAverager(LiveAverager):
             level_groups,
             settings,
         )
-
-    @property
-    def warmup_steps(self) -> int:
-        return self._state.warmup_steps
 
     @property
     def period_process_group_dict(self) -> OrderedDict[int, dist.ProcessGroup]:

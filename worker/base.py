@@ -78,6 +78,16 @@ class LiveAverager(ModelAverager):
     # ------------------------------------------------------------------ public API
 
     @property
+    def period(self) -> int:
+        """The live period of the top level (torch's ``PeriodicModelAverager.period``)."""
+        return self._state.period
+
+    @property
+    def warmup_steps(self) -> int:
+        """torch's attribute: steps before the first round."""
+        return self._state.warmup_steps
+
+    @property
     def control(self) -> ControlState:
         """The live control state (identical on every rank)."""
         return self._state

@@ -90,14 +90,6 @@ class DiLoCoAverager(LiveAverager):
         self._restored: list[torch.Tensor] | None = None  # θ_g from a checkpoint, for the next layout
 
     @property
-    def period(self) -> int:
-        return self._state.period
-
-    @property
-    def warmup_steps(self) -> int:
-        return self._state.warmup_steps
-
-    @property
     def outer_lr(self) -> float:
         """The lr of the outer optimizer's first param group."""
         return float(self.outer_optimizer.param_groups[0]["lr"])

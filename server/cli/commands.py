@@ -34,18 +34,7 @@ def _positive(text: str) -> int:
 
 
 def _positive_number(text: str) -> float:
-    """A finite number > 0 (a target divergence, seconds)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _above_zero(text: str) -> float:
-    """A finite number > 0 (an outer learning rate)."""
+    """A finite number > 0 (a target divergence, seconds, an outer learning rate)."""
     try:
         value = float(text)
     except ValueError:
@@ -140,15 +129,19 @@ def run_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_status_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "status",
-        help="show one job",
-        description="Show a job's control state and its ranks (its command log: avgctl commands JOB).",
-    )
+def _job_parser(
+    subparsers: argparse._SubParsersAction, name: str, help: str, description: str
+) -> argparse.ArgumentParser:
+    """A subcommand about one job: ``avgctl NAME JOB`` with the client options."""
+    p = subparsers.add_parser(name, help=help, description=description)
     p.add_argument("job", metavar="JOB", help="job id")
     _add_client_options(p)
-    p.set_defaults(func=run_status)
+    return p
+
+
+def add_status_parser(subparsers: argparse._SubParsersAction) -> None:
+    description = "Show a job's control state and its ranks (its command log: avgctl commands JOB)."
+    _job_parser(subparsers, "status", "show one job", description).set_defaults(func=run_status)
 
 
 def _autotune_text(a: dict) -> str:
@@ -202,14 +195,8 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def add_commands_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "commands",
-        help="show a job's command log",
-        description="Show a job's command log, oldest first: who sent what, and what became of it.",
-    )
-    p.add_argument("job", metavar="JOB", help="job id")
-    _add_client_options(p)
-    p.set_defaults(func=run_commands)
+    description = "Show a job's command log, oldest first: who sent what, and what became of it."
+    _job_parser(subparsers, "commands", "show a job's command log", description).set_defaults(func=run_commands)
 
 
 def _args_text(body: dict) -> str:
@@ -267,11 +254,9 @@ def _add_command_parser(
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
     description: str | None = None,
 ) -> None:
-    p = subparsers.add_parser(name, help=help, description=description or help)
-    p.add_argument("job", metavar="JOB", help="job id")
+    p = _job_parser(subparsers, name, help, description or help)
     if extra is not None:
         extra(p)
-    _add_client_options(p)
     p.add_argument("--no-wait", action="store_true", help="return once queued, not when applied")
     p.add_argument(
         "--timeout",
@@ -350,7 +335,7 @@ def add_set_outer_lr_parser(subparsers: argparse._SubParsersAction) -> None:
         "set the outer optimizer's learning rate from the applied step on (DiLoCo averagers)",
         lambda a: {"type": "set_outer_lr", "lr": a.lr},
         lambda p: p.add_argument(
-            "lr", metavar="LR", type=_above_zero, help="the new lr of every param group of the outer optimizer"
+            "lr", metavar="LR", type=_positive_number, help="the new lr of every param group of the outer optimizer"
         ),
         description=(
             "Set the learning rate of a DiLoCo job's outer optimizer: every param group takes LR at one "

@@ -17,8 +17,7 @@ from avgctl.protocol.bounds import MAX_PERIOD
 from avgctl.server import cli
 from avgctl.server.cli.client import Client
 from avgctl.worker import control_state as cs
-from tests.support.fakes import FakeJob
-from tests.support.polling import wait_for
+from tests.support.fakes import FakeJob, stored_fake_job
 from tests.support.servers import CONTROL, READ, ServerThread, make_settings, running_server
 
 FLAT, TIERED = "cli-flat", "cli-tiered"  # a periodic job; a hierarchical one (groups of 2 and of 4)
@@ -31,14 +30,7 @@ def server(tmp_path) -> Iterator[ServerThread]:
 
 
 def _job(server: ServerThread, job_id: str, state: cs.ControlState) -> Iterator[FakeJob]:
-    job = FakeJob(server.url, job_id=job_id, world_size=4, state=state).start()
-    api = Client(server.url, CONTROL)
-    try:
-        wait_for(lambda: api.try_get(f"/api/jobs/{job_id}"), what=f"{job_id} stored")
-        yield job
-    finally:
-        job.stop()
-    assert job.error is None, job.error
+    yield from stored_fake_job(server.url, CONTROL, job_id, state, world_size=4)
 
 
 @pytest.fixture
@@ -153,14 +145,17 @@ def test_version_is_the_installed_distributions(capsys):
     [
         (["set-period", "j", "abc"], "argument PERIOD: expected a positive integer, got 'abc'"),
         (["set-period", "j", "0"], "argument PERIOD: expected a positive integer, got '0'"),
-        (["set-period", "j", "4", "--timeout", "soon"], "argument --timeout: expected a positive number, got 'soon'"),
+        (
+            ["set-period", "j", "4", "--timeout", "soon"],
+            "argument --timeout: expected a finite number above 0, got 'soon'",
+        ),
         (["set-hierarchy", "j"], "the following arguments are required: GROUP_SIZE=PERIOD"),
         (["set-hierarchy", "j", "2:2"], "argument GROUP_SIZE=PERIOD: expected GROUP_SIZE=PERIOD (e.g. 8=4), got '2:2'"),
         (["set-hierarchy", "j", "2=x"], "two positive integers (e.g. 8=4), got '2=x'"),
         (["set-hierarchy", "j", "2=2", "2=4"], "argument GROUP_SIZE=PERIOD: group size 2 is given twice"),
         (["autotune", "j", "maybe"], "argument on|off: invalid choice: 'maybe'"),
-        (["autotune", "j", "on", "--target", "-1"], "argument --target: expected a positive number, got '-1'"),
-        (["autotune", "j", "on", "--target", "nan"], "argument --target: expected a positive number, got 'nan'"),
+        (["autotune", "j", "on", "--target", "-1"], "argument --target: expected a finite number above 0, got '-1'"),
+        (["autotune", "j", "on", "--target", "nan"], "argument --target: expected a finite number above 0, got 'nan'"),
         (["autotune", "j", "off", "--target", "1"], "argument --target: only with 'on'"),
         (["--json", "serve"], "argument --json: serve has no result to print as JSON"),
     ],

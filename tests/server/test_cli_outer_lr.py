@@ -12,7 +12,7 @@ from avgctl.protocol.commands import NOT_DILOCO
 from avgctl.server import cli
 from avgctl.server.cli.client import Client
 from avgctl.worker import control_state as cs
-from tests.support.fakes import FakeJob
+from tests.support.fakes import FakeJob, stored_fake_job
 from tests.support.polling import wait_for
 from tests.support.servers import CONTROL, ServerThread, make_settings, running_server
 
@@ -26,14 +26,7 @@ def server(tmp_path) -> Iterator[ServerThread]:
 
 
 def _job(server: ServerThread, job_id: str, state: cs.ControlState) -> Iterator[FakeJob]:
-    job = FakeJob(server.url, job_id=job_id, world_size=2, state=state, outer_lr=0.7).start()
-    api = Client(server.url, CONTROL)
-    try:
-        wait_for(lambda: api.try_get(f"/api/jobs/{job_id}"), what=f"{job_id} stored")
-        yield job
-    finally:
-        job.stop()
-    assert job.error is None, job.error
+    yield from stored_fake_job(server.url, CONTROL, job_id, state, world_size=2, outer_lr=0.7)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import math
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
@@ -316,3 +317,19 @@ class SteppedRank:
 
     def close(self) -> None:
         self._sockets.close()
+
+
+def stored_fake_job(url: str, token: str, job_id: str, state: cs.ControlState, **options: Any) -> Iterator[FakeJob]:
+    """A started ``FakeJob`` once the server has stored its hello; stopped after, its error checked
+    (for ``yield from`` in a pytest fixture)."""
+    from avgctl.server.cli.client import Client
+    from tests.support.polling import wait_for
+
+    job = FakeJob(url, job_id=job_id, state=state, **options).start()
+    api = Client(url, token)
+    try:
+        wait_for(lambda: api.try_get(f"/api/jobs/{job_id}"), what=f"{job_id} stored")
+        yield job
+    finally:
+        job.stop()
+    assert job.error is None, job.error
