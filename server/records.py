@@ -136,8 +136,7 @@ def encode(batch: Received) -> EncodedBatch:
         steps = [(r.step, _ENCODER.encode(r).decode()) for r in batch.steps]
     else:
         steps = [(r.step, _step_json(r)) for r in batch.steps]
-    # Without the fields a round leaves None (DiLoCo's, for plain averaging): only what was measured.
-    rounds = [(r.step, r.group_size, _ROUND_JSON(r, exclude_none=True).decode()) for r in batch.rounds]
+    rounds = [(r.step, r.group_size, _ROUND_JSON(r).decode()) for r in batch.rounds]
     top = max((s for s, _ in steps), default=None)
     latest = None
     if batch.rounds:
