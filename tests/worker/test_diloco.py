@@ -157,8 +157,14 @@ def _resume(rank, world):
     return bool(torch.equal(straight, resumed)), checkpoint["averager"]["global_params"] is not None
 
 
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does():
-    assert run_ranks(_resume, 2) == [(True, True)] * 2
+def _resume_and_plain(rank, world):
+    return _resume(rank, world), _plain_rejects(rank, world)  # one set of ranks for both
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does_and_a_plain_averager_rejects_set_outer_lr():
+    results = run_ranks(_resume_and_plain, 2)
+    assert [resumed for resumed, _ in results] == [(True, True)] * 2
+    assert results[0][1] == ("rejected", True)
 
 
 def test_set_outer_lr_is_rejected_with_a_reason_and_changes_nothing():
@@ -192,7 +198,3 @@ def _plain_rejects(rank, world):
     averager.flush()
     ack: CommandAck | None = source.result(cid, timeout=10) if cid is not None else None
     return None if ack is None else (ack.status, "DiLoCo" in (ack.reason or ""))
-
-
-def test_a_plain_averager_rejects_set_outer_lr():
-    assert run_ranks(_plain_rejects, 2)[0] == ("rejected", True)

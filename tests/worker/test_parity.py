@@ -116,12 +116,6 @@ def _mixed_dtype(rank, world):
     return out
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_mixed_dtypes_average_on_the_fast_path_to_torchs_values(world):
-    expected = {"torch.bfloat16": (None, 6), "torch.float64": (None, 6)}
-    assert run_ranks(_mixed_dtype, world) == [expected] * world
-
-
 def _set_changes(rank, world):
     """A layer frozen at the start, unfrozen mid-run, another frozen later: torch's values throughout."""
     ref, mine = make_model(), make_model()
@@ -151,10 +145,15 @@ def _set_changes(rank, world):
     return worst
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_parameter_set_changes_keep_torchs_steps_and_values(world):
+def _mixed_and_changing(rank, world):
+    return _mixed_dtype(rank, world), _set_changes(rank, world)  # one set of ranks for both
+
+
+@pytest.mark.parametrize("world", [2, 3])  # two ranks: the change is read from the tail; three: a pre-check
+def test_mixed_dtypes_and_parameter_set_changes_keep_torchs_steps_and_values(world):
+    mixed = {"torch.bfloat16": (None, 6), "torch.float64": (None, 6)}  # the fast path, no fallback
     # After the round that follows the unfreeze, the unfrozen layer is equal on every rank.
-    assert run_ranks(_set_changes, world) == [0.0] * world
+    assert run_ranks(_mixed_and_changing, world) == [(mixed, 0.0)] * world
 
 
 def _post_local_sgd(rank, world):
@@ -190,11 +189,21 @@ def _hierarchical(rank, world):
     return out
 
 
-def test_hierarchical_parity_four_ranks():
-    results = run_ranks(_hierarchical, 4, timeout=180)
+def _hierarchies(rank, world):
+    return _hierarchical(rank, world), _repeated_sizes(rank, world)  # one set of four ranks for both
+
+
+def test_hierarchical_parity_four_ranks_also_for_hierarchies_that_repeat_a_group_size():
+    results = run_ranks(_hierarchies, 4, timeout=180)
+    plain, repeated = results[0]
     # torch anchors hierarchical periods at step 0, not at the end of warm-up.
-    assert results[0][0] == [s for s in range(26) if s % 2 == 0]
-    assert results[0][5] == [s for s in range(6, 26) if s % 2 == 0]
+    assert plain[0] == [s for s in range(26) if s % 2 == 0]
+    assert plain[5] == [s for s in range(6, 26) if s % 2 == 0]
+    # Repeated sizes are canonicalised (one warning each): the same steps and values as torch's.
+    assert repeated == {
+        "{2: 2, 4: 2, 8: 4}": ({"2": 2, "4": 8}, 9, [True]),
+        "{2: 4, 4: 4}": ({"4": 2}, 9, [True]),
+    }
     assert all(r == results[0] for r in results)
 
 
@@ -221,15 +230,6 @@ def _repeated_sizes(rank, world):
             ["repeats a group size" in str(w.message) for w in caught],
         )
     return out
-
-
-def test_hierarchies_that_repeat_a_group_size_average_as_torch_after_canonicalising():
-    results = run_ranks(_repeated_sizes, 4, timeout=180)
-    assert results[0] == {
-        "{2: 2, 4: 2, 8: 4}": ({"2": 2, "4": 8}, 9, [True]),  # one warning each
-        "{2: 4, 4: 4}": ({"4": 2}, 9, [True]),
-    }
-    assert all(r == results[0] for r in results)
 
 
 def _ddp_hook(rank, world):
