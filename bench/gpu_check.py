@@ -27,7 +27,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
@@ -37,6 +36,7 @@ from torch.distributed.algorithms.model_averaging.averagers import PeriodicModel
 
 from avgctl.protocol import PauseAveraging, ResumeAveraging, SetPeriod
 from avgctl.worker import InProcessControlSource, PeriodicAverager
+from avgctl.worker.device import RoundClock
 
 STEP_GOAL = 1.02
 
@@ -142,26 +142,6 @@ def _parity(rank: int, world: int, store: str, backend: str, cpu: bool, out) -> 
     dist.destroy_process_group()
 
 
-class _BlockTimer:
-    """A block's wall time: CUDA events around queued work on a GPU, the host clock on the CPU."""
-
-    def __init__(self, cpu: bool):
-        self.cpu = cpu
-        if cpu:
-            self.started = time.perf_counter()
-        else:
-            torch.cuda.synchronize()
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-
-    def ms(self) -> float:
-        if self.cpu:
-            return (time.perf_counter() - self.started) * 1e3
-        self.end.record()
-        self.end.synchronize()
-        return self.start.elapsed_time(self.end)
-
-
 def _step_time(rank: int, world: int, store: str, backend: str, cpu: bool, out) -> None:
     """Part 4: ours/torch step time, ~50M parameters, period 8, interleaved blocks."""
     _init(backend, rank, world, store)
@@ -180,13 +160,18 @@ def _step_time(rank: int, world: int, store: str, backend: str, cpu: bool, out) 
         order = list(runs) if block % 2 == 0 else list(reversed(runs))
         for name in order:
             model, opt, averager = runs[name]
-            timer = _BlockTimer(cpu)
+            if not cpu:
+                torch.cuda.synchronize()  # the block starts with nothing queued
+            clock = RoundClock(torch.device(device))  # CUDA events on a GPU, the host clock here
             for _ in range(steps):
                 loss = _train_step(model, opt, x)
                 if isinstance(averager, PeriodicAverager):
                     averager.record(loss=loss)
                 averager.average_parameters(model.parameters())
-            times[name].append(timer.ms() / steps)
+            clock.stop()
+            if not cpu:
+                torch.cuda.synchronize()
+            times[name].append(clock.seconds() * 1e3 / steps)
     params = sum(p.numel() for p in runs["ours"][0].parameters())
     out.put({"params": params, "ms": {name: statistics.median(v[1:]) for name, v in times.items()}})
     dist.destroy_process_group()

@@ -135,11 +135,6 @@ class RankDivergence:
         return cls(squared=sum(per_layer), mean_norm_squared=figures[-1], per_layer=per_layer)
 
 
-def rank_divergence(before: torch.Tensor, after: torch.Tensor, plan: SamplePlan) -> RankDivergence:
-    """``round_figures`` read back (for tests and tools; a round reads them with its other figures)."""
-    return RankDivergence.from_figures(round_figures(before, after, plan).tolist())
-
-
 @dataclass(frozen=True, slots=True)
 class DriftPlan:
     """A uniform sample of the flattened parameters for the per-step drift: every coordinate weighs

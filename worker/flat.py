@@ -120,8 +120,7 @@ class MixedFlatParams:
     torch's ``type_as`` does. Copies go by runs of consecutive parameters of one dtype.
     """
 
-    tail = None
-    storage = None
+    tail = None  # a tail rides only in a one-dtype buffer
 
     def __init__(self, params: list[torch.nn.Parameter]):
         self.params = list(params)

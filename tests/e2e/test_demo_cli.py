@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import Api, free_port, wait_for
+from tests.support.processes import DASHBOARD_LINE, Api, launch_demo, output_line, wait_for
 
 pytestmark = pytest.mark.dist
 
@@ -29,38 +28,11 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-def _start_demo(tmp_path, *args: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "avgctl.server.cli",
-            "demo",
-            "--port",
-            str(port),
-            "--db",
-            str(tmp_path / "demo.db"),
-            "--log",
-            str(tmp_path / "workers.log"),
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    return proc, port
-
-
 def test_demo_prints_the_dashboard_url_and_stops_cleanly_on_ctrl_c(tmp_path):
-    proc, port = _start_demo(tmp_path, "--steps", "100000", "--step-delay", "0.01")
+    proc, port = launch_demo(tmp_path, "--steps", "100000", "--step-delay", "0.01")
     try:
-        line = ""
-        while "dashboard" not in line:
-            line = proc.stdout.readline()
-            assert line, "demo exited before printing the dashboard URL"
-        url = re.search(r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)", line)
-        assert url and url.group(1) == f"http://127.0.0.1:{port}"
+        url = output_line(proc, DASHBOARD_LINE)
+        assert url.group(1) == f"http://127.0.0.1:{port}"
         api = Api(url.group(1), url.group(2))
         job = wait_for(
             lambda: (jobs := api.try_get("/api/jobs")) and jobs[0]["step"] > 20 and jobs[0], 90, what="training"
@@ -78,7 +50,7 @@ def test_demo_prints_the_dashboard_url_and_stops_cleanly_on_ctrl_c(tmp_path):
 
 
 def test_demo_runs_to_the_end_of_its_steps(tmp_path):
-    proc, port = _start_demo(tmp_path, "--steps", "60", "--step-delay", "0")
+    proc, port = launch_demo(tmp_path, "--steps", "60", "--step-delay", "0")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "step 60/60" in out and "training finished" in out

@@ -4,15 +4,21 @@ started, as Ctrl-C does: the server, its SQLite writer process, torchrun and the
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.processes import Api, alive, descendants, free_port, listening, wait_for
+from tests.support.processes import (
+    DASHBOARD_LINE,
+    Api,
+    alive,
+    descendants,
+    launch_demo,
+    listening,
+    output_line,
+    wait_for,
+)
 
 pytestmark = pytest.mark.dist
 
@@ -26,37 +32,10 @@ def _cmdline(pid: int) -> str:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_stop_signal_stops_the_server_its_writer_and_the_workers(tmp_path, sig):
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "avgctl.server.cli",
-            "demo",
-            "--nproc",
-            "2",
-            "--steps",
-            "100000",
-            "--step-delay",
-            "0.01",
-            "--port",
-            str(port),
-            "--db",
-            str(tmp_path / "demo.db"),
-            "--log",
-            str(tmp_path / "workers.log"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, port = launch_demo(tmp_path, "--nproc", "2", "--steps", "100000", "--step-delay", "0.01")
     tree: list[int] = []
     try:
-        line = ""
-        while "dashboard" not in line:
-            line = proc.stdout.readline()
-            assert line, "demo exited before printing the dashboard URL"
-        url = re.search(r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)", line)
+        url = output_line(proc, DASHBOARD_LINE)
         api = Api(url.group(1), url.group(2))
         wait_for(lambda: (jobs := api.try_get("/api/jobs")) and jobs[0]["step"] > 5, 90, what="training")
         tree = descendants(proc.pid)

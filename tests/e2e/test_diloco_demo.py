@@ -4,44 +4,26 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from tests.support.processes import Api, free_port, wait_for
+from tests.support.processes import DASHBOARD_LINE, Api, launch_demo, output_line, wait_for
 
 pytestmark = pytest.mark.dist
 
 NEW_LR = 0.35
 
 
-def _line(proc: subprocess.Popen, pattern: str) -> re.Match:
-    """The first line of the demo's output matching ``pattern``."""
-    while True:
-        line = proc.stdout.readline()
-        assert line, f"the demo exited before printing {pattern!r}"
-        if found := re.search(pattern, line):
-            return found
-
-
 def test_set_outer_lr_reaches_every_rank_of_a_diloco_demo_at_one_step(tmp_path):
-    port = free_port()
-    demo = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "avgctl.server.cli", "demo", "--port", str(port)),
-            *("--db", str(tmp_path / "demo.db"), "--log", str(tmp_path / "workers.log")),
-            *("--averager", "diloco", "--period", "4", "--steps", "100000", "--step-delay", "0.01"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    demo, _ = launch_demo(
+        tmp_path, "--averager", "diloco", "--period", "4", "--steps", "100000", "--step-delay", "0.01"
     )
     try:
-        base, token = _line(demo, r"dashboard\s+(http://127\.0\.0\.1:\d+)/\?token=(\S+)").groups()
-        job = _line(demo, r"job (\S+),").group(1)
+        base, token = output_line(demo, DASHBOARD_LINE).groups()
+        job = output_line(demo, r"job (\S+),").group(1)
         api = Api(base, token)
         # A few DiLoCo rounds first: each rank's round records carry the pseudo-gradient figures.
         rounds = f"/api/jobs/{job}/metrics?ranks=0&names=pseudo_gradient_norm"

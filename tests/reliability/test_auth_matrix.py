@@ -6,8 +6,6 @@ The routes are enumerated from the app itself, so a route added without a row he
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from fastapi.routing import APIRoute, APIWebSocketRoute
 from fastapi.testclient import TestClient
@@ -17,6 +15,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from avgctl.server.app import create_app
 from avgctl.server.auth import OPEN_PATHS
+from tests.support.polling import wait_for
 from tests.support.servers import CONTROL, READ, WORKER, auth, make_settings
 
 JOB = "auth-job"
@@ -77,10 +76,7 @@ def client(tmp_path_factory):
     with TestClient(create_app(settings)) as c:
         with c.websocket_connect("/ws/worker", headers=auth(WORKER)) as ws:
             ws.send_text(_hello())
-            deadline = time.monotonic() + 10
-            while c.get(f"/api/jobs/{JOB}", headers=auth(CONTROL)).status_code != 200:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            wait_for(lambda: c.get(f"/api/jobs/{JOB}", headers=auth(CONTROL)).status_code == 200, what="job stored")
         assert (
             c.post(f"/api/jobs/{JOB}/commands", json={"type": "average_now"}, headers=auth(CONTROL)).status_code == 202
         )

@@ -4,6 +4,7 @@ stops, finds and measures processes (free ports, process trees, RSS)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from tests.support.tokens import CONTROL, WORKER
 
 __all__ = [
     "CONTROL",
+    "DASHBOARD_LINE",
     "WORKER",
     "Api",
     "ServerProcess",
@@ -25,7 +27,9 @@ __all__ = [
     "alive",
     "descendants",
     "free_port",
+    "launch_demo",
     "listening",
+    "output_line",
     "rss_bytes",
     "stop_tree",
     "wait_for",
@@ -278,3 +282,30 @@ def torchrun_demo(server: ServerProcess, job: str, log: Path, *args: str, restar
             start_new_session=True,
             env={**os.environ, "AVGCTL_TOKEN": WORKER, "OMP_NUM_THREADS": "1"},
         )
+
+
+DASHBOARD_LINE = r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)"
+"""What ``avgctl demo`` prints first: the dashboard's URL (base, token)."""
+
+
+def launch_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
+    """``avgctl demo`` on a free port with its database and worker log under ``tmp_path``, its output
+    (text) on a pipe; returns the process and the port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "avgctl.server.cli", "demo", "--port", str(port)]
+        + ["--db", str(tmp_path / "demo.db"), "--log", str(tmp_path / "workers.log"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return proc, port
+
+
+def output_line(proc: subprocess.Popen, pattern: str) -> re.Match:
+    """The first line of ``proc``'s output matching ``pattern`` (AssertionError if it exits first)."""
+    while True:
+        line = proc.stdout.readline()
+        assert line, f"the process exited before printing {pattern!r}"
+        if found := re.search(pattern, line):
+            return found
