@@ -19,7 +19,8 @@ SCALAR_NAME_CHARS = r"[^\x00-\x1f\x7f-\x9f]"
 MAX_PERIOD = 1_000_000  # steps; also served to the dashboard (GET /api/limits)
 MAX_RANKS = 1_000_000
 MAX_HIERARCHY_LEVELS = 16
-MAX_TOP_LAYERS = 16
+MAX_TOP_LAYERS = 64  # a round carries every layer's share up to this many layers, else its top TOP_LAYERS
+TOP_LAYERS = 16
 SQLITE_INT_MAX = 2**63 - 1  # SQLite's INTEGER: a worker's larger int could not be stored
 # A job's secret (``Hello.job_secret``): the workers send 32 hex digits; short ones are guessable.
 JOB_SECRET_MIN_LENGTH = 16

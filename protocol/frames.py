@@ -89,7 +89,10 @@ class RoundRecord(Message):
     seconds: float  # time spent averaging (communication + metrics)
     bytes: int  # bytes all-reduced by this rank
     exact: bool  # False when divergence is estimated from a coordinate sample
+    # Layers' shares of this rank's squared divergence, the largest first: every layer's when the
+    # model has at most MAX_TOP_LAYERS, else the top TOP_LAYERS; layers_total says how many it has.
     top_layers: list[tuple[str, float]] = Field(default_factory=list, max_length=MAX_TOP_LAYERS)
+    layers_total: int | None = Field(default=None, ge=0)
     # DiLoCo rounds (None for plain averaging): the pseudo-gradient Delta = theta_g - mean_i theta_i
     pseudo_gradient_norm: float | None = None  # ||Delta||
     pseudo_gradient_relative: float | None = None  # ||Delta|| / ||theta_g||

@@ -22,7 +22,7 @@ from avgctl.server.errors import install as install_error_handlers
 from avgctl.server.headers import SecurityHeadersMiddleware
 from avgctl.server.hub import Hub
 from avgctl.server.pages import mount_docs, mount_pages
-from avgctl.server.routes import commands, health, jobs, limits, metrics, prometheus, session, ws
+from avgctl.server.routes import commands, health, jobs, limits, metrics, prometheus, series, session, ws
 from avgctl.server.settings import Settings, browsable_host
 from avgctl.server.store import Store
 from avgctl.server.workers import WorkerRegistry
@@ -165,7 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # FastAPI's own /docs and /redoc load their scripts from a CDN: ours come from /vendor.
     app = FastAPI(title="avgctl", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
-    for module in (health, jobs, commands, metrics, prometheus, limits, session, ws):
+    for module in (health, jobs, commands, metrics, series, prometheus, limits, session, ws):
         app.include_router(module.router)
 
     install_error_handlers(app)

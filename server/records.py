@@ -125,6 +125,10 @@ class EncodedBatch:
     dropped: int  # records the rank dropped so far
     top: int | None  # the highest step of any record in the batch
     latest: LatestRound | None
+    # The figures the store rolls up, one per record above: (loss, drift, step_time, scalars or None)
+    # per step, (divergence, relative divergence) per round.
+    step_values: list[tuple]
+    round_values: list[tuple[float, float]]
 
 
 # The model's own serializer: ``model_dump_json`` without its per-call argument handling (twice as fast).
@@ -145,7 +149,9 @@ def encode(batch: Received) -> EncodedBatch:
         top = newest.step if top is None else max(top, newest.step)
     if batch.control:
         top = max(top if top is not None else 0, max(e.step for e in batch.control))
-    return EncodedBatch(steps, rounds, batch.control, batch.dropped, top, latest)
+    step_values = [(r.loss, r.drift, r.step_time, r.scalars or None) for r in batch.steps]
+    round_values = [(r.divergence, r.relative_divergence) for r in batch.rounds]
+    return EncodedBatch(steps, rounds, batch.control, batch.dropped, top, latest, step_values, round_values)
 
 
 # ------------------------------------------------------------------ non-finite figures

@@ -387,7 +387,9 @@ class LiveAverager(ModelAverager):
         self._recorder.send_landed(wait=True)  # the read above waited for every earlier copy
         mine = divergence.RankDivergence.from_figures(figures_read)
         top = divergence.top_layers(mine.per_layer, layout.names)
-        draft = RoundDraft(step, self._level_sizes[level], clock.seconds(), moved, layout.plan.exact, top, fields)
+        draft = RoundDraft(
+            step, self._level_sizes[level], clock.seconds(), moved, layout.plan.exact, top, len(layout.names), fields
+        )
         self._recorder.count_round(draft)
         if pending is not None:
             self._recorder.round(draft, [mine.squared] * 2 + [mine.mean_norm_squared] * 2)

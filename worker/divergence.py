@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from avgctl.protocol.bounds import MAX_TOP_LAYERS, TOP_LAYERS
+
 
 @dataclass(frozen=True, slots=True)
 class SamplePlan:
@@ -184,8 +186,11 @@ def drift(current: torch.Tensor, last_average: torch.Tensor, plan: DriftPlan) ->
     return torch.dist(current, last_average) * plan.scale
 
 
-def top_layers(per_layer: list[float], names: list[str], k: int = 5) -> list[tuple[str, float]]:
-    """The ``k`` layers contributing most to the squared divergence, as shares of the total."""
+def top_layers(per_layer: list[float], names: list[str]) -> list[tuple[str, float]]:
+    """The layers' shares of the squared divergence, the largest first: every layer's for a model
+    of at most ``MAX_TOP_LAYERS`` layers (the dashboard's heatmap shows them all), else the top
+    ``TOP_LAYERS`` (a round record stays a few KB)."""
+    k = len(per_layer) if len(per_layer) <= MAX_TOP_LAYERS else TOP_LAYERS
     total = sum(per_layer)
     if total <= 0.0:
         return []

@@ -88,6 +88,7 @@ class RoundDraft:
     moved: int
     exact: bool
     top_layers: list[tuple[str, float]]
+    layers_total: int
     extra: dict[str, float | None] = dataclasses.field(default_factory=dict)
     """Fields a round that does more than a mean adds (DiLoCo's pseudo-gradient figures)."""
 
@@ -196,6 +197,7 @@ class Recorder:
             bytes=draft.moved,
             exact=draft.exact,
             top_layers=draft.top_layers,
+            layers_total=draft.layers_total,
             **draft.extra,
         )
         self.metrics._round = fields

@@ -22,7 +22,8 @@ def _split(values: list[str]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
-def _ranks(values: list[str]) -> list[int]:
+def rank_list(values: list[str]) -> list[int]:
+    """A ``ranks`` filter (``0,1`` or repeated), checked: 422 with the reason."""
     parts = _split(values)
     if len(parts) > MAX_RANK_FILTER:
         raise HTTPException(422, f"at most {MAX_RANK_FILTER} ranks, got {len(parts)}")
@@ -49,7 +50,7 @@ def get_metrics(
     up among the user's scalars); each record keeps ``rank`` and ``step``. The answer is streamed as
     SQLite yields the records (a million records are ~150 MB of JSON, which the server never holds).
     """
-    rank_list = _ranks(ranks)
+    wanted_ranks = rank_list(ranks)
     name_list = _split(names)
     if len(name_list) > MAX_NAMES:
         raise HTTPException(422, f"at most {MAX_NAMES} names, got {len(name_list)}")
@@ -57,5 +58,5 @@ def get_metrics(
         raise HTTPException(422, f"a name is longer than {MAX_NAME_LENGTH} characters")
     if store.get_job(job_id) is None:
         raise HTTPException(404, f"no job {job_id!r}")
-    pieces = reads.stream_metrics(store.path, job_id, since_step, rank_list or None, name_list or None, limit)
+    pieces = reads.stream_metrics(store.path, job_id, since_step, wanted_ranks or None, name_list or None, limit)
     return StreamingResponse(pieces, media_type="application/json")

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from avgctl.server.api import CommandOut, JobDetail, JobOut
 from avgctl.server.records import EncodedBatch
-from avgctl.server.store import process, reads, schema, writes
+from avgctl.server.store import history, process, reads, schema, writes
 from avgctl.server.store.reads import Readers
 from avgctl.server.store.retention import Retention
 from avgctl.server.store.schema import NewerSchema
@@ -199,6 +199,26 @@ class Store:
         with self._readers.snapshot() as conn:
             return reads.snapshot_json(conn, job_id, budget, commands, events)
 
+    def series_json(self, job_id: str, query: history.SeriesQuery) -> str | None:
+        """A series at any zoom as JSON text (``history.series``); None for no such job;
+        ``history.BadQuery`` for a query it cannot answer."""
+        with self._readers.snapshot() as conn:
+            if not _job_exists(conn, job_id):
+                return None
+            full_from = {} if self.retention is None else self.retention.full_resolution_from(conn, job_id)
+            return history.answer_json(history.series(conn, job_id, query, full_from))
+
+    def layers(self, job_id: str, first: int | None, last: int | None, points: int, rank: int) -> dict | None:
+        """Layers' shares of the divergence per round (``history.layers``); None for no such job."""
+        with self._readers.snapshot() as conn:
+            if not _job_exists(conn, job_id):
+                return None
+            return history.layers(conn, job_id, first, last, points, rank)
+
     def stats(self) -> list[dict[str, Any]]:
         """Per-job figures for Prometheus."""
         return reads.stats(self._readers.connection())
+
+
+def _job_exists(conn: sqlite3.Connection, job_id: str) -> bool:
+    return conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import gc
 import io
+import json
 import logging
 import os
 import pickle
@@ -30,8 +31,14 @@ import sqlite3
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, NamedTuple
+
+if __package__:
+    from avgctl.server.store import rollup
+else:  # run as a script (above): its sibling, by path, since -I keeps the folder off sys.path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import rollup
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +53,22 @@ _ROUND_COLUMNS = ("job_id", "rank", "step", "group_size", "body")
 # One rank's metric batch in plain tuples (``writes.metric_entry`` makes them):
 # (job_id, rank, received_at, steps [(step, body)], rounds [(step, group_size, body)],
 #  control events [(step, control body)], rank 0's new control view (body, version) or None,
-#  dropped, top step or None, latest round (step, divergence mean, divergence max) or None)
+#  dropped, top step or None, latest round (step, divergence mean, divergence max) or None,
+#  the steps' figures [(loss, drift, step_time, scalars or None)] and the rounds' [(divergence,
+#  relative divergence)], one per record above, for the rollups)
 Entry = tuple[
-    str, int, float, list, list, list, tuple[str, int] | None, int, int | None, tuple[int, float, float] | None
+    str,
+    int,
+    float,
+    list,
+    list,
+    list,
+    tuple[str, int] | None,
+    int,
+    int | None,
+    tuple[int, float, float] | None,
+    list,
+    list,
 ]
 
 
@@ -63,6 +83,8 @@ class MetricRows(NamedTuple):
     progress: list  # job_id, rank, step, last_seen, dropped, ...
     jobs: list[tuple]  # (step or None, last_seen, job_id)
     divergence: list[tuple]  # (mean, max, step, job_id, step)
+    step_figures: list[rollup.Figures]  # one per row of ``steps``, in order
+    round_figures: list[rollup.Figures]  # one per row of ``rounds``
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -94,11 +116,17 @@ def metric_rows(entries: list[Entry]) -> MetricRows:
     controls: list[tuple] = []
     ranks: dict[tuple[str, int], tuple] = {}  # (job, rank) -> (max step, last seen, dropped)
     jobs: dict[str, list] = {}  # job -> [max step or None, last seen, latest round or None]
-    for job_id, rank, now, batch_steps, batch_rounds, batch_events, control, dropped, top, latest in entries:
-        for step, body in batch_steps:
+    step_figures: list[rollup.Figures] = []
+    round_figures: list[rollup.Figures] = []
+    for entry in entries:
+        job_id, rank, now, batch_steps, batch_rounds, batch_events, control, dropped, top, latest = entry[:10]
+        step_values, round_values = entry[10:]
+        for (step, body), values in zip(batch_steps, step_values, strict=True):
             steps += (job_id, rank, step, body)
-        for step, size, body in batch_rounds:
+            step_figures.append((job_id, rank, step, rollup.step_figures(step, *values)))
+        for (step, size, body), values in zip(batch_rounds, round_values, strict=True):
             rounds += (job_id, rank, step, size, body)
+            round_figures.append((job_id, rank, step, list(zip(rollup.ROUND_NAMES, values))))
         events.extend((job_id, rank, step, body) for step, body in batch_events)
         if control is not None:
             controls.append((job_id, *control, now))
@@ -119,7 +147,7 @@ def metric_rows(entries: list[Entry]) -> MetricRows:
         if latest is not None:
             step, mean, peak = latest
             divergence.append((mean, peak, step, job_id, step))
-    return MetricRows(steps, rounds, events, controls, progress, job_rows, divergence)
+    return MetricRows(steps, rounds, events, controls, progress, job_rows, divergence, step_figures, round_figures)
 
 
 # ------------------------------------------------------------------------------------ SQL
@@ -136,8 +164,11 @@ def write_rows(conn: sqlite3.Connection, rows: MetricRows) -> None:
             [(job, rank, step, body, job, step, rank, body) for job, rank, step, body in rows.control_events],
         )
     set_controls(conn, rows.controls)
-    _insert_rows(conn, "steps", _STEP_COLUMNS, rows.steps)
-    _insert_rows(conn, "rounds", _ROUND_COLUMNS, rows.rounds)
+    replaced_steps = _insert_rows(conn, "steps", _STEP_COLUMNS, rows.steps)
+    replaced_rounds = _insert_rows(conn, "rounds", _ROUND_COLUMNS, rows.rounds)
+    added, removed = _changes(rows.step_figures, rows.steps, len(_STEP_COLUMNS), replaced_steps, _old_step_figures)
+    more, fewer = _changes(rows.round_figures, rows.rounds, len(_ROUND_COLUMNS), replaced_rounds, _old_round_figures)
+    rollup.write(conn, rollup.fold(added + more, removed + fewer))
     _in_chunks(conn, _progress_sql, rows.progress, 5)
     conn.executemany(
         "UPDATE jobs SET step = MAX(step, COALESCE(?, step)), last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?",
@@ -160,30 +191,92 @@ def set_controls(conn: sqlite3.Connection, controls: list[tuple]) -> None:
     )
 
 
-def _insert_rows(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], values: list) -> None:
+def _insert_rows(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], values: list) -> dict[int, str]:
     """Insert rows (``values`` flat), the newest copy of a key winning: a batch sent again, or steps
-    run again after a restart from a checkpoint. ``INSERT OR IGNORE`` first, which cost 25-35% less
-    than ``OR REPLACE`` per row when no key is taken (nearly always); a chunk that met a taken key
-    is written again with ``OR REPLACE``."""
-    _in_chunks(
-        conn,
-        functools.partial(_insert_sql, table, columns, "IGNORE"),
-        values,
-        len(columns),
-        again=functools.partial(_insert_sql, table, columns, "REPLACE"),
-    )
+    run again after a restart from a checkpoint. Returns ``{row index: the body it replaced}`` for
+    the rows whose key was taken (by a stored row or an earlier one of ``values``).
+
+    ``INSERT OR IGNORE`` first, which cost 25-35% less than ``OR REPLACE`` per row when no key is
+    taken (nearly always); a chunk that met a taken key is undone (to its savepoint), the bodies it
+    would replace are read, and it is written again with ``OR REPLACE``."""
+    width = len(columns)
+    replaced: dict[int, str] = {}
+    for start, count, chunk in _chunks(conn, values, width):
+        conn.execute("SAVEPOINT chunk")
+        if conn.execute(_insert_sql(table, columns, "IGNORE", count), chunk).rowcount < count:
+            conn.execute("ROLLBACK TO chunk")
+            replaced.update(_taken(conn, table, columns, start, chunk))
+            conn.execute(_insert_sql(table, columns, "REPLACE", count), chunk)
+        conn.execute("RELEASE chunk")
+    return replaced
 
 
-def _in_chunks(
-    conn: sqlite3.Connection,
-    sql_for: Callable[[int], str],
+def _taken(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], start: int, chunk: list) -> dict[int, str]:
+    """The rows of ``chunk`` (row ``start`` on) whose key is taken, with the body they replace."""
+    width = len(columns)
+    key_columns = " AND ".join(f"{column} = ?" for column in columns[:-1])
+    bodies: dict[tuple, str] = {}  # a key's latest body: stored, or an earlier row's of the chunk
+    taken: dict[int, str] = {}
+    for i in range(len(chunk) // width):
+        key = tuple(chunk[i * width : (i + 1) * width - 1])
+        old = bodies.get(key)
+        if old is None:
+            found = conn.execute(f"SELECT body FROM {table} WHERE {key_columns}", key).fetchone()
+            old = None if found is None else found[0]
+        if old is not None:
+            taken[start + i] = old
+        bodies[key] = chunk[(i + 1) * width - 1]
+    return taken
+
+
+def _changes(
+    figures: list[rollup.Figures],
     values: list,
     width: int,
-    again: Callable[[int], str] | None = None,
-) -> None:
-    """Run ``sql_for(count)`` (a statement taking ``count`` rows' values) over ``values``, the rows'
-    values one row (``width`` values) after another; and ``again(count)`` on a chunk whose statement
-    changed fewer than its rows.
+    replaced: dict[int, str],
+    old_figures: Callable[[str], list[tuple[str, float]]],
+) -> tuple[list[rollup.Figures], list[rollup.Figures]]:
+    """What the rollups gain and lose from rows written with ``figures``, ``replaced`` as
+    ``_insert_rows`` says: a row sent again with the same body changes nothing, one with another
+    body swaps the old figures for its own."""
+    if not replaced:
+        return figures, []
+    added, removed = [], []
+    for i, record in enumerate(figures):
+        old = replaced.get(i)
+        if old is None:
+            added.append(record)
+        elif old != values[(i + 1) * width - 1]:
+            added.append(record)
+            removed.append((*record[:3], old_figures(old)))
+    return added, removed
+
+
+def _number(value) -> float:
+    """A figure from a stored body: a float, or the protocol's spelling of a non-finite one."""
+    return float(value)  # float() reads "NaN", "Infinity" and "-Infinity" too
+
+
+def _old_step_figures(body: str) -> list[tuple[str, float]]:
+    record = json.loads(body)
+    values = [None if record.get(name) is None else _number(record[name]) for name in rollup.STEP_NAMES]
+    scalars = {name: _number(value) for name, value in (record.get("scalars") or {}).items()}
+    return rollup.step_figures(record["step"], *values, scalars)
+
+
+def _old_round_figures(body: str) -> list[tuple[str, float]]:
+    record = json.loads(body)
+    return [(name, _number(record[name])) for name in rollup.ROUND_NAMES]
+
+
+def _in_chunks(conn: sqlite3.Connection, sql_for: Callable[[int], str], values: list, width: int) -> None:
+    """Run ``sql_for(count)`` (a statement taking ``count`` rows' values) over ``values`` by chunks."""
+    for _start, count, chunk in _chunks(conn, values, width):
+        conn.execute(sql_for(count), chunk)
+
+
+def _chunks(conn: sqlite3.Connection, values: list, width: int) -> Iterator[tuple[int, int, list]]:
+    """``values`` (one row's ``width`` values after another) as chunks ``(first row, rows, values)``.
 
     One statement per chunk, not ``executemany`` or a statement per row: each statement releases
     the GIL around its ``sqlite3_step`` and must take it back, and in the server's own process (the
@@ -198,9 +291,7 @@ def _in_chunks(
     start = 0
     while start < rows:
         count = min(largest, _power_of_two_floor(rows - start))
-        chunk = values[start * width : (start + count) * width]
-        if conn.execute(sql_for(count), chunk).rowcount < count and again is not None:
-            conn.execute(again(count), chunk)
+        yield start, count, values[start * width : (start + count) * width]
         start += count
 
 

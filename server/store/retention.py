@@ -28,6 +28,14 @@ class Retention:
             stride *= 2
         return stride
 
+    def full_resolution_from(self, conn: sqlite3.Connection, job_id: str) -> dict[int, int]:
+        """Per rank of the job, the first step from which every record is kept (by this rule)."""
+        rows = conn.execute("SELECT rank, step FROM ranks WHERE job_id = ?", (job_id,))
+        return {
+            rank: max(0, step - self.retention_steps) if self.stride(step - self.retention_steps) > 1 else 0
+            for rank, step in rows
+        }
+
     def prune(self, conn: sqlite3.Connection) -> int:
         """Thin what is due, on the writer's connection inside its transaction; returns the rows deleted."""
         deleted = 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
+from avgctl.server.store import rollup
+
 # Version 1's tables. ``CREATE ... IF NOT EXISTS``: a file from before the versions (0) may hold them.
 _TABLES = (
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -117,12 +119,21 @@ def _v5_rollbacks(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE control_events ADD COLUMN note TEXT")
 
 
+def _v6_rollups(conn: sqlite3.Connection) -> None:
+    """``series`` and ``rollups``: each series' min, mean and max per rank over power-of-two buckets
+    of steps (``rollup``), filled from the records the file holds (thinned ones as they are)."""
+    for statement in rollup.TABLES:
+        conn.execute(statement)
+    rollup.backfill(conn)
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_tables,
     _v2_control_without_autotune,
     _v3_job_secret,
     _v4_counters,
     _v5_rollbacks,
+    _v6_rollups,
 )
 LATEST = len(MIGRATIONS)
 

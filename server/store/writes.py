@@ -265,6 +265,8 @@ def metric_entry(job_id: str, rank: int, batch: EncodedBatch, now: float) -> pro
         batch.dropped,
         batch.top,
         None if latest is None else (latest.step, latest.divergence_mean, latest.divergence_max),
+        batch.step_values,
+        batch.round_values,
     )
 
 

@@ -100,6 +100,7 @@ ROUND = {
     "bytes": 8,
     "exact": True,
     "top_layers": [["w", "Infinity"], ["b", "NaN"], ["c", "-Infinity"]],
+    "layers_total": 3,
     "pseudo_gradient_norm": "NaN",  # a DiLoCo round's figures too
     "pseudo_gradient_relative": "Infinity",
     "outer_lr": 0.7,

@@ -172,6 +172,7 @@ def test_non_finite_figures_are_stored_as_the_protocol_spells_them():
         "bytes": 8,
         "exact": True,
         "top_layers": [["w", "-Infinity"]],
+        "layers_total": 1,
         "pseudo_gradient_norm": "Infinity",
         "pseudo_gradient_relative": "NaN",
         "outer_lr": 0.7,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from avgctl.protocol.bounds import MAX_TOP_LAYERS, TOP_LAYERS
 from avgctl.worker import divergence as dv
 
 
@@ -115,6 +117,12 @@ def test_drift_sample_of_separate_tensors_reads_the_same_coordinates_as_the_flat
 
 
 def test_top_layers_are_shares_of_the_total():
-    top = dv.top_layers([1.0, 6.0, 3.0], ["a", "b", "c"], k=2)
-    assert top == [("b", 0.6), ("c", 0.3)]
+    assert dv.top_layers([1.0, 6.0, 3.0], ["a", "b", "c"]) == [("b", 0.6), ("c", 0.3), ("a", 0.1)]
     assert dv.top_layers([0.0, 0.0], ["a", "b"]) == []
+    # Every layer's share up to MAX_TOP_LAYERS layers (the heatmap's), the top TOP_LAYERS beyond.
+    many = [float(i) for i in range(MAX_TOP_LAYERS + 1)]
+    names = [f"l{i}" for i in range(len(many))]
+    assert len(dv.top_layers(many[:-1], names[:-1])) == MAX_TOP_LAYERS
+    top = dv.top_layers(many, names)
+    assert [name for name, _ in top] == names[::-1][:TOP_LAYERS]
+    assert sum(share for _, share in dv.top_layers(many[:-1], names[:-1])) == pytest.approx(1.0)

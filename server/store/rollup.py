@@ -1,0 +1,203 @@
+"""Rollups: every series' min, mean and max per rank over power-of-two buckets of steps, kept as
+records are written, so a whole-run query reads about one row per bucket and rank.
+
+A series is a job's figure by name (``loss``, ``drift``, ``step_time`` and ``scalars.<name>`` from
+step records, ``divergence`` and ``relative_divergence`` from round records), numbered in the
+``series`` table. Level ``k`` holds buckets of ``2**k`` steps (bucket ``b`` covers steps
+``b * 2**k`` to ``(b + 1) * 2**k - 1``); the levels stored are ``LEVELS`` (every second power of
+two: a query at a level between two merges pairs of the finer one's rows). Below the finest level
+a query reads the records themselves.
+
+A row counts what went in: ``n`` values, of which ``nan``, ``pinf`` and ``ninf`` were NaN, +inf
+and -inf (non-finite figures are data); ``lo``/``hi`` are the extremes of the values that are not
+NaN, ``total`` the sum of the finite ones. Records are folded in once: a record sent again with
+the same text is not counted again, and one stored again with another text (steps run again after
+a restore from a checkpoint) replaces the old one's count and sum; the old value's extremes stay.
+Retention thins records, never rollups, so they stay exact for the whole run.
+
+Only the standard library is imported: the writer process loads this file beside its own.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Iterable
+
+FINEST_LEVEL = 4  # buckets of 16 steps: below, the records themselves are read
+LEVEL_STRIDE = 2  # every second power of two is stored
+COARSEST_LEVEL = 20  # about a million steps a bucket
+LEVELS = tuple(range(FINEST_LEVEL, COARSEST_LEVEL + 1, LEVEL_STRIDE))
+STEP_NAMES = ("loss", "drift", "step_time")
+ROUND_NAMES = ("divergence", "relative_divergence")
+SCALAR_PREFIX = "scalars."
+
+TABLES = (
+    """CREATE TABLE series (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        UNIQUE (job_id, name)
+    )""",
+    # Keyed for the query: one series, one level, a range of buckets, every rank.
+    """CREATE TABLE rollups (
+        series INTEGER NOT NULL, level INTEGER NOT NULL, bucket INTEGER NOT NULL, rank INTEGER NOT NULL,
+        n INTEGER NOT NULL, nan INTEGER NOT NULL, pinf INTEGER NOT NULL, ninf INTEGER NOT NULL,
+        lo REAL, hi REAL, total REAL NOT NULL,
+        PRIMARY KEY (series, level, bucket, rank)
+    ) WITHOUT ROWID""",
+)
+
+# One record's figures: (job_id, rank, step, [(name, value), ...]).
+Figures = tuple[str, int, int, list[tuple[str, float]]]
+# A bucket's counts: [n, nan, pinf, ninf, lo, hi, total].
+Counts = list
+
+
+def step_figures(step: int, loss, drift, step_time, scalars: dict | None) -> list[tuple[str, float]]:
+    """A step record's figures as the rollups take them (None: not recorded)."""
+    figures = [(name, value) for name, value in zip(STEP_NAMES, (loss, drift, step_time)) if value is not None]
+    if scalars:
+        figures += [(SCALAR_PREFIX + name, value) for name, value in scalars.items()]
+    return figures
+
+
+def empty() -> Counts:
+    return [0, 0, 0, 0, None, None, 0.0]
+
+
+def add(counts: Counts, value: float, sign: int = 1) -> None:
+    """Fold ``value`` in (``sign`` -1: take it out again, but for the extremes)."""
+    counts[0] += sign
+    if value != value:  # NaN
+        counts[1] += sign
+        return
+    if value == math.inf:
+        counts[2] += sign
+    elif value == -math.inf:
+        counts[3] += sign
+    else:
+        counts[6] += sign * value
+    if sign > 0:
+        counts[4] = value if counts[4] is None or value < counts[4] else counts[4]
+        counts[5] = value if counts[5] is None or value > counts[5] else counts[5]
+
+
+def merge(into: Counts, other: Counts) -> None:
+    for i in range(4):
+        into[i] += other[i]
+    if other[4] is not None:
+        into[4] = other[4] if into[4] is None else min(into[4], other[4])
+        into[5] = other[5] if into[5] is None else max(into[5], other[5])
+    into[6] += other[6]
+
+
+def fold(added: Iterable[Figures], removed: Iterable[Figures] = ()) -> dict[tuple, Counts]:
+    """The rollup rows ``added`` (and, taken out, ``removed``) change: ``{(job_id, name, rank,
+    level, bucket): counts}``. Each record is folded at the finest level; coarser buckets are
+    merged from those, so the cost per record does not grow with the levels."""
+    finest: dict[tuple, Counts] = {}
+    for records, sign in ((added, 1), (removed, -1)):
+        for job_id, rank, step, figures in records:
+            bucket = step >> FINEST_LEVEL
+            for name, value in figures:
+                key = (job_id, name, rank, bucket)
+                counts = finest.get(key)
+                if counts is None:
+                    counts = finest[key] = empty()
+                add(counts, value, sign)
+    rows: dict[tuple, Counts] = {}
+    for (job_id, name, rank, bucket), counts in finest.items():
+        rows[(job_id, name, rank, FINEST_LEVEL, bucket)] = counts
+        for level in LEVELS[1:]:
+            key = (job_id, name, rank, level, bucket >> (level - FINEST_LEVEL))
+            merged = rows.get(key)
+            if merged is None:
+                rows[key] = list(counts)
+            else:
+                merge(merged, counts)
+    return rows
+
+
+def series_ids(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """The ids of the ``(job_id, name)`` series, numbering the new ones."""
+    wanted = set(keys)
+    if not wanted:
+        return {}
+    conn.executemany("INSERT OR IGNORE INTO series (job_id, name) VALUES (?, ?)", sorted(wanted))
+    jobs = sorted({job for job, _ in wanted})
+    marks = ", ".join("?" * len(jobs))
+    found = conn.execute(f"SELECT job_id, name, id FROM series WHERE job_id IN ({marks})", jobs)
+    return {(job, name): sid for job, name, sid in found if (job, name) in wanted}
+
+
+UPSERT = (
+    "INSERT INTO rollups (series, level, bucket, rank, n, nan, pinf, ninf, lo, hi, total)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (series, level, bucket, rank) DO UPDATE SET"
+    " n = n + excluded.n, nan = nan + excluded.nan, pinf = pinf + excluded.pinf, ninf = ninf + excluded.ninf,"
+    " lo = COALESCE(MIN(lo, excluded.lo), lo, excluded.lo), hi = COALESCE(MAX(hi, excluded.hi), hi, excluded.hi),"
+    " total = total + excluded.total"
+)
+
+
+def write(conn: sqlite3.Connection, rows: dict[tuple, Counts]) -> None:
+    """Add ``fold``'s rows to the stored ones, inside the caller's transaction."""
+    if not rows:
+        return
+    ids = series_ids(conn, ((job, name) for job, name, *_ in rows))
+    conn.executemany(
+        UPSERT,
+        [(ids[job, name], level, bucket, rank, *counts) for (job, name, rank, level, bucket), counts in rows.items()],
+    )
+
+
+def mean(n: int, nan: int, pinf: int, ninf: int, total: float | None) -> float | None:
+    """A bucket's mean as IEEE arithmetic would give it (None: no values)."""
+    if n <= 0:
+        return None
+    if nan or (pinf and ninf) or total is None:
+        return math.nan
+    if pinf:
+        return math.inf
+    if ninf:
+        return -math.inf
+    return total / n
+
+
+# What a stored record's figure is, in SQL over ``json_each``: non-finite ones are spelled as strings.
+_NUMBER = "CASE WHEN type IN ('real', 'integer') THEN value WHEN value = 'Infinity' THEN 9e999 WHEN value = '-Infinity' THEN -9e999 END"
+_RECORD_FIGURES = f"""
+    SELECT s.job_id, s.rank, s.step, e.key AS name, e.value AS value, e.type AS type
+        FROM steps AS s, json_each(s.body) AS e WHERE e.key IN {STEP_NAMES!r} AND e.type != 'null'
+    UNION ALL
+    SELECT s.job_id, s.rank, s.step, '{SCALAR_PREFIX}' || e.key, e.value, e.type
+        FROM steps AS s, json_each(s.body, '$.scalars') AS e WHERE e.type != 'null'
+    UNION ALL
+    SELECT r.job_id, r.rank, r.step, e.key, e.value, e.type
+        FROM rounds AS r, json_each(r.body) AS e WHERE e.key IN {ROUND_NAMES!r} AND e.type != 'null'
+"""
+
+
+def backfill(conn: sqlite3.Connection) -> None:
+    """Roll up the records a file already holds (all of them: run once, on an empty ``rollups``)."""
+    conn.execute(f"CREATE TEMP TABLE figures AS {_RECORD_FIGURES}")
+    conn.execute("INSERT OR IGNORE INTO series (job_id, name) SELECT DISTINCT job_id, name FROM figures")
+    conn.execute(
+        f"""INSERT INTO rollups
+        SELECT se.id, {FINEST_LEVEL}, f.step >> {FINEST_LEVEL}, f.rank, COUNT(*),
+            SUM(f.value = 'NaN' AND f.type = 'text'), SUM(f.value = 'Infinity' AND f.type = 'text'),
+            SUM(f.value = '-Infinity' AND f.type = 'text'),
+            MIN({_NUMBER}), MAX({_NUMBER}), TOTAL(CASE WHEN f.type IN ('real', 'integer') THEN f.value END)
+        FROM figures AS f JOIN series AS se ON se.job_id = f.job_id AND se.name = f.name
+        GROUP BY se.id, f.step >> {FINEST_LEVEL}, f.rank"""
+    )
+    conn.execute("DROP TABLE figures")
+    for level in LEVELS[1:]:
+        shift = level - FINEST_LEVEL
+        conn.execute(
+            f"""INSERT INTO rollups
+            SELECT series, {level}, bucket >> {shift}, rank, SUM(n), SUM(nan), SUM(pinf), SUM(ninf), MIN(lo), MAX(hi),
+                SUM(total)
+            FROM rollups WHERE level = {FINEST_LEVEL} GROUP BY series, bucket >> {shift}, rank"""
+        )

@@ -1,0 +1,249 @@
+"""Rollups and the series they serve, checked against the records themselves (real SQLite, the
+store's writer process): any range and resolution, records sent twice or run again, non-finite
+figures, retention, and a file from before the rollups."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sqlite3
+import statistics
+import time
+
+import pytest
+
+from avgctl.protocol import AveragerConfig, ControlView, Hello, MetricsBatch, RoundRecord, StepRecord
+from avgctl.server import store as st
+from avgctl.server.records import encode, received
+from avgctl.server.store import history, rollup, schema
+
+JOB = "rollups"
+RANKS = 3
+
+
+def _hello(rank: int, job: str = JOB) -> Hello:
+    return Hello(
+        job_id=job,
+        rank=rank,
+        world_size=RANKS,
+        host="h",
+        pid=rank + 1,
+        job_secret="rollups-job-secret-0",
+        config=AveragerConfig(kind="periodic", period=4, warmup_steps=0),
+        control=ControlView(period=4, warmup_steps=0),
+    )
+
+
+def _loss(rank: int, step: int, seed: int = 0) -> float:
+    return random.Random(hash((rank, step, seed))).uniform(0.0, 10.0)
+
+
+def _round(step: int, divergence: float) -> RoundRecord:
+    return RoundRecord(
+        step=step,
+        group_size=RANKS,
+        divergence=divergence,
+        relative_divergence=divergence / 10,
+        divergence_mean=divergence,
+        divergence_max=divergence,
+        relative_mean=0.0,
+        relative_max=0.0,
+        seconds=0.0,
+        bytes=8,
+        exact=True,
+    )
+
+
+def _batch(rank: int, steps: range, seed: int = 0, special: dict[int, float] | None = None):
+    special = special or {}
+    records = [
+        StepRecord(step=s, time=0.0, loss=special.get(s, _loss(rank, s, seed)), scalars={"acc": s / 100}) for s in steps
+    ]
+    rounds = [_round(s, _loss(rank, s, seed + 1)) for s in steps if s % 4 == 0]
+    return encode(received(MetricsBatch(steps=records, rounds=rounds)))
+
+
+def _write(store, rank: int, steps: range, chunk: int = 37, **options) -> None:
+    for start in range(steps.start, steps.stop, chunk):
+        store.add_metrics(JOB, rank, _batch(rank, range(start, min(start + chunk, steps.stop)), **options))
+    store.submit(lambda c: None).result()  # queued after those batches: they are committed
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = st.Store(str(tmp_path / "r.db"))
+    s.start()
+    for rank in range(RANKS):
+        s.submit(lambda c, r=rank: st.hello(c, _hello(r), time.time())).result()
+    yield s
+    s.close()
+
+
+def _series(store, name: str, **query) -> dict:
+    return json.loads(store.series_json(JOB, history.SeriesQuery(name, **query)))
+
+
+def _expected(values: dict[tuple[int, int], float], first: int, last: int, bucket: int) -> dict[str, dict]:
+    """What the answer must hold, computed from every value: {rank: {min, mean, max}}."""
+    out: dict[str, dict] = {}
+    for rank in sorted({r for r, _ in values}):
+        start, end = first // bucket, last // bucket
+        cells = {}
+        for (r, step), value in values.items():  # whole buckets: the range widened to them
+            if r == rank and start * bucket <= step < (end + 1) * bucket:
+                cells.setdefault(step // bucket, []).append(value)
+        out[str(rank)] = {
+            key: [fn(cells[b]) if b in cells else None for b in range(start, end + 1)]
+            for key, fn in (("min", min), ("mean", statistics.fmean), ("max", max))
+        }
+    return out
+
+
+def _close(answer: dict, expected: dict) -> None:
+    for rank, figures in expected.items():
+        for key, values in figures.items():
+            got = answer["ranks"][rank][key]
+            assert got == pytest.approx(values, rel=1e-12), (rank, key)
+
+
+def test_any_range_and_resolution_equals_the_records(store):
+    for rank in range(RANKS):
+        _write(store, rank, range(0, 3000))
+    losses = {(r, s): _loss(r, s) for r in range(RANKS) for s in range(3000)}
+    for first, last, points in (
+        (0, 2999, 600),
+        (0, 2999, 10),
+        (17, 1234, 50),
+        (100, 355, 600),
+        (5, 5, 1),
+        (0, 2999, 3),
+    ):
+        answer = _series(store, "loss", from_step=first, to_step=last, points=points)
+        bucket = answer["bucket_steps"]
+        assert bucket & (bucket - 1) == 0 and len(answer["steps"]) <= points
+        assert answer["steps"] == [b * bucket for b in range(first // bucket, last // bucket + 1)]
+        assert answer["from_step"] == answer["steps"][0] and answer["to_step"] == answer["steps"][-1] + bucket - 1
+        assert bucket == 1 or (last // (bucket // 2) - first // (bucket // 2) + 1) > points, "the finest that fits"
+        _close(answer, _expected(losses, first, last, bucket))
+        means = [answer["ranks"][str(r)]["mean"] for r in range(RANKS)]
+        for i, column in enumerate(zip(*means)):
+            assert answer["group"]["median"][i] == pytest.approx(statistics.median(column))
+            assert answer["group"]["min"][i] == min(column) and answer["group"]["max"][i] == max(column)
+    # Per-round figures and the user's scalars roll up the same way.
+    divergence = {(r, s): _loss(r, s, 1) for r in range(RANKS) for s in range(0, 3000, 4)}
+    answer = _series(store, "divergence", points=40)
+    _close(answer, _expected(divergence, 0, 2999, answer["bucket_steps"]))
+    answer = _series(store, "scalars.acc", points=40, ranks=[1])
+    assert list(answer["ranks"]) == ["1"]
+    _close(answer, _expected({(1, s): s / 100 for s in range(3000)}, 0, 2999, answer["bucket_steps"]))
+
+
+def test_a_whole_run_query_reads_rollups_not_records(store):
+    for rank in range(RANKS):
+        _write(store, rank, range(0, 5000), chunk=500)
+    store.submit(lambda c: c.execute("DELETE FROM steps")).result()  # the records gone: rollups remain
+    answer = _series(store, "loss", points=100)
+    assert answer["bucket_steps"] == 64
+    _close(answer, _expected({(r, s): _loss(r, s) for r in range(RANKS) for s in range(5000)}, 0, 4999, 64))
+
+
+def test_records_sent_again_count_once_and_steps_run_again_replace(store):
+    _write(store, 0, range(0, 200))
+    _write(store, 0, range(0, 200))  # a link sending what it could not learn was stored
+    # In one transaction too: the same batch twice in a row, before any commit.
+    again = _batch(0, range(40, 60))
+    store.add_metrics(JOB, 0, again)
+    store.add_metrics(JOB, 0, again)
+    _write(store, 0, range(100, 150), seed=7)  # a restore from a checkpoint: steps 100-149 run again
+    values = {(0, s): _loss(0, s, 7 if 100 <= s < 150 else 0) for s in range(200)}
+    answer = _series(store, "loss", from_step=0, to_step=199, points=4, ranks=[0])
+    assert answer["bucket_steps"] == 64
+    expected = _expected(values, 0, 199, 64)["0"]
+    assert answer["ranks"]["0"]["mean"] == pytest.approx(expected["mean"], rel=1e-12)
+    counted = store._readers.connection().execute(
+        "SELECT SUM(n) FROM rollups JOIN series ON series.id = rollups.series WHERE name = 'loss' AND level = 4"
+    )
+    assert counted.fetchone()[0] == 200
+
+
+def test_non_finite_figures_are_data(store):
+    special = {3: math.nan, 20: math.inf, 40: -math.inf, 41: math.inf}
+    _write(store, 0, range(0, 64), special=special)
+    answer = _series(store, "loss", from_step=0, to_step=63, points=4, ranks=[0])
+    figures = answer["ranks"]["0"]
+    assert figures["mean"][0] == "NaN"  # a NaN in the bucket (spelled as the protocol does)
+    assert figures["mean"][1] == "Infinity" and figures["max"][1] == "Infinity"
+    assert figures["mean"][2] == "NaN" and figures["min"][2] == "-Infinity"  # +inf and -inf
+    assert figures["mean"][3] == pytest.approx(statistics.fmean(_loss(0, s) for s in range(48, 64)))
+    assert figures["min"][0] == min(_loss(0, s) for s in range(16) if s != 3)  # extremes skip NaN
+    assert answer["group"]["median"][:3] == ["NaN", "Infinity", "NaN"]
+    text = store.series_json(JOB, history.SeriesQuery("loss", from_step=0, to_step=63, points=4, ranks=[0]))
+    json.loads(text, parse_constant=lambda token: pytest.fail(f"bare {token}: not JSON"))
+
+
+def test_retention_thins_records_not_rollups(tmp_path):
+    s = st.Store(str(tmp_path / "t.db"), retention_steps=100, history_records=20, prune_interval=3600)
+    s.start()
+    try:
+        s.submit(lambda c: st.hello(c, _hello(0), time.time())).result()
+        _write(s, 0, range(0, 4000), chunk=400)
+        assert s.prune().result() > 3000
+        answer = json.loads(s.series_json(JOB, history.SeriesQuery("loss", points=50)))
+        _close(answer, _expected({(0, s): _loss(0, s) for s in range(4000)}, 0, 3999, answer["bucket_steps"]))
+        # Buckets finer than the rollups' come from records only where they are all kept.
+        old = json.loads(s.series_json(JOB, history.SeriesQuery("loss", from_step=0, to_step=99, points=100)))
+        assert old["bucket_steps"] == 2**rollup.FINEST_LEVEL
+        recent = json.loads(s.series_json(JOB, history.SeriesQuery("loss", from_step=3950, to_step=3999, points=100)))
+        assert recent["bucket_steps"] == 1
+        assert recent["ranks"]["0"]["mean"] == [_loss(0, s) for s in range(3950, 4000)]
+    finally:
+        s.close()
+
+
+def test_bad_queries_are_refused_with_a_reason(store):
+    _write(store, 0, range(0, 10))
+    cases = [
+        (history.SeriesQuery("los"), "unknown series"),
+        (history.SeriesQuery("scalars."), "unknown series"),
+        (history.SeriesQuery("scalars.never"), "has recorded no"),
+        (history.SeriesQuery("loss", points=0), "points must be"),
+        (history.SeriesQuery("loss", points=5001), "points must be"),
+        (history.SeriesQuery("loss", from_step=10, to_step=5), "before from_step"),
+        (history.SeriesQuery("loss", points=5000, from_step=0, to_step=2**62, ranks=list(range(500))), "fewer points"),
+    ]
+    for query, reason in cases:
+        with pytest.raises(history.BadQuery, match=reason):
+            store.series_json(JOB, query)
+    assert store.series_json("no-such-job", history.SeriesQuery("loss")) is None
+    # A huge range is cheap: the bucket grows with it (rows read stay about points x ranks).
+    answer = json.loads(store.series_json(JOB, history.SeriesQuery("loss", from_step=0, to_step=2**62)))
+    assert len(answer["steps"]) <= 600 and answer["ranks"]["0"]["mean"][0] == pytest.approx(
+        statistics.fmean(_loss(0, s) for s in range(10))
+    )
+
+
+def test_a_file_from_before_the_rollups_is_rolled_up_once(tmp_path):
+    path = str(tmp_path / "v5.db")
+    s = st.Store(path)
+    s.start()
+    try:
+        s.submit(lambda c: st.hello(c, _hello(0), time.time())).result()
+        _write(s, 0, range(0, 700), special={5: math.nan, 6: -math.inf})
+        before = s.series_json(JOB, history.SeriesQuery("loss", points=20))
+        before_divergence = s.series_json(JOB, history.SeriesQuery("divergence", points=20))
+    finally:
+        s.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE rollups")
+    conn.execute("DROP TABLE series")
+    conn.execute(f"PRAGMA user_version = {schema.LATEST - 1}")
+    conn.commit()
+    conn.close()
+    s = st.Store(path)
+    s.start()
+    try:
+        assert s.series_json(JOB, history.SeriesQuery("loss", points=20)) == before
+        assert s.series_json(JOB, history.SeriesQuery("divergence", points=20)) == before_divergence
+    finally:
+        s.close()
