@@ -142,6 +142,9 @@ def build(path: str, ranks: int, steps: int, keep: int) -> None:
         elapsed = time.perf_counter() - started
         print(f"\r  building: {done:6.1%}, {elapsed:.0f} s", end="", flush=True)
     print()
+    # Everything into the main file before it is renamed (a WAL left beside the old name is lost).
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("PRAGMA journal_mode=DELETE")
     conn.close()
 
 
