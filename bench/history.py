@@ -31,10 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from avgctl.protocol import AveragerConfig, ControlView, Hello  # noqa: E402
+from avgctl.protocol import Hello  # noqa: E402
 from avgctl.server import store as st  # noqa: E402
 from avgctl.server.records import EncodedBatch  # noqa: E402
 from avgctl.server.store import history, process, rollup  # noqa: E402
+from tests.support.frames import hello  # noqa: E402
 
 JOB = "history-bench"
 PERIOD = 8
@@ -42,16 +43,7 @@ BATCH_STEPS = 10
 
 
 def _hello(rank: int, ranks: int) -> Hello:
-    return Hello(
-        job_id=JOB,
-        rank=rank,
-        world_size=ranks,
-        host="bench",
-        pid=rank + 1,
-        job_secret="history-bench-secret-0",
-        config=AveragerConfig(kind="periodic", period=PERIOD, warmup_steps=0),
-        control=ControlView(period=PERIOD, warmup_steps=0),
-    )
+    return Hello.model_validate_json(hello(job_id=JOB, rank=rank, world_size=ranks))
 
 
 def _figures(rank: int, step: int, rng: random.Random) -> tuple[float, float, float]:

@@ -13,26 +13,18 @@ import time
 
 import pytest
 
-from avgctl.protocol import AveragerConfig, ControlView, Hello, MetricsBatch, RoundRecord, StepRecord
+from avgctl.protocol import Hello, MetricsBatch, RoundRecord, StepRecord
 from avgctl.server import store as st
 from avgctl.server.records import encode, received
 from avgctl.server.store import history, rollup, schema
+from tests.support.frames import hello, uniform_round
 
 JOB = "rollups"
 RANKS = 3
 
 
-def _hello(rank: int, job: str = JOB) -> Hello:
-    return Hello(
-        job_id=job,
-        rank=rank,
-        world_size=RANKS,
-        host="h",
-        pid=rank + 1,
-        job_secret="rollups-job-secret-0",
-        config=AveragerConfig(kind="periodic", period=4, warmup_steps=0),
-        control=ControlView(period=4, warmup_steps=0),
-    )
+def _hello(rank: int) -> Hello:
+    return Hello.model_validate_json(hello(job_id=JOB, rank=rank, world_size=RANKS))
 
 
 def _loss(rank: int, step: int, seed: int = 0) -> float:
@@ -40,19 +32,8 @@ def _loss(rank: int, step: int, seed: int = 0) -> float:
 
 
 def _round(step: int, divergence: float) -> RoundRecord:
-    return RoundRecord(
-        step=step,
-        group_size=RANKS,
-        divergence=divergence,
-        relative_divergence=divergence / 10,
-        divergence_mean=divergence,
-        divergence_max=divergence,
-        relative_mean=0.0,
-        relative_max=0.0,
-        seconds=0.0,
-        bytes=8,
-        exact=True,
-    )
+    record = uniform_round(step, divergence, group_size=RANKS)
+    return record.model_copy(update={"relative_divergence": divergence / 10})
 
 
 def _batch(rank: int, steps: range, seed: int = 0, special: dict[int, float] | None = None):

@@ -4,27 +4,13 @@ answers as the contract spells them, 4xx with a reason for bad input, the read t
 from __future__ import annotations
 
 from avgctl.protocol import MetricsBatch, RoundRecord
-from tests.support.frames import batch, hello
+from tests.support.frames import batch, hello, uniform_round
 from tests.support.polling import wait_for
 from tests.support.servers import READ, WORKER, auth
 
 
 def _round(step: int, layers: list[tuple[str, float]], total: int | None) -> RoundRecord:
-    return RoundRecord(
-        step=step,
-        group_size=2,
-        divergence=0.1,
-        relative_divergence=0.01,
-        divergence_mean=0.1,
-        divergence_max=0.1,
-        relative_mean=0.01,
-        relative_max=0.01,
-        seconds=0.0,
-        bytes=8,
-        exact=True,
-        top_layers=layers,
-        layers_total=total,
-    )
+    return uniform_round(step, 0.01, group_size=2).model_copy(update={"top_layers": layers, "layers_total": total})
 
 
 def _job_with_records(client) -> None:
