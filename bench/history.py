@@ -99,8 +99,11 @@ def storage(path: str, ranks: int, steps: int) -> tuple[int, int, float]:
     return records, rollups, seconds
 
 
-def build(path: str, ranks: int, steps: int, keep: int) -> None:
-    """A job of ``ranks`` x ``steps``: rollups for every step, records for the last ``keep``."""
+def build(final_path: str, ranks: int, steps: int, keep: int) -> None:
+    """A job of ``ranks`` x ``steps`` at ``final_path``: rollups for every step, records for the
+    last ``keep``. Built under a name of this process's own and renamed when complete, so two
+    builders at once cost time, never a file."""
+    path = f"{final_path}.{os.getpid()}.part"
     store = st.Store(path)
     store.start()  # the schema, the job and its ranks
     try:
@@ -138,6 +141,7 @@ def build(path: str, ranks: int, steps: int, keep: int) -> None:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.execute("PRAGMA journal_mode=DELETE")
     conn.close()
+    os.replace(path, final_path)
 
 
 def timed(store: st.Store, query: history.SeriesQuery, repeats: int = 5) -> tuple[float, int, int]:
@@ -174,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     path = os.path.join(args.cache, f"r{args.ranks}-s{args.steps}-k{args.keep}-v{len(rollup.LEVELS)}.db")
     if not os.path.exists(path):
         print(f"building {path} ({args.ranks} ranks x {args.steps} steps)")
-        build(path + ".part", args.ranks, args.steps, args.keep)
-        os.replace(path + ".part", path)
+        build(path, args.ranks, args.steps, args.keep)
     store = st.Store(path)
     store.start()
     try:
