@@ -206,7 +206,7 @@ class Store:
             if not _job_exists(conn, job_id):
                 return None
             full_from = {} if self.retention is None else self.retention.full_resolution_from(conn, job_id)
-            return history.answer_json(history.series(conn, job_id, query, full_from))
+            return history.series(conn, job_id, query, full_from)
 
     def layers(self, job_id: str, first: int | None, last: int | None, points: int, rank: int) -> dict | None:
         """Layers' shares of the divergence per round (``history.layers``); None for no such job."""

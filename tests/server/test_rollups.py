@@ -240,3 +240,11 @@ def _approx(answer: dict) -> dict:
         "ranks": {r: {k: figures(v) for k, v in f.items()} for r, f in answer["ranks"].items()},
         "group": {k: figures(v) for k, v in answer["group"].items()},
     }
+
+
+def test_figures_whose_sum_overflows_are_still_spelled(store):
+    _write(store, 0, range(0, 32), special={s: 1e308 for s in range(32)})
+    for points in (2, 32):  # from the rollups, and from the records
+        text = store.series_json(JOB, history.SeriesQuery("loss", from_step=0, to_step=31, points=points, ranks=[0]))
+        means = json.loads(text)["ranks"]["0"]["mean"]
+        assert means[0] in ("Infinity", 1e308), text  # never null, which would read as "no record"
