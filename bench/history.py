@@ -117,18 +117,18 @@ def build(final_path: str, ranks: int, steps: int, keep: int) -> None:
     started = time.perf_counter()
     for first in range(0, steps, chunk):
         last = min(first + chunk, steps)
-        added, records = [], []
+        added, rounds, records = [], [], []
         for rank in range(ranks):
             for step in range(first, last):
                 loss, drift, seconds = _figures(rank, step, rng)
-                added.append((JOB, rank, step, [("loss", loss), ("drift", drift), ("step_time", seconds)]))
+                added.append((JOB, rank, step, (loss, drift, seconds, None)))
                 if step >= steps - keep:
                     records += (JOB, rank, step, f'{{"step":{step},"time":0.0,"loss":{loss!r},"drift":{drift!r}}}')
             for step in range(first + (-first % PERIOD), last, PERIOD):
                 d = 0.1 * rng.random()
-                added.append((JOB, rank, step, [("divergence", d), ("relative_divergence", d / 10)]))
+                rounds.append((JOB, rank, step, (d, d / 10)))
         conn.execute("BEGIN")
-        rollup.write(conn, rollup.fold(added))
+        rollup.write(conn, rollup.fold(added, rounds), process._in_chunks)
         process._insert_rows(conn, "steps", ("job_id", "rank", "step", "body"), records)
         conn.execute("UPDATE jobs SET step = ? WHERE id = ?", (last - 1, JOB))
         conn.execute("UPDATE ranks SET step = ? WHERE job_id = ?", (last - 1, JOB))

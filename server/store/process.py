@@ -123,10 +123,10 @@ def metric_rows(entries: list[Entry]) -> MetricRows:
         step_values, round_values = entry[10:]
         for (step, body), values in zip(batch_steps, step_values, strict=True):
             steps += (job_id, rank, step, body)
-            step_figures.append((job_id, rank, step, rollup.step_figures(step, *values)))
+            step_figures.append((job_id, rank, step, values))
         for (step, size, body), values in zip(batch_rounds, round_values, strict=True):
             rounds += (job_id, rank, step, size, body)
-            round_figures.append((job_id, rank, step, list(zip(rollup.ROUND_NAMES, values))))
+            round_figures.append((job_id, rank, step, values))
         events.extend((job_id, rank, step, body) for step, body in batch_events)
         if control is not None:
             controls.append((job_id, *control, now))
@@ -168,7 +168,7 @@ def write_rows(conn: sqlite3.Connection, rows: MetricRows) -> None:
     replaced_rounds = _insert_rows(conn, "rounds", _ROUND_COLUMNS, rows.rounds)
     added, removed = _changes(rows.step_figures, rows.steps, len(_STEP_COLUMNS), replaced_steps, _old_step_figures)
     more, fewer = _changes(rows.round_figures, rows.rounds, len(_ROUND_COLUMNS), replaced_rounds, _old_round_figures)
-    rollup.write(conn, rollup.fold(added + more, removed + fewer))
+    rollup.write(conn, rollup.fold(added, more, removed, fewer), _in_chunks)
     _in_chunks(conn, _progress_sql, rows.progress, 5)
     conn.executemany(
         "UPDATE jobs SET step = MAX(step, COALESCE(?, step)), last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?",
@@ -234,7 +234,7 @@ def _changes(
     values: list,
     width: int,
     replaced: dict[int, str],
-    old_figures: Callable[[str], list[tuple[str, float]]],
+    old_figures: Callable[[str], tuple],
 ) -> tuple[list[rollup.Figures], list[rollup.Figures]]:
     """What the rollups gain and lose from rows written with ``figures``, ``replaced`` as
     ``_insert_rows`` says: a row sent again with the same body changes nothing, one with another
@@ -257,16 +257,16 @@ def _number(value) -> float:
     return float(value)  # float() reads "NaN", "Infinity" and "-Infinity" too
 
 
-def _old_step_figures(body: str) -> list[tuple[str, float]]:
+def _old_step_figures(body: str) -> tuple:
     record = json.loads(body)
     values = [None if record.get(name) is None else _number(record[name]) for name in rollup.STEP_NAMES]
     scalars = {name: _number(value) for name, value in (record.get("scalars") or {}).items()}
-    return rollup.step_figures(record["step"], *values, scalars)
+    return (*values, scalars or None)
 
 
-def _old_round_figures(body: str) -> list[tuple[str, float]]:
+def _old_round_figures(body: str) -> tuple:
     record = json.loads(body)
-    return [(name, _number(record[name])) for name in rollup.ROUND_NAMES]
+    return tuple(_number(record[name]) for name in rollup.ROUND_NAMES)
 
 
 def _in_chunks(conn: sqlite3.Connection, sql_for: Callable[[int], str], values: list, width: int) -> None:

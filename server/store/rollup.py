@@ -20,9 +20,10 @@ Only the standard library is imported: the writer process loads this file beside
 
 from __future__ import annotations
 
+import functools
 import math
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 FINEST_LEVEL = 4  # buckets of 16 steps: below, the records themselves are read
 LEVEL_STRIDE = 2  # every second power of two is stored
@@ -48,18 +49,11 @@ TABLES = (
     ) WITHOUT ROWID""",
 )
 
-# One record's figures: (job_id, rank, step, [(name, value), ...]).
-Figures = tuple[str, int, int, list[tuple[str, float]]]
+# A record's figures: (job_id, rank, step, values), the values a step's ``(loss, drift, step_time,
+# scalars or None)`` or a round's ``(divergence, relative divergence)`` (None: not recorded).
+Figures = tuple[str, int, int, tuple]
 # A bucket's counts: [n, nan, pinf, ninf, lo, hi, total].
 Counts = list
-
-
-def step_figures(step: int, loss, drift, step_time, scalars: dict | None) -> list[tuple[str, float]]:
-    """A step record's figures as the rollups take them (None: not recorded)."""
-    figures = [(name, value) for name, value in zip(STEP_NAMES, (loss, drift, step_time)) if value is not None]
-    if scalars:
-        figures += [(SCALAR_PREFIX + name, value) for name, value in scalars.items()]
-    return figures
 
 
 def empty() -> Counts:
@@ -92,38 +86,94 @@ def merge(into: Counts, other: Counts) -> None:
     into[6] += other[6]
 
 
-def fold(added: Iterable[Figures], removed: Iterable[Figures] = ()) -> dict[tuple, Counts]:
-    """The rollup rows ``added`` (and, taken out, ``removed``) change: ``{(job_id, name, rank,
-    level, bucket): counts}``. Each record is folded at the finest level; coarser buckets are
-    merged from those, so the cost per record does not grow with the levels."""
+def fold(
+    steps: Iterable[Figures],
+    rounds: Iterable[Figures] = (),
+    removed_steps: Iterable[Figures] = (),
+    removed_rounds: Iterable[Figures] = (),
+) -> dict[tuple, Counts]:
+    """The rollup rows records change: ``{(job_id, name, rank, level, bucket): counts}``; the
+    ``removed`` ones are taken out again.
+
+    Records are grouped by finest bucket first and each figure's column reduced with builtins
+    (``min``, ``max``, ``sum``: C loops), value by value only where a column holds a None or a
+    non-finite figure. The coarser buckets are merged level by level from the finest, and a
+    bucket that holds the same records as the one below shares its counts, so the cost per record
+    does not grow with the levels.
+    """
     finest: dict[tuple, Counts] = {}
-    for records, sign in ((added, 1), (removed, -1)):
-        for job_id, rank, step, figures in records:
-            bucket = step >> FINEST_LEVEL
-            for name, value in figures:
-                key = (job_id, name, rank, bucket)
-                counts = finest.get(key)
-                if counts is None:
-                    counts = finest[key] = empty()
-                add(counts, value, sign)
-    rows: dict[tuple, Counts] = {}
-    for (job_id, name, rank, bucket), counts in finest.items():
-        rows[(job_id, name, rank, FINEST_LEVEL, bucket)] = counts
-        for level in LEVELS[1:]:
-            key = (job_id, name, rank, level, bucket >> (level - FINEST_LEVEL))
-            merged = rows.get(key)
-            if merged is None:
-                rows[key] = list(counts)
+    for records, names, sign in (
+        (steps, STEP_NAMES, 1),
+        (rounds, ROUND_NAMES, 1),
+        (removed_steps, STEP_NAMES, -1),
+        (removed_rounds, ROUND_NAMES, -1),
+    ):
+        groups: dict[tuple, list[tuple]] = {}
+        for job_id, rank, step, values in records:
+            group = groups.get((job_id, rank, step >> FINEST_LEVEL))
+            if group is None:
+                groups[(job_id, rank, step >> FINEST_LEVEL)] = [values]
             else:
-                merge(merged, counts)
+                group.append(values)
+        for (job_id, rank, bucket), group in groups.items():
+            for i, name in enumerate(names):
+                _fold_column(finest, (job_id, name, rank, bucket), [values[i] for values in group], sign)
+            if len(names) < len(group[0]):  # a step's scalars, after its figures
+                for values in group:
+                    for name, value in (values[-1] or {}).items():
+                        _fold_column(finest, (job_id, SCALAR_PREFIX + name, rank, bucket), [value], sign)
+    series: dict[tuple, dict[int, Counts]] = {}
+    for (job_id, name, rank, bucket), counts in finest.items():
+        series.setdefault((job_id, name, rank), {})[bucket] = counts
+    rows: dict[tuple, Counts] = {}
+    for (job_id, name, rank), at_level in series.items():
+        for level in LEVELS:
+            if level > FINEST_LEVEL and len(at_level) > 1:  # the buckets that fall together merged
+                coarser: dict[int, list[Counts]] = {}
+                for bucket, counts in at_level.items():
+                    coarser.setdefault(bucket >> LEVEL_STRIDE, []).append(counts)
+                at_level = {bucket: _merged(parts) for bucket, parts in coarser.items()}
+            elif level > FINEST_LEVEL:  # one bucket: the same counts at every level, shared
+                ((bucket, counts),) = at_level.items()
+                at_level = {bucket >> LEVEL_STRIDE: counts}
+            for bucket, counts in at_level.items():
+                rows[(job_id, name, rank, level, bucket)] = counts
     return rows
+
+
+def _merged(parts: list[Counts]) -> Counts:
+    if len(parts) == 1:
+        return parts[0]
+    into = list(parts[0])
+    for counts in parts[1:]:
+        merge(into, counts)
+    return into
+
+
+def _fold_column(finest: dict[tuple, Counts], key: tuple, column: list, sign: int) -> None:
+    """Fold one series' values of one finest bucket into ``finest[key]``."""
+    if None in column:
+        column = [value for value in column if value is not None]
+        if not column:
+            return
+    total = sum(column)
+    if sign == 1 and total - total == 0.0:  # nearly always: finite figures coming in
+        counts = [len(column), 0, 0, 0, min(column), max(column), total]
+        if key in finest:
+            merge(finest[key], counts)
+        else:
+            finest[key] = counts
+        return
+    counts = finest.get(key)
+    if counts is None:
+        counts = finest[key] = empty()
+    for value in column:
+        add(counts, value, sign)
 
 
 def series_ids(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
     """The ids of the ``(job_id, name)`` series, numbering the new ones."""
     wanted = set(keys)
-    if not wanted:
-        return {}
     conn.executemany("INSERT OR IGNORE INTO series (job_id, name) VALUES (?, ?)", sorted(wanted))
     jobs = sorted({job for job, _ in wanted})
     marks = ", ".join("?" * len(jobs))
@@ -131,25 +181,32 @@ def series_ids(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> dic
     return {(job, name): sid for job, name, sid in found if (job, name) in wanted}
 
 
-UPSERT = (
-    "INSERT INTO rollups (series, level, bucket, rank, n, nan, pinf, ninf, lo, hi, total)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (series, level, bucket, rank) DO UPDATE SET"
-    " n = n + excluded.n, nan = nan + excluded.nan, pinf = pinf + excluded.pinf, ninf = ninf + excluded.ninf,"
-    " lo = COALESCE(MIN(lo, excluded.lo), lo, excluded.lo), hi = COALESCE(MAX(hi, excluded.hi), hi, excluded.hi),"
-    " total = total + excluded.total"
-)
+@functools.lru_cache(maxsize=32)
+def _upsert_sql(count: int) -> str:
+    """Add ``count`` rows' counts to the stored ones (a row that is new is inserted)."""
+    rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count)
+    return (
+        f"INSERT INTO rollups (series, level, bucket, rank, n, nan, pinf, ninf, lo, hi, total) VALUES {rows}"
+        " ON CONFLICT (series, level, bucket, rank) DO UPDATE SET"
+        " n = n + excluded.n, nan = nan + excluded.nan, pinf = pinf + excluded.pinf, ninf = ninf + excluded.ninf,"
+        " lo = COALESCE(MIN(lo, excluded.lo), lo, excluded.lo), hi = COALESCE(MAX(hi, excluded.hi), hi, excluded.hi),"
+        " total = total + excluded.total"
+    )
 
 
-def write(conn: sqlite3.Connection, rows: dict[tuple, Counts]) -> None:
-    """Add ``fold``'s rows to the stored ones, inside the caller's transaction."""
+UPSERT_WIDTH = 11
+
+
+def write(conn: sqlite3.Connection, rows: dict[tuple, Counts], in_chunks: Callable) -> None:
+    """Add ``fold``'s rows to the stored ones, inside the caller's transaction; ``in_chunks`` runs
+    a multi-row statement over flat values (the writer's ``_in_chunks``)."""
     if not rows:
         return
-    ids = series_ids(conn, ((job, name) for job, name, *_ in rows))
-    conn.executemany(
-        UPSERT,
-        [(ids[job, name], level, bucket, rank, *counts) for (job, name, rank, level, bucket), counts in rows.items()],
-    )
+    ids = series_ids(conn, {(job, name) for job, name, *_ in rows})
+    values: list = []
+    for (job, name, rank, level, bucket), counts in rows.items():
+        values += (ids[job, name], level, bucket, rank, *counts)
+    in_chunks(conn, _upsert_sql, values, UPSERT_WIDTH)
 
 
 def mean(n: int, nan: int, pinf: int, ninf: int, total: float | None) -> float | None:
