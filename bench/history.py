@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 from avgctl.protocol import Hello  # noqa: E402
 from avgctl.server import store as st  # noqa: E402
 from avgctl.server.records import EncodedBatch  # noqa: E402
-from avgctl.server.store import history, process, rollup  # noqa: E402
+from avgctl.server.store import history, process, rollup, schema, writes  # noqa: E402
 from tests.support.frames import hello  # noqa: E402
 
 JOB = "history-bench"
@@ -52,10 +52,10 @@ def _figures(rank: int, step: int, rng: random.Random) -> tuple[float, float, fl
     return loss, 0.01 * (step % PERIOD) * (1 + rng.random()), 0.05 + 0.01 * rng.random()
 
 
-def _batch(rank: int, first: int, rng: random.Random) -> EncodedBatch:
+def _batch(rank: int, first: int, rng: random.Random, size: int = BATCH_STEPS) -> EncodedBatch:
     """A batch as ``records.encode`` makes it (the texts as msgspec writes them)."""
     steps, values, rounds, round_values = [], [], [], []
-    for step in range(first, first + BATCH_STEPS):
+    for step in range(first, first + size):
         loss, drift, seconds = _figures(rank, step, rng)
         text = f'{{"step":{step},"time":{1e9 + step},"step_time":{seconds!r},"drift":{drift!r},"loss":{loss!r},"scalars":{{}}}}'
         steps.append((step, text))
@@ -64,7 +64,7 @@ def _batch(rank: int, first: int, rng: random.Random) -> EncodedBatch:
             d = 0.1 * rng.random()
             rounds.append((step, 1, _round_text(step, d)))
             round_values.append((d, d / 10))
-    return EncodedBatch(steps, rounds, [], 0, first + BATCH_STEPS - 1, None, values, round_values)
+    return EncodedBatch(steps, rounds, [], 0, first + size - 1, None, values, round_values)
 
 
 def _round_text(step: int, d: float) -> str:
@@ -97,6 +97,41 @@ def storage(path: str, ranks: int, steps: int) -> tuple[int, int, float]:
     records = sizes.get("steps", 0) + sizes.get("rounds", 0)
     rollups = sizes.get("rollups", 0) + sizes.get("series", 0) + sizes.get("sqlite_autoindex_series_1", 0)
     return records, rollups, seconds
+
+
+def writer_cost(tmp: str, commits: int = 60) -> tuple[float, float]:
+    """The writer process's time per batch (``metric_rows`` + ``write_rows`` in one transaction)
+    for commits of 256 batches (64 ranks x 4, 5 steps each, as an ingest flood groups them), with
+    the rollups and without them (``rollup.fold``/``rollup.write`` stubbed out), interleaved."""
+    fold, write = rollup.fold, rollup.write
+    times: dict[bool, list[float]] = {True: [], False: []}
+    conns = {}
+    for with_rollups in (True, False):
+        conns[with_rollups] = process.connect_writer(os.path.join(tmp, f"w{with_rollups}.db"))
+        schema.migrate(conns[with_rollups])
+    rng = random.Random(0)
+    try:
+        for commit in range(commits):
+            for with_rollups in (True, False):
+                entries = [
+                    writes.metric_entry(JOB, rank, _batch(rank, (commit * 4 + k) * BATCH_STEPS, rng, 5), 0.0)
+                    for k in range(4)
+                    for rank in range(64)
+                ]
+                if not with_rollups:
+                    rollup.fold, rollup.write = (lambda *a: {}), (lambda *a: None)
+                conn = conns[with_rollups]
+                started = time.perf_counter()
+                conn.execute("BEGIN")
+                process.write_rows(conn, process.metric_rows(entries))
+                conn.execute("COMMIT")
+                times[with_rollups].append((time.perf_counter() - started) / len(entries))
+                rollup.fold, rollup.write = fold, write
+    finally:
+        rollup.fold, rollup.write = fold, write
+        for conn in conns.values():
+            conn.close()
+    return statistics.median(times[True]), statistics.median(times[False])
 
 
 def build(final_path: str, ranks: int, steps: int, keep: int) -> None:
@@ -167,11 +202,16 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         records, rollups, seconds = storage(os.path.join(tmp, "s.db"), args.storage_ranks, args.storage_steps)
+        with_rollups, without = writer_cost(tmp)
     n = args.storage_ranks * args.storage_steps
     print(
         f"storage, {args.storage_ranks} ranks x {args.storage_steps} steps through the writer ({n / seconds:,.0f} "
         f"records/s): records {records / 2**20:.1f} MiB, rollups {rollups / 2**20:.2f} MiB = "
         f"{rollups / records:.1%} of the records (goal <= 20%)"
+    )
+    print(
+        f"writer process, per 5-step batch in commits of 256: {with_rollups * 1e6:.1f} us with rollups, "
+        f"{without * 1e6:.1f} us without ({with_rollups / without:.2f}x), interleaved commits, medians"
     )
 
     os.makedirs(args.cache, exist_ok=True)
