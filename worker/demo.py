@@ -1,9 +1,15 @@
-"""The demo task: ``torchrun --nproc-per-node N -m avgctl.worker.demo [--server URL] ...``.
+"""The demo tasks: ``torchrun --nproc-per-node N -m avgctl.worker.demo [--task gauss|lm] [--server URL] ...``.
 
-A small MLP learns a 10-class Gaussian-mixture problem generated on the spot (no downloads). The
-data is split non-IID: each rank sees mostly its own few classes, so local models pull apart between
-averaging rounds and divergence grows visibly with the period. Without ``--server`` it trains and
-prints the metrics table locally.
+Two tasks, both made on the spot (no downloads) and both split non-IID across ranks, so local models
+pull apart between averaging rounds and divergence grows visibly with the period:
+
+- ``gauss`` (the default here, for fast tests): a small MLP learns a 10-class Gaussian mixture; each
+  rank sees mostly its own few classes. Its held-out loss stops moving after a few hundred steps.
+- ``lm``: a small byte-level GPT on the Python standard library's source, each rank on its own
+  top-level packages, scored on held-out modules in bits per byte (``avgctl.worker.lm``): the
+  workload local SGD is used for, with a loss that keeps falling for thousands of steps.
+
+Without ``--server`` it trains and prints the metrics table locally.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from avgctl.protocol.flags import add_flags, from_flags
 from avgctl.worker.averagers import HierarchicalAverager, LiveAverager, PeriodicAverager
 from avgctl.worker.diloco import DiLoCoAverager
 from avgctl.worker.dist import read_env
+from avgctl.worker.lm import LmTask
 
 CLASSES = 10
 FEATURES = 32
@@ -36,6 +43,14 @@ LrSchedule = Literal["constant", "cosine"]
 LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 AveragerKind = Literal["periodic", "hierarchical", "diloco"]
 AVERAGER_KINDS: tuple[str, ...] = get_args(AveragerKind)
+TaskKind = Literal["gauss", "lm"]
+TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
+# What each task trains best with, where the person gives no --lr or --batch-size: the MLP with SGD
+# and momentum; the GPT with AdamW, whose lr is two orders of magnitude smaller.
+TASK_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "gauss": {"lr": 0.05, "batch_size": 32},
+    "lm": {"lr": 3e-3, "batch_size": 16},
+}
 
 
 def _hierarchy(text: str) -> dict[int, int]:
@@ -51,6 +66,11 @@ def _hierarchy(text: str) -> dict[int, int]:
 class DemoConfig:
     """Everything one demo run needs; built by ``main`` from flags, or by benchmarks directly."""
 
+    task: TaskKind = field(
+        default="gauss",
+        metadata={"help": "gauss (non-IID Gaussian mixture, small MLP) or lm (byte-level GPT on the stdlib's source)"},
+    )
+    """``gauss``: fast, for tests; ``lm``: a real workload (``avgctl.worker.lm``)."""
     steps: int = field(default=2000, metadata={"help": "training steps"})
     """Training steps per rank."""
     averager: AveragerKind = field(
@@ -71,8 +91,11 @@ class DemoConfig:
         metadata={"help": "hierarchical averaging, e.g. 2:4 (groups of 2 average every 4 steps)", "parse": _hierarchy},
     )
     """``{group_size: period}`` for a HierarchicalAverager; the world's period is ``period``."""
-    lr: float = field(default=0.05, metadata={"help": "(peak) learning rate"})
-    """Peak learning rate (SGD, momentum 0.9)."""
+    lr: float | None = field(
+        default=None, metadata={"help": "(peak) learning rate (default: 0.05 for gauss, SGD; 0.003 for lm, AdamW)"}
+    )
+    """Peak learning rate: SGD with momentum 0.9 for ``gauss``, AdamW for ``lm``; None: the task's
+    (``TASK_DEFAULTS``)."""
     lr_schedule: LrSchedule = field(
         default="constant", metadata={"help": "constant, or cosine decay to 0 over --steps (stable final figures)"}
     )
@@ -80,9 +103,11 @@ class DemoConfig:
     local models keep pulling apart at the same pace: good for watching divergence live. ``cosine``:
     ``lr`` decays to 0 over ``steps``, so the final figures are stable (no noise floor) and the
     divergence gathered per step falls with the lr, the regime where a longer period costs little."""
-    batch_size: int = 32
-    skew: float = field(default=0.9, metadata={"help": "share of a rank's data from its own classes"})
-    """Share of a rank's samples drawn from its own classes (0.1 would be IID for 10 classes)."""
+    batch_size: int | None = None
+    """Samples (``gauss``) or windows of bytes (``lm``) per step; None: the task's (``TASK_DEFAULTS``)."""
+    skew: float = field(default=0.9, metadata={"help": "share of a rank's data from its own classes (gauss)"})
+    """Share of a rank's samples drawn from its own classes (0.1 would be IID for 10 classes); ``lm``
+    ranks read only their own packages."""
     seed: int = field(default=0, metadata={"help": "seed of the data and the initial weights"})
     step_delay: float = field(default=0.0, metadata={"help": "seconds to sleep per step (to watch it live)"})
     """Extra seconds per step, so a person can watch the dashboard move."""
@@ -94,6 +119,13 @@ class DemoConfig:
     """Save (and resume from) ``<checkpoint>.rank<r>.pt`` every ``checkpoint_every`` steps."""
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints"})
     quiet: bool = field(default=False, metadata={"help": "no metrics table"})
+    summary: Path | None = field(
+        default=None,
+        metadata={
+            "help": "write rank 0's task, steps, rounds, initial_eval_loss, final_eval_loss and wall_seconds to this JSON file"
+        },
+    )
+    """Where rank 0 writes the run's summary (``DemoResult.summary``: ../shared/CONTRACT.md's JSON)."""
     server: str | None = field(
         default=None,
         metadata={"help": "avgctl server URL (default: $AVGCTL_SERVER; without one, metrics print locally)"},
@@ -103,6 +135,14 @@ class DemoConfig:
     extra_averager_args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.task not in TASK_KINDS:
+            raise ValueError(f"task must be one of {', '.join(TASK_KINDS)}, got {self.task!r}")
+        if self.lr is None:
+            self.lr = TASK_DEFAULTS[self.task]["lr"]
+        if self.batch_size is None:
+            self.batch_size = TASK_DEFAULTS[self.task]["batch_size"]
+        if self.lr <= 0 or self.batch_size < 1:
+            raise ValueError("lr must be positive and batch_size at least 1")
         if self.steps < 0:
             raise ValueError("steps must be non-negative")
         if self.period < 1:
@@ -122,11 +162,27 @@ class DemoResult:
     """What a run ends with (the same on every rank after the final average)."""
 
     final_loss: float
-    accuracy: float
+    """Held-out loss of the final average (nats for ``gauss``, bits per byte for ``lm``)."""
+    accuracy: float | None
+    """Held-out accuracy (``gauss``; None for ``lm``)."""
     rounds: int
     bytes_moved: int
     wall_seconds: float
     steps: int
+    initial_loss: float = float("nan")
+    """Held-out loss of the model the run started from (before its first step)."""
+    task: str = "gauss"
+
+    def summary(self) -> dict:
+        """The ``--summary`` JSON (../shared/CONTRACT.md, "Demo task flags")."""
+        return {
+            "task": self.task,
+            "steps": self.steps,
+            "rounds": self.rounds,
+            "initial_eval_loss": self.initial_loss,
+            "final_eval_loss": self.final_loss,
+            "wall_seconds": self.wall_seconds,
+        }
 
 
 def class_centers(seed: int) -> torch.Tensor:
@@ -193,17 +249,57 @@ def evaluate(model: nn.Module, centers: torch.Tensor, seed: int) -> tuple[float,
     return float(loss), float(accuracy)
 
 
+class GaussTask:
+    """The Gaussian mixture as a task: model, optimizer, batches and held-out figures (``LmTask``'s shape)."""
+
+    name = "gauss"
+    metric = "acc"
+    """The held-out figure the round table shows besides the loss: accuracy."""
+
+    def __init__(self, rank: int, world: int, seed: int, batch_size: int, skew: float):
+        self.rank, self.world, self.seed, self.batch_size, self.skew = rank, world, seed, batch_size, skew
+        self.centers = class_centers(seed)
+
+    def model(self) -> nn.Module:
+        return make_model(self.seed)
+
+    def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+    def batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = rank_labels(self.rank, self.world, self.batch_size, self.skew, gen)
+        return sample(self.centers, labels, gen), labels
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(x), y)
+
+    def evaluate(self, model: nn.Module) -> tuple[float, float | None]:
+        """Held-out loss (nats) and accuracy."""
+        return evaluate(model, self.centers, self.seed)
+
+
+Task = GaussTask | LmTask
+
+
+def make_task(cfg: DemoConfig, rank: int, world: int) -> Task:
+    """The task ``cfg`` names, with this rank's share of its data."""
+    if cfg.task == "lm":
+        return LmTask(rank, world, cfg.seed, cfg.batch_size)
+    return GaussTask(rank, world, cfg.seed, cfg.batch_size, cfg.skew)
+
+
 class RoundTable:
     """Rank 0's readable progress: one line per round, at most a few lines a second."""
 
     HEADER = f"{'step':>8} {'done':>5} {'loss':>7} {'acc':>6} {'div mean':>9} {'div max':>9} {'rel max':>8} {'drift':>8} {'period':>6} {'avg ms':>7}"
 
-    def __init__(self, steps: int, enabled: bool):
+    def __init__(self, steps: int, enabled: bool, metric: str = "acc"):
         self.steps, self.enabled = steps, enabled
         self.last_print = 0.0
         self.accuracy = float("nan")
+        """The latest held-out figure: accuracy (``gauss``) or held-out bits per byte (``lm``)."""
         if enabled:
-            print(self.HEADER, flush=True)
+            print(self.HEADER.replace("   acc", f"{metric:>6}"), flush=True)
 
     def maybe_print(self, averager: LiveAverager, loss: float | torch.Tensor, force: bool = False) -> None:
         now = time.monotonic()
@@ -274,9 +370,9 @@ def _load_common_checkpoint(
 
 def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
     """Run the demo on an initialized process group; returns the final figures."""
-    centers = class_centers(cfg.seed)
-    model = make_model(cfg.seed)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+    task = make_task(cfg, rank, world)
+    model = task.model()
+    opt = task.optimizer(model, cfg.lr)
     averager = make_averager(cfg, world, model)
     averager.name_parameters(model)
     ckpt = _checkpoint_path(cfg, rank)
@@ -290,23 +386,28 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
 
         link = connect(averager, server=cfg.server, job_id=cfg.job_id, token=cfg.token)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * averager.step)
-    table = RoundTable(cfg.steps, enabled=rank == 0 and not cfg.quiet)
+    table = RoundTable(cfg.steps, enabled=rank == 0 and not cfg.quiet, metric=task.metric)
+    initial_loss = task.evaluate(model)[0]
     started = time.perf_counter()
     loss_value: float | torch.Tensor = float("nan")
     try:
         while averager.step < cfg.steps:
-            labels = rank_labels(rank, world, cfg.batch_size, cfg.skew, gen)
-            x = sample(centers, labels, gen)
+            x, y = task.batch(gen)
             set_lr(opt, lr_at(cfg, averager.step))
             opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), labels)
+            loss = task.loss(model, x, y)
             loss.backward()
             opt.step()
             loss_value = loss.detach()
             averager.record(loss=loss_value)  # the tensor: read without a per-step sync
             if cfg.eval_every and averager.step % cfg.eval_every == 0:
-                table.accuracy = evaluate(model, centers, cfg.seed)[1]
-                averager.record(accuracy=table.accuracy)
+                held_out_loss, accuracy = task.evaluate(model)
+                if accuracy is None:  # lm: the held-out bits per byte of this rank's model
+                    table.accuracy = held_out_loss
+                    averager.record(eval_loss=held_out_loss)
+                else:
+                    table.accuracy = accuracy
+                    averager.record(accuracy=accuracy)
             averager.average_parameters(model.parameters())
             table.maybe_print(averager, loss_value)
             if ckpt is not None and averager.step % cfg.checkpoint_every == 0:
@@ -322,8 +423,8 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
         with torch.no_grad():
             for p, avg in zip(model.parameters(), final):
                 p.copy_(avg)
-        final_loss, accuracy = evaluate(model, centers, cfg.seed)
-        table.accuracy = accuracy
+        final_loss, accuracy = task.evaluate(model)
+        table.accuracy = final_loss if accuracy is None else accuracy
         table.maybe_print(averager, loss_value, force=True)
     finally:
         if link is not None:
@@ -336,6 +437,8 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
         bytes_moved=metrics.bytes_moved,
         wall_seconds=time.perf_counter() - started,
         steps=averager.step,
+        initial_loss=initial_loss,
+        task=task.name,
     )
 
 
@@ -343,6 +446,7 @@ def train(cfg: DemoConfig, rank: int, world: int) -> DemoResult:
 FLAGS = (
     "server",
     "job_id",
+    "task",
     "steps",
     "averager",
     "period",
@@ -351,12 +455,14 @@ FLAGS = (
     "outer_lr",
     "lr",
     "lr_schedule",
+    "batch_size",
     "seed",
     "skew",
     "step_delay",
     "checkpoint",
     "checkpoint_every",
     "quiet",
+    "summary",
 )
 
 
@@ -364,7 +470,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, Path | None]:
     """The run's config and where to write rank 0's result (``--result``)."""
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc-per-node N -m avgctl.worker.demo",
-        description="Train the avgctl demo task (non-IID Gaussian mixture, small MLP) with live-controlled averaging.",
+        description="Train an avgctl demo task (non-IID across ranks) with live-controlled averaging.",
     )
     add_flags(parser, DemoConfig, FLAGS)
     parser.add_argument("--result", type=Path, help="write rank 0's final figures to this JSON file")
@@ -391,13 +497,16 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg, dist.get_rank(), dist.get_world_size())
         if dist.get_rank() == 0:
             if not cfg.quiet:
-                print(
-                    f"done: {result.steps} steps, {result.rounds} averaging rounds, "
-                    f"final loss {result.final_loss:.4f}, accuracy {result.accuracy:.3f}",
-                    flush=True,
+                score = (
+                    f"held-out {result.initial_loss:.3f} -> {result.final_loss:.3f} bits per byte"
+                    if result.accuracy is None
+                    else f"final loss {result.final_loss:.4f}, accuracy {result.accuracy:.3f}"
                 )
+                print(f"done: {result.steps} steps, {result.rounds} averaging rounds, {score}", flush=True)
             if result_path is not None:
                 result_path.write_text(json.dumps(dataclasses.asdict(result)))
+            if cfg.summary is not None:
+                cfg.summary.write_text(json.dumps(result.summary()))
         dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()

@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from avgctl.protocol import AveragerConfig
 from avgctl.protocol.flags import add_flags, from_flags
@@ -32,6 +33,9 @@ from avgctl.server.settings import Settings, browsable_host
 
 AveragerKind = AveragerConfig.model_fields["kind"].annotation
 """The averagers a demo worker builds (``--averager``): the kinds a hello names, written once."""
+TaskKind = Literal["gauss", "lm"]
+"""The demo worker's tasks (``avgctl.worker.demo.TaskKind``; this command must not import torch to
+read them, and a test holds the two equal)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -40,6 +44,16 @@ class DemoLaunch:
 
     nproc: int = field(default=2, metadata={"help": "worker processes"})
     """Worker processes (CPU ranks)."""
+    task: TaskKind = field(
+        default="lm",
+        metadata={
+            "help": "lm: a small byte-level GPT on the Python stdlib's source, each rank on its own packages; "
+            "gauss: a Gaussian mixture whose loss flattens within seconds"
+        },
+    )
+    """What the workers train. ``lm`` here (a newcomer sees a real model's held-out loss fall for the
+    whole run, and divergence follow the lr), while the worker's own default is the fast ``gauss``
+    that tests launch; always forwarded as ``--task``."""
     steps: int = field(default=3000, metadata={"help": "training steps per rank"})
     period: int = field(default=8, metadata={"help": "initial averaging period"})
     averager: AveragerKind | None = field(  # type: ignore[valid-type]
@@ -113,6 +127,8 @@ def worker_args(launch: DemoLaunch, server: str, job_id: str) -> list[str]:
         server,
         "--job-id",
         job_id,
+        "--task",
+        launch.task,
         "--steps",
         str(launch.steps),
         "--period",
@@ -266,7 +282,7 @@ def _run_demo(launch: DemoLaunch) -> int:
         _wait_healthy(client, server)
         print(f"avgctl demo: dashboard  {base}/?token={control_token}", flush=True)
         print(
-            f"avgctl demo: job {job_id}, {launch.nproc} CPU ranks, {launch.steps} steps; worker log {log_path}",
+            f"avgctl demo: job {job_id}, {launch.nproc} CPU ranks, {launch.steps} steps of task {launch.task}; worker log {log_path}",
             flush=True,
         )
         print("avgctl demo: Ctrl-C stops everything", flush=True)

@@ -50,10 +50,12 @@ def test_demo_prints_the_dashboard_url_and_stops_cleanly_on_ctrl_c(tmp_path):
 
 
 def test_demo_runs_to_the_end_of_its_steps(tmp_path):
-    proc, port = launch_demo(tmp_path, "--steps", "60", "--step-delay", "0")
+    # The language model (`avgctl demo`'s default task; launch_demo picks gauss unless told).
+    proc, port = launch_demo(tmp_path, "--task", "lm", "--steps", "30", "--step-delay", "0")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    assert "step 60/60" in out and "training finished" in out
+    assert "step 30/30" in out and "training finished" in out and "of task lm" in out
+    assert "bits per byte" in (tmp_path / "workers.log").read_text()
     assert _processes_mentioning(str(tmp_path)) == []
 
 

@@ -1,5 +1,6 @@
 """``avgctl demo --averager``: forwarded to the demo workers as they parse it, and only when given,
-so the workers' own default stands otherwise (written once, in ``avgctl.worker.demo``)."""
+so the workers' own default stands otherwise (written once, in ``avgctl.worker.demo``). ``--task``
+is always forwarded: the launcher's default (``lm``) is not the workers' (the fast ``gauss``)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,19 @@ def test_an_unknown_averager_is_a_usage_error(capsys):
         build_parser().parse_args(["demo", "--averager", "ddp"])
     assert exited.value.code == 2
     assert "argument --averager: invalid choice: 'ddp'" in capsys.readouterr().err
+
+
+def test_the_demo_trains_the_language_model_unless_told_gauss():
+    cfg, _ = worker_demo.parse_args(worker_args(_launch(), "http://s", "j"))
+    assert cfg.task == "lm"
+    cfg, _ = worker_demo.parse_args(worker_args(_launch("--task", "gauss"), "http://s", "j"))
+    assert cfg.task == "gauss"
+
+
+def test_the_launchers_tasks_are_the_workers():
+    # `avgctl demo` must not import torch to read them, so they are written twice: held equal here.
+    from typing import get_args
+
+    from avgctl.server.cli.demo import TaskKind
+
+    assert get_args(TaskKind) == worker_demo.TASK_KINDS

@@ -290,10 +290,11 @@ DASHBOARD_LINE = r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)"
 
 def launch_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
     """``avgctl demo`` on a free port with its database and worker log under ``tmp_path``, its output
-    (text) on a pipe; returns the process and the port."""
+    (text) on a pipe; returns the process and the port. The task is the fast ``gauss`` unless
+    ``args`` name another (``--task lm``: the last flag given wins)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "avgctl.server.cli", "demo", "--port", str(port)]
+        [sys.executable, "-m", "avgctl.server.cli", "demo", "--port", str(port), "--task", "gauss"]
         + ["--db", str(tmp_path / "demo.db"), "--log", str(tmp_path / "workers.log"), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

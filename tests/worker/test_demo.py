@@ -10,6 +10,9 @@ import pytest
 
 pytestmark = pytest.mark.dist
 
+SUMMARY_KEYS = ["task", "steps", "rounds", "initial_eval_loss", "final_eval_loss", "wall_seconds"]
+"""``--summary``'s JSON, as ../shared/CONTRACT.md ("Demo task flags") gives it."""
+
 
 def test_demo_runs_under_torchrun_and_prints_the_round_table(tmp_path):
     result = tmp_path / "result.json"
@@ -29,6 +32,8 @@ def test_demo_runs_under_torchrun_and_prints_the_round_table(tmp_path):
             "4",
             "--result",
             str(result),
+            "--summary",
+            str(tmp_path / "summary.json"),
         ],
         capture_output=True,
         text=True,
@@ -38,6 +43,46 @@ def test_demo_runs_under_torchrun_and_prints_the_round_table(tmp_path):
     assert "div mean" in proc.stdout and "done: 120 steps, 30 averaging rounds" in proc.stdout
     figures = json.loads(result.read_text())
     assert figures["rounds"] == 30 and figures["steps"] == 120 and 0 < figures["accuracy"] <= 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary) == SUMMARY_KEYS
+    assert (summary["task"], summary["steps"], summary["rounds"]) == ("gauss", 120, 30)
+    assert summary["final_eval_loss"] == figures["final_loss"] < summary["initial_eval_loss"]
+
+
+def test_the_lm_task_trains_a_gpt_whose_held_out_bits_per_byte_fall(tmp_path):
+    summary = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "avgctl.worker.demo",
+            "--task",
+            "lm",
+            "--steps",
+            "60",
+            "--period",
+            "4",
+            "--batch-size",
+            "4",
+            "--summary",
+            str(summary),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval" in proc.stdout.splitlines()[0] and "bits per byte" in proc.stdout
+    figures = json.loads(summary.read_text())
+    assert list(figures) == SUMMARY_KEYS
+    assert (figures["task"], figures["steps"], figures["rounds"]) == ("lm", 60, 15)
+    assert abs(figures["initial_eval_loss"] - 8.0) < 0.2  # a uniform guess over 256 bytes
+    assert figures["final_eval_loss"] < 5.0  # 60 steps learn the commonest bytes (about 4.3 on 2 cores)
 
 
 def test_demo_rejects_bad_arguments_with_exit_code_2():
