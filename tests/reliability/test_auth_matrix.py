@@ -39,6 +39,8 @@ MATRIX: dict[tuple[str, str], tuple[str, dict[str, int | str]]] = {
     ("GET", "/api/jobs/{job_id}/commands"): (f"/api/jobs/{JOB}/commands", GET),
     ("GET", "/api/jobs/{job_id}/commands/{command_id}"): (f"/api/jobs/{JOB}/commands/1", GET),
     ("GET", "/api/jobs/{job_id}/metrics"): (f"/api/jobs/{JOB}/metrics", GET),
+    ("GET", "/api/jobs/{job_id}/series"): (f"/api/jobs/{JOB}/series?name=loss", GET),
+    ("GET", "/api/jobs/{job_id}/layers"): (f"/api/jobs/{JOB}/layers", GET),
     ("GET", "/metrics"): ("/metrics", GET),
     ("GET", "/openapi.json"): ("/openapi.json", GET),
     ("GET", "/docs"): ("/docs", GET),
