@@ -104,14 +104,16 @@ def storage(path: str, ranks: int, steps: int) -> tuple[int, int, float]:
 def writer_cost(tmp: str, commits: int = 60) -> tuple[float, float]:
     """The writer process's time per batch (``metric_rows`` + ``write_rows`` in one transaction)
     for commits of 256 batches (64 ranks x 4, 5 steps each, as an ingest flood groups them), with
-    the rollups and without them (``rollup.fold``/``rollup.write`` stubbed out), interleaved."""
-    fold, write = rollup.fold, rollup.write
+    the rollups as the writer process writes them in a flood (the coarser levels held back,
+    ``rollup.Held``) and without them (``rollup.finest``/``rollup.write`` stubbed out), interleaved."""
+    fold, write = rollup.finest, rollup.write
     times: dict[bool, list[float]] = {True: [], False: []}
     conns = {}
     for with_rollups in (True, False):
         conns[with_rollups] = process.connect_writer(os.path.join(tmp, f"w{with_rollups}.db"))
         schema.migrate(conns[with_rollups])
     rng = random.Random(0)
+    held = rollup.Held()
     try:
         for commit in range(commits):
             for with_rollups in (True, False):
@@ -121,16 +123,18 @@ def writer_cost(tmp: str, commits: int = 60) -> tuple[float, float]:
                     for rank in range(64)
                 ]
                 if not with_rollups:
-                    rollup.fold, rollup.write = (lambda *a: {}), (lambda *a: None)
+                    rollup.finest, rollup.write = (lambda *a: {}), (lambda *a: None)
                 conn = conns[with_rollups]
                 started = time.perf_counter()
                 conn.execute("BEGIN")
-                process.write_rows(conn, process.metric_rows(entries))
+                process.write_rows(conn, process.metric_rows(entries), held if with_rollups else None, flush=False)
                 conn.execute("COMMIT")
                 times[with_rollups].append((time.perf_counter() - started) / len(entries))
-                rollup.fold, rollup.write = fold, write
+                if with_rollups:
+                    held.committed()
+                rollup.finest, rollup.write = fold, write
     finally:
-        rollup.fold, rollup.write = fold, write
+        rollup.finest, rollup.write = fold, write
         for conn in conns.values():
             conn.close()
     return statistics.median(times[True]), statistics.median(times[False])

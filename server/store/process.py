@@ -7,8 +7,10 @@ its queue. A child process writes on the other core and needs no GIL of ours: th
 only hands it the batches as plain tuples (one pickle) and waits, off the GIL, for the commit.
 
 Protocol, over the child's stdin and stdout: frames of a 4-byte big-endian length and a body.
-The parent sends a pickled list of ``Entry``; the child flattens it (``metric_rows``), writes it in
-one transaction and answers an empty body once committed, or the error's text after rolling back.
+The parent sends a pickled ``(entries, flush)``, a list of ``Entry`` and whether to write the coarse
+rollups held back (``rollup.Held``); the child flattens the entries (``metric_rows``), writes them in
+one transaction and answers, once committed, an empty body, or ``\x01`` when it holds coarse
+rollups back (the parent sends a flush once its queue is empty); the error's text after rolling back.
 EOF on stdin stops the child; it ignores SIGINT, SIGTERM and SIGHUP, so the server alone decides when.
 
 Only the standard library is imported here, and the child runs this file as a script (``python -I
@@ -153,9 +155,10 @@ def metric_rows(entries: list[Entry]) -> MetricRows:
 # ------------------------------------------------------------------------------------ SQL
 
 
-def write_rows(conn: sqlite3.Connection, rows: MetricRows) -> None:
+def write_rows(conn: sqlite3.Connection, rows: MetricRows, held: rollup.Held | None = None, flush: bool = True) -> None:
     """Write ``rows`` inside the caller's transaction: multi-row inserts per table (``_in_chunks``),
-    one statement for the ranks' progress and one update per job."""
+    one statement for the ranks' progress and one update per job, and the rollups they change
+    (the coarser levels' held back in ``held`` unless ``flush``: the writer process's, in a flood)."""
     if rows.control_events:
         # A link sends a batch again when it could not learn it was stored: keep one copy.
         conn.executemany(
@@ -168,7 +171,11 @@ def write_rows(conn: sqlite3.Connection, rows: MetricRows) -> None:
     replaced_rounds = _insert_rows(conn, "rounds", _ROUND_COLUMNS, rows.rounds)
     added, removed = _changes(rows.step_figures, rows.steps, len(_STEP_COLUMNS), replaced_steps, _old_step_figures)
     more, fewer = _changes(rows.round_figures, rows.rounds, len(_ROUND_COLUMNS), replaced_rounds, _old_round_figures)
-    rollup.write(conn, rollup.fold(added, more, removed, fewer), _in_chunks)
+    counts = rollup.finest(added, more, removed, fewer)
+    if held is None:
+        rollup.write(conn, rollup.levels(counts), _in_chunks)
+    else:
+        held.stage(conn, counts, flush, _in_chunks)
     _in_chunks(conn, _progress_sql, rows.progress, 5)
     conn.executemany(
         "UPDATE jobs SET step = MAX(step, COALESCE(?, step)), last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?",
@@ -330,7 +337,11 @@ def _send(stream: BinaryIO, body: bytes) -> None:
     stream.flush()
 
 
-def _pickle(entries: list[Entry]) -> bytes:
+_DONE = b""  # the child's answer: committed
+_HELD = b"\x01"  # committed, with coarse rollups held back (anything else: the error's text)
+
+
+def _pickle(entries: object) -> bytes:
     # ``fast``: no memo. Entries are plain trees, and the memo cost a third of the pickling.
     out = io.BytesIO()
     pickler = pickle.Pickler(out, protocol=pickle.HIGHEST_PROTOCOL)
@@ -383,22 +394,24 @@ class WriterProcess:
     def pid(self) -> int | None:
         return None if self._child is None else self._child.pid
 
-    def write(self, entries: list[Entry]) -> None:
-        """Commit ``entries`` in the child; ``WriterError`` when they were not."""
+    def write(self, entries: list[Entry], flush: bool = False) -> bool:
+        """Commit ``entries`` in the child; ``WriterError`` when they were not. True when the child
+        holds coarse rollups back (``rollup.Held``): a ``flush`` (with or without entries) writes them."""
         if self._child is None:
             log.warning("starting a new metric writer process; the last one failed")
             self.start()
         assert self._child is not None and self._child.stdin is not None and self._child.stdout is not None
         try:
-            _send(self._child.stdin, _pickle(entries))
+            _send(self._child.stdin, _pickle((entries, flush)))
             answer = _read(self._child.stdout)
             if answer is None:
                 raise EOFError("it exited")
         except (OSError, EOFError) as err:
             self._stop(kill=True)  # the next write starts a new one
             raise WriterError(f"the metric writer process failed: {err}") from None
-        if answer:
+        if answer not in (_DONE, _HELD):
             raise WriterError(answer.decode(errors="replace"))
+        return answer == _HELD
 
     def close(self) -> None:
         """Let the child finish what it has and exit (EOF on its stdin)."""
@@ -436,18 +449,31 @@ def serve(path: str, requests: BinaryIO, answers: BinaryIO) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     conn = connect_writer(path)
+    held = rollup.Held()
     try:
+        conn.execute("BEGIN")
+        if rollup.repair(conn):
+            log.warning("rebuilt the coarse rollups: the last metric writer process died holding some back")
+        conn.execute("COMMIT")
         while (body := _read(requests)) is not None:
+            entries, flush = pickle.loads(body)
             conn.execute("BEGIN")
             try:
-                write_rows(conn, metric_rows(pickle.loads(body)))
+                write_rows(conn, metric_rows(entries), held, flush)
                 conn.execute("COMMIT")
             except Exception as err:  # told to the parent, which fails the batches' future
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                held.rolled_back()
                 _send(answers, f"{type(err).__name__}: {err}".encode())
             else:
-                _send(answers, b"")
+                held.committed()
+                _send(answers, _HELD if held.rows else _DONE)
+        if held.rows:  # the server is stopping: what is held back, written
+            conn.execute("BEGIN")
+            write_rows(conn, metric_rows([]), held, flush=True)
+            conn.execute("COMMIT")
+            held.committed()
     finally:
         conn.close()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 
 FINEST_LEVEL = 4  # buckets of 16 steps: below, the records themselves are read
@@ -86,14 +87,19 @@ def merge(into: Counts, other: Counts) -> None:
     into[6] += other[6]
 
 
-def fold(
+def fold(*records: Iterable[Figures]) -> dict[tuple, Counts]:
+    """The rollup rows records change, every level: ``levels(finest(...))``."""
+    return levels(finest(*records))
+
+
+def finest(
     steps: Iterable[Figures],
     rounds: Iterable[Figures] = (),
     removed_steps: Iterable[Figures] = (),
     removed_rounds: Iterable[Figures] = (),
 ) -> dict[tuple, Counts]:
-    """The rollup rows records change: ``{(job_id, name, rank, level, bucket): counts}``; the
-    ``removed`` ones are taken out again.
+    """The finest level's counts the records change: ``{(job_id, name, rank, bucket): counts}``;
+    the ``removed`` ones are taken out again.
 
     Records are grouped by finest bucket first and each figure's column reduced with builtins
     (``min``, ``max``, ``sum``: C loops), value by value only where a column holds a None or a
@@ -101,7 +107,7 @@ def fold(
     bucket that holds the same records as the one below shares its counts, so the cost per record
     does not grow with the levels.
     """
-    finest: dict[tuple, Counts] = {}
+    folded: dict[tuple, Counts] = {}
     for records, names, sign in (
         (steps, STEP_NAMES, 1),
         (rounds, ROUND_NAMES, 1),
@@ -117,11 +123,17 @@ def fold(
                 group.append(values)
         for (job_id, rank, bucket), group in groups.items():
             for i, name in enumerate(names):
-                _fold_column(finest, (job_id, name, rank, bucket), [values[i] for values in group], sign)
+                _fold_column(folded, (job_id, name, rank, bucket), [values[i] for values in group], sign)
             if len(names) < len(group[0]):  # a step's scalars, after its figures
                 for values in group:
                     for name, value in (values[-1] or {}).items():
-                        _fold_column(finest, (job_id, SCALAR_PREFIX + name, rank, bucket), [value], sign)
+                        _fold_column(folded, (job_id, SCALAR_PREFIX + name, rank, bucket), [value], sign)
+    return folded
+
+
+def levels(finest: dict[tuple, Counts], first: int = FINEST_LEVEL) -> dict[tuple, Counts]:
+    """Every level's rows from the finest level's counts ``{(job_id, name, rank, bucket): counts}``
+    (from ``first`` on: ``FINEST_LEVEL`` + ``LEVEL_STRIDE`` for the coarser levels alone)."""
     series: dict[tuple, dict[int, Counts]] = {}
     for (job_id, name, rank, bucket), counts in finest.items():
         series.setdefault((job_id, name, rank), {})[bucket] = counts
@@ -136,8 +148,9 @@ def fold(
             elif level > FINEST_LEVEL:  # one bucket: the same counts at every level, shared
                 ((bucket, counts),) = at_level.items()
                 at_level = {bucket >> LEVEL_STRIDE: counts}
-            for bucket, counts in at_level.items():
-                rows[(job_id, name, rank, level, bucket)] = counts
+            if level >= first:
+                for bucket, counts in at_level.items():
+                    rows[(job_id, name, rank, level, bucket)] = counts
     return rows
 
 
@@ -250,6 +263,11 @@ def backfill(conn: sqlite3.Connection) -> None:
         GROUP BY se.id, f.step >> {FINEST_LEVEL}, f.rank"""
     )
     conn.execute("DROP TABLE figures")
+    _coarse_from_finest(conn)
+
+
+def _coarse_from_finest(conn: sqlite3.Connection) -> None:
+    """Every coarser level's rows from the finest level's (the coarser levels empty)."""
     for level in LEVELS[1:]:
         shift = level - FINEST_LEVEL
         conn.execute(
@@ -258,3 +276,95 @@ def backfill(conn: sqlite3.Connection) -> None:
                 SUM(total)
             FROM rollups WHERE level = {FINEST_LEVEL} GROUP BY series, bucket >> {shift}, rank"""
         )
+
+
+# ------------------------------------------------------------------ held back in a flood
+
+HOLD_SECONDS = 1.0  # in a flood, the coarse levels lag the records by at most this
+BEHIND = "coarse_rollups_behind"  # its row in ``counters``: 1 while a writer holds deltas back
+
+
+class Held:
+    """The coarser levels' deltas the writer process holds back while batches keep coming.
+
+    In a flood each commit's records fall in the same coarse buckets as the last commit's: the
+    finest level is written every commit, and its counts are added up here (``rows``, keyed as
+    ``finest``'s) until, once a second or when the flood stops, the coarser levels' rows of all of
+    them are written at once, sparing most of the upserts. Only what a committed transaction folded is kept (``stage`` then ``committed``
+    or ``rolled_back``). While deltas are held, ``counters.coarse_rollups_behind`` is 1 in the
+    file: a writer that dies holding some leaves it so, and the next one rebuilds the coarse levels
+    from the finest (``repair``).
+    """
+
+    def __init__(self, hold_seconds: float = HOLD_SECONDS):
+        self.hold_seconds = hold_seconds
+        self.rows: dict[tuple, Counts] = {}
+        self.since: float | None = None  # when the oldest held delta was committed
+        self.marked = False  # the file says deltas are held
+        self._staged: tuple[dict[tuple, Counts], bool] | None = None  # this transaction's: (coarse rows, flushed)
+
+    def stage(self, conn: sqlite3.Connection, counts: dict[tuple, Counts], flush: bool, in_chunks: Callable) -> None:
+        """Write the finest level's ``counts`` (``finest``'s), and the coarser levels' rows of
+        everything held with them when ``flush`` or when the held deltas are due; hold those back
+        otherwise (inside the caller's transaction)."""
+        due = self.since is not None and time.monotonic() - self.since >= self.hold_seconds
+        rows = {(job, name, rank, FINEST_LEVEL, bucket): c for (job, name, rank, bucket), c in counts.items()}
+        if flush or due or not (self.rows or counts):
+            everything = {key: list(c) for key, c in self.rows.items()}  # ours stay as they are
+            for key, c in counts.items():
+                _add_row(everything, key, c)
+            rows.update(levels(everything, FINEST_LEVEL + LEVEL_STRIDE))
+            write(conn, rows, in_chunks)
+            if self.marked:
+                _mark(conn, 0)
+            self._staged = (counts, True)
+        else:
+            write(conn, rows, in_chunks)
+            if not self.marked:
+                _mark(conn, 1)
+            self._staged = (counts, False)
+
+    def committed(self) -> None:
+        """The staged transaction committed: what it held back is held."""
+        assert self._staged is not None
+        counts, flushed = self._staged
+        self._staged = None
+        if flushed:
+            self.rows, self.marked, self.since = {}, False, None
+            return
+        for key, c in counts.items():
+            _add_row(self.rows, key, c)
+        self.marked = True
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def rolled_back(self) -> None:
+        self._staged = None
+
+
+def _add_row(rows: dict[tuple, Counts], key: tuple, counts: Counts) -> None:
+    if key in rows:
+        merge(rows[key], counts)
+    else:
+        rows[key] = list(counts)  # a copy: fold's rows share their counts between levels
+
+
+def _mark(conn: sqlite3.Connection, value: int) -> None:
+    conn.execute(
+        "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (BEHIND, value),
+    )
+
+
+def repair(conn: sqlite3.Connection) -> bool:
+    """Rebuild the coarser levels from the finest if a writer died holding deltas back (in the
+    caller's transaction); True when it did."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'rollups'").fetchone() is None:
+        return False  # a file the store has not set up (yet)
+    row = conn.execute("SELECT value FROM counters WHERE name = ?", (BEHIND,)).fetchone()
+    if not row or not row[0]:
+        return False
+    conn.execute(f"DELETE FROM rollups WHERE level > {FINEST_LEVEL}")
+    _coarse_from_finest(conn)
+    _mark(conn, 0)
+    return True

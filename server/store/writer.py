@@ -222,11 +222,18 @@ class Writer:
             entries, self._metrics = self._metrics, []
             receipts, self._receipts = self._receipts, []
         try:
-            self.process.write(entries)
+            held = self.process.write(entries)
         except Exception as err:  # counted as dropped; on_lost asks their links to send them again
             self._count_dropped(len(entries))
             if receipts and self.on_lost is not None:
                 self.on_lost(receipts)
             _resolve(op, None, err)
-        else:
-            _resolve(op, receipts, None)
+            return
+        _resolve(op, receipts, None)
+        with self._metrics_lock:
+            idle = not self._metrics
+        if held and idle:  # the flood is over (or never was): the coarse rollups it held back, written
+            try:
+                self.process.write([], flush=True)
+            except Exception:  # the next writer process rebuilds them (rollup.repair)
+                log.exception("writing the held-back coarse rollups failed")

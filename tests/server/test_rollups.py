@@ -16,7 +16,7 @@ import pytest
 from avgctl.protocol import Hello, MetricsBatch, RoundRecord, StepRecord
 from avgctl.server import store as st
 from avgctl.server.records import encode, received
-from avgctl.server.store import history, rollup, schema
+from avgctl.server.store import history, process, rollup, schema, writes
 from tests.support.frames import hello, uniform_round
 
 JOB = "rollups"
@@ -248,3 +248,51 @@ def test_figures_whose_sum_overflows_are_still_spelled(store):
         text = store.series_json(JOB, history.SeriesQuery("loss", from_step=0, to_step=31, points=points, ranks=[0]))
         means = json.loads(text)["ranks"]["0"]["mean"]
         assert means[0] in ("Infinity", 1e308), text  # never null, which would read as "no record"
+
+
+def test_a_flood_holds_the_coarse_levels_back_until_it_stops(tmp_path):
+    conn = process.connect_writer(str(tmp_path / "h.db"))
+    schema.migrate(conn)
+    held = rollup.Held(hold_seconds=3600)
+
+    def commit(entries, flush=False):
+        conn.execute("BEGIN")
+        process.write_rows(conn, process.metric_rows(entries), held, flush)
+        conn.execute("COMMIT")
+        held.committed()
+
+    entries = [writes.metric_entry(JOB, 0, _batch(0, range(s, s + 10)), 0.0) for s in range(0, 200, 10)]
+    for entry in entries[:10]:
+        commit([entry])
+    levels = dict(conn.execute("SELECT level, COUNT(*) FROM rollups GROUP BY level").fetchall())
+    assert set(levels) == {rollup.FINEST_LEVEL}, "only the finest level while the flood lasts"
+    assert conn.execute("SELECT value FROM counters WHERE name = ?", (rollup.BEHIND,)).fetchone() == (1,)
+    conn.execute("BEGIN")  # a transaction that fails keeps nothing of its records in the held deltas
+    process.write_rows(conn, process.metric_rows(entries[10:12]), held, False)
+    conn.execute("ROLLBACK")
+    held.rolled_back()
+    for entry in entries[10:]:
+        commit([entry])
+    commit([], flush=True)
+    assert conn.execute("SELECT value FROM counters WHERE name = ?", (rollup.BEHIND,)).fetchone() == (0,)
+    stored = sorted(conn.execute("SELECT * FROM rollups WHERE level > ?", (rollup.FINEST_LEVEL,)).fetchall())
+    conn.execute("DELETE FROM rollups")
+    conn.execute("DELETE FROM steps")
+    conn.execute("DELETE FROM rounds")
+    process.write_rows(conn, process.metric_rows(entries))  # the same records, every level at once
+    at_once = sorted(conn.execute("SELECT * FROM rollups WHERE level > ?", (rollup.FINEST_LEVEL,)).fetchall())
+    assert [row[:-1] for row in at_once] == [row[:-1] for row in stored]  # counts, extremes: equal
+    assert [row[-1] for row in at_once] == pytest.approx([row[-1] for row in stored], rel=1e-12)  # sums
+    conn.close()
+
+
+def test_a_writer_that_died_holding_deltas_back_is_repaired_by_the_next(store):
+    _write(store, 0, range(0, 500))
+    expected = store.series_json(JOB, history.SeriesQuery("loss", points=4, ranks=[0]))
+    # As a killed writer process leaves the file: coarse levels short of what it held, the flag set.
+    store.submit(lambda c: c.execute("DELETE FROM rollups WHERE level > ? AND bucket > 0", (rollup.FINEST_LEVEL,)))
+    store.submit(lambda c: rollup._mark(c, 1)).result()
+    assert store.series_json(JOB, history.SeriesQuery("loss", points=4, ranks=[0])) != expected
+    store._writer.process._stop(kill=True)  # the next batch starts a new writer process, which repairs
+    _write(store, 1, range(0, 10))
+    assert store.series_json(JOB, history.SeriesQuery("loss", points=4, ranks=[0])) == expected
