@@ -15,8 +15,14 @@
 //   charts (data-points = drawn values, data-series, data-markers on #chart-period,
 //       data-non-finite = steps whose figure was NaN or infinite, drawn as red marks):
 //       #chart-loss, #chart-divergence (+ #divergence-relative), #chart-drift, #chart-period,
-//       #chart-throughput
-//   #rank-table (rows tr[data-rank]), #command-log (rows tr[data-command-id][data-status])
+//       #chart-throughput; the per-rank charts (history.js) also say data-band (1: the group's
+//       band and its furthest ranks, data-outliers), data-range ([from, to] drawn), data-bucket-steps,
+//       data-log, data-labels (the legend's)
+//   #chart-tools: #zoom-range, #zoom-reset, #log-scale, #smoothing, #rank-pick, #compare-job;
+//       #csv-loss, #csv-divergence, #csv-drift (a chart's series as CSV)
+//   #chart-layers (canvas: data-layers, data-columns, data-known, data-complete), #layers-note
+//   #rank-table (rows tr[data-rank], tr[aria-selected] for the selected rank; th[data-key][data-sort]
+//       sorts), #command-log (rows tr[data-command-id][data-status])
 
 import { $ } from './dom.js';
 import { openJobPage } from './job.js';

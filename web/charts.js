@@ -1,15 +1,18 @@
 // uPlot wrappers for live step-indexed series, after uPlot's demos/stream-data.html: columnar
-// data [xs, ys1, ys2, ...], a sliding window of steps, setData at most a few times a second.
+// data [xs, ys1, ys2, ...], the whole run folded into at most MAX_POINTS buckets (their width
+// doubles as the run grows, so buckets merge exactly), setData at most a few times a second.
+// The per-rank charts read their history from the server instead (history.js).
 
 import uPlot from '/vendor/uplot/uPlot.esm.js';
 import { nonFinite, spell } from './figures.js';
 
-export const WINDOW_STEPS = 2000; // the sliding window: the latest N steps
 const MAX_POINTS = 500; // x positions per chart after downsampling
 const REDRAW_MS = 250; // at most four redraws a second per chart (fewer if drawing is slow)
-const HEIGHT = 240;
+export const HEIGHT = 240;
 const NON_FINITE_COLOR = '#b3261e';
 const NON_FINITE_LABEL_GAP_PX = 48; // a label per run of marks at least this far from the last one
+export const SYNC_KEY = 'avgctl-steps';
+export const DRAW_MEASURE = 'avgctl-draw'; // performance.measure() of each chart draw, for bench/dashboard.py
 
 /** Distinct, stable colours for up to hundreds of ranks (golden-angle hues). */
 export const rankColor = (rank, alpha = 1) => `hsl(${(rank * 137.508) % 360} 70% 42% / ${alpha})`;
@@ -29,29 +32,97 @@ export const ratio = (num, den) => ({ num, den });
 export const latest = (value) => ({ latest: value });
 
 /** The median of the non-null values, or null. */
-const median = (ys) => {
-  const v = ys.filter((y) => y !== null).sort((a, b) => a - b);
+export const median = (ys) => {
+  const v = ys.filter((y) => y !== null && Number.isFinite(y)).sort((a, b) => a - b);
   return v.length ? (v.length % 2 ? v[(v.length - 1) / 2] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2) : null;
 };
 
-const defined = (obj) => Object.fromEntries(Object.entries(obj).filter(([, v]) => v !== undefined));
+export const defined = (obj) => Object.fromEntries(Object.entries(obj).filter(([, v]) => v !== undefined));
+
+/** Run `draw` and record how long it took as a performance measure (DRAW_MEASURE); returns ms. */
+export function measured(name, draw) {
+  const t0 = performance.now();
+  draw();
+  const t1 = performance.now();
+  performance.measure(DRAW_MEASURE, { start: t0, end: t1, detail: name });
+  performance.clearMeasures(DRAW_MEASURE); // observers still get them; the timeline must not grow for hours
+  return t1 - t0;
+}
+
+/**
+ * uPlot options shared by every chart of a job page: the cursor lines up across charts, a drag
+ * selects a range of steps that `view` (view.js) then shows on every chart, a double-click goes
+ * back to the whole run. Only the chart under the mouse publishes the drag (synced charts would
+ * each set a slightly different range).
+ */
+export function zoomOptions(view) {
+  return {
+    cursor: {
+      drag: { x: true, y: false, setScale: false },
+      sync: { key: SYNC_KEY, filters: { pub: (type) => type !== 'mousedown' && type !== 'mouseup' && type !== 'dblclick' } },
+    },
+    hooks: {
+      setSelect: [(u) => {
+        const { left, width } = u.select;
+        if (!view || width < 3) return;
+        const lo = Math.max(0, Math.floor(u.posToVal(left, 'x')));
+        const hi = Math.ceil(u.posToVal(left + width, 'x'));
+        u.setSelect({ left: 0, top: 0, width: 0, height: 0 }, false);
+        if (hi > lo) view.set({ range: [lo, hi] });
+      }],
+      ready: [(u) => view && u.over.addEventListener('dblclick', () => view.set({ range: null }))],
+    },
+  };
+}
+
+/** Each step with a non-finite figure (`marks`: step -> "NaN" | "+Inf" | "-Inf") as a thin red
+ * line over the plot (a run of them: a band), labelled where a run starts. */
+export function drawNonFiniteMarks(u, marks) {
+  if (!marks.size) return;
+  const { ctx } = u;
+  const { left, top, width, height } = u.bbox;
+  const r = devicePixelRatio || 1;
+  ctx.save();
+  ctx.beginPath();
+  ctx.rect(left, top, width, height);
+  ctx.clip();
+  ctx.font = `${11 * r}px system-ui, sans-serif`;
+  ctx.textAlign = 'left'; // uPlot leaves its axis labels' alignment on the context
+  let lastLabel = -Infinity;
+  for (const [x, label] of [...marks].sort((p, q) => p[0] - q[0])) {
+    if (x < u.scales.x.min || x > u.scales.x.max) continue;
+    const px = Math.round(u.valToPos(x, 'x', true));
+    ctx.fillStyle = 'rgba(179, 38, 30, 0.18)';
+    ctx.fillRect(px - r, top, 2 * r, height);
+    if (px - lastLabel >= NON_FINITE_LABEL_GAP_PX * r) {
+      ctx.fillStyle = NON_FINITE_COLOR;
+      ctx.fillText(label, px + 3 * r, top + height - 6 * r);
+      lastLabel = px;
+    }
+  }
+  ctx.restore();
+}
 
 /**
  * A live chart over steps. Each series folds its records into buckets of steps as they arrive, so a
- * draw costs (series x buckets), not (records); the raw records in the window are kept to fold
- * again when the bucket width grows or what a series shows changes (relative divergence).
+ * draw costs (series x buckets), not (records). The buckets cover the whole run: when the run
+ * outgrows MAX_POINTS buckets their width doubles and neighbours merge (sums add up; `latest` keeps
+ * the later). Only `latest` series (state such as the period: few records) keep their raw records,
+ * to fold again after a restore cuts their history.
  */
 export class LiveChart {
   /** axes: y axes [{label, scale?, side?}]; markers(): [{x, label, color?}] drawn as dashed vertical lines;
-   * minBucket: fewest steps per drawn point (rates need a few steps to mean something). */
-  constructor(el, { axes = [{ label: '' }], scales = {}, markers = null, legendMax = 16, minBucket = 1 } = {}) {
-    Object.assign(this, { el, axes, scales, markers, legendMax, minBucket });
+   * minBucket: fewest steps per drawn point (rates need a few steps to mean something); view: the
+   * page's ChartView (its range zooms this chart too). */
+  constructor(el, { axes = [{ label: '' }], scales = {}, markers = null, legendMax = 16, minBucket = 1, view = null } = {}) {
+    Object.assign(this, { el, axes, scales, markers, legendMax, minBucket, view });
     this.series = new Map();
     // Steps where a series' figure was NaN or infinite (step -> "NaN" | "+Inf" | "-Inf"): no point
     // can show them (uPlot would lose its scale), so each is a gap marked on the plot.
     this.nonFinite = new Map();
+    this.minX = Infinity;
     this.maxX = -Infinity;
-    this.w = minBucket; // steps per bucket
+    this.w = minBucket; // steps per bucket: minBucket x a power of two
     this.refoldNeeded = false;
     this.plot = null;
     this.shape = '';
@@ -66,19 +137,19 @@ export class LiveChart {
   /** Declare a series once: {label, stroke, reduce: mean(...) | ratio(...) | latest(...), scale?,
    * width?, dash?, stepped?, max? (clamp), z? (higher draws later, on top)}. */
   define(key, spec) {
-    if (!this.series.has(key)) this.series.set(key, { ...spec, xs: [], recs: [], agg: new Map(), held: null, heldK: -Infinity });
+    if (!this.series.has(key)) this.series.set(key, { ...spec, xs: [], recs: [], agg: new Map() });
   }
 
   push(key, x, rec) {
     const s = this.series.get(key);
-    s.xs.push(x);
-    s.recs.push(rec);
+    if (s.reduce.latest) { s.xs.push(x); s.recs.push(rec); }
     this.fold(s, x, rec);
     if (x > this.maxX) this.maxX = x;
+    if (x < this.minX) this.minX = x;
     this.invalidate();
   }
 
-  // One record into its bucket: [sum of num, sum of den], or the latest value.
+  // One record into its bucket: [sum of num, sum of den], or [k, the latest value].
   fold(s, x, rec) {
     const k = Math.floor(x / this.w);
     if (s.reduce.latest) {
@@ -97,11 +168,27 @@ export class LiveChart {
     if (cell) { cell[0] += a; cell[1] += b; } else s.agg.set(k, [a, b]);
   }
 
-  refold() {
-    this.nonFinite.clear();
+  // Buckets twice as wide: bucket k goes into k >> 1 (a `latest` keeps the later of the two).
+  widen() {
+    this.w *= 2;
     for (const s of this.series.values()) {
+      const merged = new Map();
+      for (const k of [...s.agg.keys()].sort((a, b) => a - b)) {
+        const v = s.agg.get(k);
+        const into = Math.floor(k / 2);
+        const cell = merged.get(into);
+        if (s.reduce.latest || !cell) merged.set(into, s.reduce.latest ? v : [...v]);
+        else { cell[0] += v[0]; cell[1] += v[1]; }
+      }
+      s.agg = merged;
+    }
+  }
+
+  // Fold the raw records of the `latest` series again (the others keep no raw records).
+  refold() {
+    for (const s of this.series.values()) {
+      if (!s.reduce.latest) continue;
       s.agg.clear();
-      s.heldK = -Infinity;
       for (let i = 0; i < s.xs.length; i++) this.fold(s, s.xs[i], s.recs[i]);
     }
   }
@@ -123,9 +210,11 @@ export class LiveChart {
   }
 
   clear() {
-    for (const s of this.series.values()) Object.assign(s, { xs: [], recs: [], agg: new Map(), held: null, heldK: -Infinity });
+    for (const s of this.series.values()) Object.assign(s, { xs: [], recs: [], agg: new Map() });
     this.nonFinite.clear();
+    this.minX = Infinity;
     this.maxX = -Infinity;
+    this.w = this.minBucket;
     this.invalidate();
   }
 
@@ -139,8 +228,7 @@ export class LiveChart {
     this.timer = setTimeout(() => requestAnimationFrame(() => {
       this.timer = null;
       this.lastDraw = performance.now();
-      this.draw();
-      this.drawMs = performance.now() - this.lastDraw;
+      this.drawMs = measured(this.el.id, () => this.draw());
     }), wait);
   }
 
@@ -151,7 +239,7 @@ export class LiveChart {
     this.plot?.destroy();
     this.plot = null;
     // What draw() told scripts and tests about this chart goes with it (the element stays, for the next page).
-    for (const key of ['points', 'nonFinite', 'series', 'medians', 'lasts', 'markers', 'markerLabels']) delete this.el.dataset[key];
+    for (const key of ['points', 'nonFinite', 'series', 'medians', 'lasts', 'markers', 'markerLabels', 'range']) delete this.el.dataset[key];
   }
 
   size() {
@@ -161,36 +249,24 @@ export class LiveChart {
   draw() {
     if (this.dead || !Number.isFinite(this.maxX)) return;
     const hi = this.maxX;
-    const lo = Math.max(0, hi - WINDOW_STEPS);
-    const w = Math.max(this.minBucket, Math.ceil((hi - lo + 1) / MAX_POINTS));
+    const lo = Number.isFinite(this.minX) ? Math.min(this.minX, hi) : hi;
+    while ((hi - lo + 1) / this.w > MAX_POINTS) this.widen();
+    const w = this.w;
     const all = [...this.series.values()].sort((a, b) => (a.z ?? 0) - (b.z ?? 0));
-    for (const s of all) trim(s, lo);
-    for (const x of this.nonFinite.keys()) if (x < lo) this.nonFinite.delete(x);
-    if (w !== this.w || this.refoldNeeded) {
-      this.w = w;
+    if (this.refoldNeeded) {
       this.refoldNeeded = false;
       this.refold();
     }
-    // Buckets that left the window go; a stepped series remembers the last value they held.
-    const klo = Math.floor(lo / w);
-    const khi = Math.floor(hi / w);
-    let k0 = khi;
-    for (const s of all) {
-      for (const [k, v] of s.agg) {
-        if (k >= klo) { if (k < k0) k0 = k; continue; }
-        if (s.reduce.latest && k > s.heldK) { s.heldK = k; s.held = v; }
-        s.agg.delete(k);
-      }
-      if (s.stepped && s.held !== null) k0 = klo;
-    }
-    const n = khi - k0 + 1;
+    const k0 = Math.floor(lo / w);
+    const n = Math.floor(hi / w) - k0 + 1;
     const xs = new Float64Array(n);
     for (let j = 0; j < n; j++) xs[j] = (k0 + j) * w;
-    this.range = [xs[0], Math.max(hi, xs[0] + 1)];
+    // The page's zoom, or the whole run.
+    this.range = this.view?.range ? [...this.view.range] : [xs[0], Math.max(hi, xs[0] + 1)];
     let points = 0;
     const data = [xs, ...all.map((s) => {
       const ys = new Array(n).fill(null);
-      let held = s.stepped ? s.held : null;
+      let held = null;
       for (let j = 0; j < n; j++) {
         const c = s.agg.get(k0 + j);
         let y = null;
@@ -208,6 +284,7 @@ export class LiveChart {
     this.el.dataset.points = String(points);
     this.el.dataset.nonFinite = String(this.nonFinite.size);
     this.el.dataset.series = String(all.length);
+    this.el.dataset.range = JSON.stringify(this.range);
     // What each series shows, in one number per series (its median point, its last), for scripts and tests.
     this.el.dataset.medians = JSON.stringify(Object.fromEntries(all.map((s, i) => [s.label, median(data[i + 1])])));
     this.el.dataset.lasts = JSON.stringify(Object.fromEntries(all.map((s, i) => [s.label, data[i + 1].findLast((y) => y !== null) ?? null])));
@@ -216,9 +293,10 @@ export class LiveChart {
   build(all, data, shape) {
     this.plot?.destroy();
     this.shape = shape;
+    const zoom = zoomOptions(this.view);
     const opts = {
       ...this.size(),
-      // Every chart shows the same window of steps, so their cursors line up.
+      // Every chart shows the same range of steps, so their cursors line up.
       scales: { x: { time: false, range: () => this.range }, ...this.scales },
       axes: [{ label: 'step' }, ...this.axes.map((a, i) => ({ scale: 'y', side: 3, grid: { show: i === 0 }, ...a }))],
       series: [{ label: 'step' }, ...all.map((s) => defined({
@@ -231,8 +309,8 @@ export class LiveChart {
         paths: s.stepped ? uPlot.paths.stepped({ align: 1 }) : undefined,
       }))],
       legend: { show: all.length <= this.legendMax },
-      cursor: { sync: { key: 'avgctl-steps' } },
-      hooks: { draw: [(u) => this.drawMarkers(u), (u) => this.drawNonFinite(u)] },
+      cursor: zoom.cursor,
+      hooks: { ...zoom.hooks, draw: [(u) => this.drawMarkers(u), (u) => drawNonFiniteMarks(u, this.nonFinite)] },
     };
     this.plot = new uPlot(opts, data, this.el);
   }
@@ -269,42 +347,4 @@ export class LiveChart {
     }
     ctx.restore();
   }
-
-  /** Each step with a non-finite figure as a thin red line over the plot (a run of them: a band),
-   * labelled "NaN" / "+Inf" / "-Inf" where a run starts. */
-  drawNonFinite(u) {
-    if (!this.nonFinite.size) return;
-    const { ctx } = u;
-    const { left, top, width, height } = u.bbox;
-    const r = devicePixelRatio || 1;
-    ctx.save();
-    ctx.beginPath();
-    ctx.rect(left, top, width, height);
-    ctx.clip();
-    ctx.font = `${11 * r}px system-ui, sans-serif`;
-    ctx.textAlign = 'left'; // uPlot leaves its axis labels' alignment on the context
-    let lastLabel = -Infinity;
-    for (const [x, label] of [...this.nonFinite].sort((p, q) => p[0] - q[0])) {
-      if (x < u.scales.x.min || x > u.scales.x.max) continue;
-      const px = Math.round(u.valToPos(x, 'x', true));
-      ctx.fillStyle = 'rgba(179, 38, 30, 0.18)';
-      ctx.fillRect(px - r, top, 2 * r, height);
-      if (px - lastLabel >= NON_FINITE_LABEL_GAP_PX * r) {
-        ctx.fillStyle = NON_FINITE_COLOR;
-        ctx.fillText(label, px + 3 * r, top + height - 6 * r);
-        lastLabel = px;
-      }
-    }
-    ctx.restore();
-  }
-}
-
-// Drop raw records that left the window, a quarter window at a time (their buckets are dropped at
-// every draw; the raw records only matter for folding again).
-function trim(s, lo) {
-  if (!s.xs.length || s.xs[0] >= lo - WINDOW_STEPS / 4) return;
-  const xs = [];
-  const recs = [];
-  for (let i = 0; i < s.xs.length; i++) if (s.xs[i] >= lo) { xs.push(s.xs[i]); recs.push(s.recs[i]); }
-  Object.assign(s, { xs, recs });
 }

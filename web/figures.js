@@ -6,7 +6,8 @@
 const SPELLED = new Map([['NaN', NaN], ['Infinity', Infinity], ['-Infinity', -Infinity]]);
 
 // Fields that hold figures: step and round records (protocol StepRecord, RoundRecord), a job's
-// divergence, the autopilot's report. A record's `scalars` and `top_layers` hold figures too.
+// divergence, the autopilot's report. A record's `scalars` and `top_layers` hold figures too, and so
+// do the arrays of a history answer (GET .../series: min, mean, max, median; .../layers: shares).
 const FIGURES = new Set([
   'time', 'step_time', 'drift', 'loss',
   'divergence', 'relative_divergence', 'divergence_mean', 'divergence_max', 'relative_mean', 'relative_max', 'seconds',
@@ -15,6 +16,7 @@ const FIGURES = new Set([
 ]);
 
 const number = (v) => (typeof v === 'string' && SPELLED.has(v) ? SPELLED.get(v) : v);
+const SERIES_ARRAYS = new Set(['min', 'mean', 'max', 'median']);
 
 function revive(key, value) {
   if (FIGURES.has(key)) return number(value);
@@ -22,6 +24,10 @@ function revive(key, value) {
     for (const name of Object.keys(value)) value[name] = number(value[name]);
   } else if (key === 'top_layers' && Array.isArray(value)) {
     for (const pair of value) if (Array.isArray(pair)) pair[1] = number(pair[1]);
+  } else if (SERIES_ARRAYS.has(key) && Array.isArray(value)) {
+    for (let i = 0; i < value.length; i++) value[i] = number(value[i]);
+  } else if (key === 'shares' && Array.isArray(value)) {
+    for (const row of value) if (Array.isArray(row)) for (let i = 0; i < row.length; i++) row[i] = number(row[i]);
   }
   return value;
 }

@@ -1,62 +1,67 @@
-// The page of one job: live charts fed by the job's websocket, the summary and the rank table.
+// The page of one job: charts of the job's history fed live by its websocket, the layer map, the
+// summary and the rank table.
 
 import { getJob } from './rest.js';
 import { LiveChart, latest, mean, rankColor, ratio } from './charts.js';
 import { Controls } from './controls.js';
 import { $, el } from './dom.js';
 import { nonFinite } from './figures.js';
-import { ago, num } from './format.js';
+import { num } from './format.js';
+import { LayerHeatmap } from './heatmap.js';
+import { HistoryChart } from './history.js';
+import { RankTable } from './ranks.js';
+import { ChartTools } from './tools.js';
 import { JobStream } from './stream.js';
+import { ChartView } from './view.js';
 
-const MAX_RANK_SERIES = 1024;
+const MAX_RANKS = 1024; // ranks whose live records the charts keep (as many arrays each)
 const RENDER_SOON_MS = 500; // live frames refresh the summary and rank table at most this often
 const RENDER_EVERY_MS = 2000; // keeps "last seen" ages fresh
+const STREAM_AFTER_MS = 3000; // the stream starts after the histories are in, or this long after opening
 
 const RESTORE_COLOR = '#9a6700'; // a restore's marker on the period chart (style.css: --warn)
-
-const rankKey = (rank) => `r${rank}`;
 
 /** Raise map[key] to `step` unless it already holds that step or a later one. */
 function keepLatest(map, key, step) {
   if (!(step <= map.get(key))) map.set(key, step);
 }
 
-/** The charts of a job page, fed record by record: five for every job, two more for DiLoCo's rounds. */
+/** The charts of a job page: the per-rank ones (loss, divergence, drift) read the job's history
+ * and append live records; the others fold the snapshot's and the live records (charts.js). */
 class JobCharts {
   /** relative: divergence shown relative to the mean model's norm; markers(): applied commands as
    * [{x, label}] (the period chart adds the restores, the outer lr chart shows them too);
-   * worldSize(): the job's number of ranks. */
-  constructor({ relative, markers, worldSize }) {
+   * view: the page's ChartView. */
+  constructor(jobId, { relative, markers, view }) {
     this.relative = relative;
-    this.worldSize = worldSize;
-    this.loss = new LiveChart($('#chart-loss'), { axes: [{ label: 'loss' }] });
-    this.drift = new LiveChart($('#chart-drift'), { axes: [{ label: 'drift' }] });
-
-    this.divergence = new LiveChart($('#chart-divergence'), { axes: [{ label: 'divergence' }] });
-    const pick = (abs, rel) => (r) => (this.relative ? r[rel] : r[abs]);
-    this.divergence.define('mean', { label: 'group mean', stroke: '#111', width: 2.5, z: 1, reduce: mean(pick('divergence_mean', 'relative_mean')) });
-    this.divergence.define('max', { label: 'group max', stroke: '#c00', width: 2, dash: [6, 4], z: 1, reduce: mean(pick('divergence_max', 'relative_max')) });
+    this.view = view;
+    const history = (id, name, axis, groupLines = false) => new HistoryChart($(id), { jobId, view, name, axis, groupLines });
+    this.loss = history('#chart-loss', () => 'loss', () => 'loss');
+    this.drift = history('#chart-drift', () => 'drift', () => 'drift');
+    this.divergence = history('#chart-divergence', () => (this.relative ? 'relative_divergence' : 'divergence'),
+      () => (this.relative ? 'divergence / ‖mean model‖' : 'divergence'), true);
 
     this.restores = []; // [{x, label}]: restores from checkpoints, marked beside the commands
-    this.period = new LiveChart($('#chart-period'), { axes: [{ label: 'period (steps)' }], markers: () => [...markers(), ...this.restores] });
+    this.period = new LiveChart($('#chart-period'), { axes: [{ label: 'period (steps)' }], markers: () => [...markers(), ...this.restores], view });
     this.period.define('period', { label: 'period', stroke: '#5a3fa0', width: 2, stepped: true, reduce: latest((c) => c.period) });
 
     // DiLoCo: each round's pseudo-gradient Δ = θ_g − mean θ_i (one figure for the whole job, so the
     // ranks' records fold into one line) and the outer lr it was applied with. Shown for DiLoCo jobs.
     this.pseudoGradient = new LiveChart($('#chart-pseudo-gradient'), {
-      axes: [{ label: '‖Δ‖' }, { label: '‖Δ‖ / ‖θ_g‖', scale: 'relative', side: 1 }],
+      axes: [{ label: '‖Δ‖' }, { label: '‖Δ‖ / ‖θ_g‖', scale: 'relative', side: 1 }], view,
     });
     this.pseudoGradient.define('norm', { label: '‖Δ‖', stroke: '#00695c', width: 2, reduce: mean((r) => r.pseudo_gradient_norm) });
     this.pseudoGradient.define('relative', {
       label: '‖Δ‖ / ‖θ_g‖', stroke: '#ad1457', width: 1.5, dash: [6, 4], scale: 'relative', reduce: mean((r) => r.pseudo_gradient_relative),
     });
-    this.outerLr = new LiveChart($('#chart-outer-lr'), { axes: [{ label: 'outer lr' }], markers });
+    this.outerLr = new LiveChart($('#chart-outer-lr'), { axes: [{ label: 'outer lr' }], markers, view });
     this.outerLr.define('lr', { label: 'outer lr', stroke: '#6d4c41', width: 2, stepped: true, reduce: latest((r) => r.outer_lr) });
 
     this.throughput = new LiveChart($('#chart-throughput'), {
       axes: [{ label: 'steps/s per rank' }, { label: 'averaging share', scale: 'share', side: 1 }],
       scales: { share: { range: [0, 1] } },
       minBucket: 20,
+      view,
     });
     // Steps per second of one rank, and the share of step time spent in averaging rounds (step
     // records bring the step time, round records the averaging seconds).
@@ -71,30 +76,20 @@ class JobCharts {
     });
   }
 
-  all() {
-    return [this.loss, this.divergence, this.drift, this.period, this.throughput, this.pseudoGradient, this.outerLr];
+  history() {
+    return [this.loss, this.divergence, this.drift];
   }
 
-  /** Give `rank` its lines on the loss, drift and divergence charts; false past MAX_RANK_SERIES ranks. */
-  addRank(rank) {
-    const key = rankKey(rank);
-    if (this.loss.series.has(key)) return true;
-    if (this.loss.series.size >= MAX_RANK_SERIES) return false;
-    // Many ranks: lighter lines, so the group mean and max stay readable on top.
-    const spec = { label: `rank ${rank}`, stroke: rankColor(rank, this.worldSize() > 16 ? 0.45 : 1) };
-    this.loss.define(key, { ...spec, reduce: mean((s) => s.loss) });
-    this.drift.define(key, { ...spec, reduce: mean((s) => s.drift) });
-    this.divergence.define(key, { ...spec, reduce: mean((r) => (this.relative ? r.relative_divergence : r.divergence)) });
-    return true;
+  live() {
+    return [this.period, this.throughput, this.pseudoGradient, this.outerLr];
   }
 
-  /** A step record of `rank` standing for `weight` steps; false when the rank has no lines. */
+  /** A step record of `rank` standing for `weight` steps; false past MAX_RANKS ranks. */
   addStep(rank, s, weight = 1) {
     if (weight !== 1) s.w = weight;
-    if (!this.addRank(rank)) return false;
-    const key = rankKey(rank);
-    if (s.loss !== null && s.loss !== undefined) this.loss.push(key, s.step, s);
-    if (s.drift !== null && s.drift !== undefined) this.drift.push(key, s.step, s);
+    if (!(rank >= 0 && rank < MAX_RANKS)) return false;
+    if (s.loss !== null && s.loss !== undefined) this.loss.push(rank, s.step, s.loss);
+    if (s.drift !== null && s.drift !== undefined) this.drift.push(rank, s.step, s.drift);
     if (s.step_time > 0) {
       this.throughput.push('rate', s.step, s);
       this.throughput.push('share', s.step, s);
@@ -106,9 +101,7 @@ class JobCharts {
   /** A round record of `rank`: its divergence, the group's mean and max, the time it took; a
    * DiLoCo round's pseudo-gradient and outer lr (rank 0's: every rank reports the same). */
   addRound(rank, r) {
-    if (this.addRank(rank)) this.divergence.push(rankKey(rank), r.step, r);
-    this.divergence.push('mean', r.step, r);
-    this.divergence.push('max', r.step, r);
+    if (rank >= 0 && rank < MAX_RANKS) this.divergence.push(rank, r.step, this.relative ? r.relative_divergence : r.divergence);
     this.throughput.push('share', r.step, r);
     if (rank !== 0) return;
     if (r.pseudo_gradient_norm !== null && r.pseudo_gradient_norm !== undefined) {
@@ -139,20 +132,31 @@ class JobCharts {
     }
   }
 
-  /** Show divergence relative to the mean model's norm, or not: every record is folded again. */
+  /** Show divergence relative to the mean model's norm, or not: its history is asked again. */
   setRelative(relative) {
     this.relative = relative;
-    this.divergence.axes = [{ label: relative ? 'divergence / ‖mean model‖' : 'divergence' }];
-    this.divergence.invalidate(true);
+    this.divergence.clear();
+    this.divergence.load();
   }
 
-  clear() {
+  /** The view changed (view.js): a new range asks every history again; the rest redraws. */
+  onView(changed) {
+    if (changed.has('range')) for (const chart of this.history()) { chart.liveMax = -Infinity; chart.load(); }
+    else if (changed.has('overlay')) for (const chart of this.history()) chart.loadOverlay();
+    // (A change of scale or of the lines drawn rebuilds the plot: draw() compares their shape.)
+    if (changed.has('log') || changed.has('smoothing') || changed.has('selected')) for (const chart of this.history()) chart.invalidate();
+    if (changed.has('range')) for (const chart of this.live()) chart.invalidate(true);
+  }
+
+  /** Forget every record; `history`: also the histories' answers, asked again. */
+  clear({ history = true } = {}) {
     this.restores = [];
-    for (const chart of this.all()) chart.clear();
+    for (const chart of this.live()) chart.clear();
+    if (history) for (const chart of this.history()) { chart.clear(); chart.load(); }
   }
 
   destroy() {
-    for (const chart of this.all()) chart.destroy();
+    for (const chart of [...this.history(), ...this.live()]) chart.destroy();
   }
 }
 
@@ -256,22 +260,6 @@ function renderSummary(job, step) {
     el('div', {}, el('dt', { textContent: label }), el('dd', { textContent: String(value), id: `job-${key}` }))));
 }
 
-/** One row per rank in rank order; `rankSteps` (rank -> step seen in metrics) may be ahead of `ranks`. */
-function renderRankTable(ranks, rankSteps) {
-  const rows = [...ranks].sort((a, b) => a.rank - b.rank).map((r) => {
-    const tr = el('tr', {},
-      el('td', { className: 'num', textContent: r.rank }),
-      el('td', { textContent: r.host ?? '' }),
-      el('td', { className: 'num', textContent: Math.max(r.step ?? 0, rankSteps.get(r.rank) ?? 0) }),
-      el('td', { textContent: ago(r.last_seen) }),
-      el('td', { className: r.connected ? 'yes' : 'no', textContent: r.connected ? 'yes' : 'no' }),
-      el('td', { className: 'num', textContent: r.dropped ?? 0 }));
-    tr.dataset.rank = r.rank;
-    return tr;
-  });
-  $('#rank-table tbody').replaceChildren(...rows);
-}
-
 /** One open job page: the job's stream feeds its charts, controls, summary and rank table. */
 class JobPage {
   constructor(jobId, { limits, role, showError, setConnection }) {
@@ -289,12 +277,16 @@ class JobPage {
       limits, role, showError, onApplied: () => { this.charts.period.invalidate(); this.charts.outerLr.invalidate(); },
     });
     this.relativeBox = $('#divergence-relative');
-    this.charts = new JobCharts({
-      relative: this.relativeBox.checked,
-      markers: () => this.controls.markers(),
-      worldSize: () => this.job?.world_size ?? 0,
-    });
+    this.view = new ChartView();
+    this.charts = new JobCharts(jobId, { relative: this.relativeBox.checked, markers: () => this.controls.markers(), view: this.view });
     this.relativeBox.onchange = () => this.charts.setRelative(this.relativeBox.checked);
+    this.layers = new LayerHeatmap($('#chart-layers'), $('#layers-note'), { jobId, view: this.view });
+    this.rankTable = new RankTable(this.view);
+    this.tools = new ChartTools(jobId, this.view, this.charts, showError);
+    this.stopView = this.view.listen((changed) => {
+      this.charts.onView(changed);
+      if (changed.has('range') || changed.has('selected')) this.layers.load();
+    });
     this.stream = new JobStream(jobId, {
       onMessage: (msg) => this.onMessage(msg),
       onDrop: () => this.onDrop(),
@@ -304,20 +296,31 @@ class JobPage {
       },
     });
     getJob(jobId).then((job) => { if (!this.job) this.setJob(job); }, (err) => this.explain(err));
-    this.stream.start();
+    this.snapshots = 0;
+    // The histories first, the stream (its snapshot) after them: a large job's snapshot read beside
+    // them made the server answer each 3-4x slower (bench/dashboard.py). Not for long, though.
+    const histories = Promise.allSettled(this.charts.history().map((chart) => chart.load()));
+    this.layers.load();
+    const later = new Promise((resolve) => { this.startTimer = setTimeout(resolve, STREAM_AFTER_MS); });
+    Promise.race([histories, later]).then(() => { if (!this.closed) this.stream.start(); });
     this.ticker = setInterval(() => this.render(), RENDER_EVERY_MS);
   }
 
   close() {
+    this.closed = true;
+    clearTimeout(this.startTimer);
     this.stream.stop();
     clearInterval(this.ticker);
     clearTimeout(this.renderTimer);
     this.relativeBox.onchange = null;
+    this.stopView();
+    this.tools.destroy();
+    this.rankTable.destroy();
+    this.layers.destroy();
     this.controls.destroy();
     this.charts.destroy();
     this.banner.remove();
     $('#job-summary').replaceChildren();
-    $('#rank-table tbody').replaceChildren();
     for (const sel of ['#figure-pseudo-gradient', '#figure-outer-lr']) $(sel).hidden = true;
   }
 
@@ -331,12 +334,16 @@ class JobPage {
 
   // Sent on every (re)connect: everything shown starts again from it.
   onSnapshot(msg) {
-    this.charts.clear();
+    // The histories were asked for when the page opened (not after the snapshot: a large job's takes
+    // a second); a later snapshot is a reconnect, after which they are asked again.
+    const again = this.snapshots++ > 0;
+    this.charts.clear({ history: again });
+    if (!again) for (const chart of this.charts.history()) if (chart.failed) chart.load();
     this.rankSteps.clear();
     this.notFinite.clear();
     this.job = null;
     this.setJob(msg.job);
-    for (let r = 0; r < Math.min(this.job?.world_size ?? 0, MAX_RANK_SERIES); r++) this.charts.addRank(r);
+    if (this.snapshots > 1) this.layers.load();
     const steps = msg.steps || [];
     const rounds = msg.rounds || [];
     const events = msg.control_events || [];
@@ -352,7 +359,7 @@ class JobPage {
     this.overlap.reset('rounds', rounds);
     for (const ev of events) this.charts.addControl(ev);
     this.controls.reset(msg.commands || []);
-    this.renderBanner();
+    this.render(); // the rank table with the snapshot's latest figures (setJob rendered before them)
   }
 
   // One frame per job per server tick (`DashboardMetrics`): every rank's records since the last one.
@@ -368,11 +375,14 @@ class JobPage {
   addStep(rank, s, weight = 1) {
     this.notFinite.note(rank, s, STEP_FIGURES);
     if (this.charts.addStep(rank, s, weight)) keepLatest(this.rankSteps, rank, s.step);
+    if (s.loss !== null && s.loss !== undefined) this.rankTable.note(rank, s.step, 'loss', s.loss);
   }
 
   addRound(rank, r) {
     this.notFinite.note(rank, r, ROUND_FIGURES);
     this.charts.addRound(rank, r);
+    this.rankTable.note(rank, r.step, 'divergence', r.divergence);
+    this.layers.noteRound();
     if (rank === 0) this.controls.noteRound(r);
   }
 
@@ -413,7 +423,7 @@ class JobPage {
     if (!this.job) return;
     const seen = Math.max(-1, ...this.rankSteps.values());
     renderSummary(this.job, Math.max(this.job.step ?? 0, seen));
-    renderRankTable(this.job.ranks || [], this.rankSteps);
+    this.rankTable.update(this.job.ranks || [], this.rankSteps, this.job.world_size ?? 0);
     this.renderBanner();
   }
 }

@@ -60,3 +60,17 @@ export const getJob = (id) => api(job(id));
 export const listCommands = (id) => api(`${job(id)}/commands`);
 export const getCommand = (id, cid) => api(`${job(id)}/commands/${encodeURIComponent(cid)}`);
 export const sendCommand = (id, command) => api(`${job(id)}/commands`, { method: 'POST', body: command });
+
+/** Query string of the defined entries of `params` (null and undefined are left out). */
+const query = (params) => new URLSearchParams(Object.entries(params).filter(([, v]) => v !== null && v !== undefined)).toString();
+
+/** A figure's history bucketed to at most `points` buckets (GET .../series, CONTRACT "History at any zoom"):
+ * {name, from_step, to_step, bucket_steps, steps, ranks: {r: {min, mean, max}}, group: {min, median, max}}. */
+export const seriesPath = (id, { name, from, to, points, ranks }) =>
+  `${job(id)}/series?${query({ name, from_step: from, to_step: to, points, ranks: ranks?.join(',') })}`;
+export const getSeries = (id, opts) => api(seriesPath(id, opts));
+
+/** Each layer's share of one rank's divergence per round (GET .../layers):
+ * {from_step, to_step, layers, steps, shares: [[share per column] per layer], layers_total, complete}. */
+export const getLayers = (id, { from, to, points, rank }) =>
+  api(`${job(id)}/layers?${query({ from_step: from, to_step: to, points, rank })}`);
