@@ -392,7 +392,7 @@ def test_the_autopilot_retunes_through_the_command_log_and_a_person_suspends_it(
 
         # More rounds while it is pending: no second set_period.
         send_rounds(r0, 13, 24, period=4, relative=math.sqrt(0.02))
-        wait_for(lambda: client.get("/api/jobs/job-1").json()["step"] == 24)
+        wait_for(lambda: client.get("/api/jobs/job-1").json().get("step") == 24)
         report = wait_for(lambda: (a := client.get("/api/jobs/job-1").json()["control"]["autotune"]).get("state") and a)
         assert report["state"] == "active" and report["enabled"] and report["target_divergence"] == 0.01
         assert report["last_proposal"]["period"] == 2 and report["last_proposal"]["pending_command"] == cmd["id"]
@@ -422,7 +422,7 @@ def test_the_autopilot_retunes_through_the_command_log_and_a_person_suspends_it(
             ).model_dump_json()
         )
         send_rounds(r0, 25, 64, period=8, relative=0.5)
-        wait_for(lambda: client.get("/api/jobs/job-1").json()["step"] == 64)
+        wait_for(lambda: client.get("/api/jobs/job-1").json().get("step") == 64)
         assert [c["author"] for c in commands()].count("autopilot") == 1
 
         # Switched on again, it acts again (from the period in force, 8).

@@ -108,7 +108,7 @@ def test_set_autotune_is_applied_by_the_server(client):
     with client.websocket_connect("/ws/worker", headers=auth(WORKER)) as r0:
         r0.send_text(hello(rank=0, world_size=1))
         r0.send_text(batch(1, 5))
-        wait_for(lambda: client.get("/api/jobs/job-1").json()["step"] == 5)
+        wait_for(lambda: client.get("/api/jobs/job-1").json().get("step") == 5)  # 404 until the hello is stored
         out = client.post(
             "/api/jobs/job-1/commands",
             json={"type": "set_autotune", "enabled": True, "target_divergence": 0.5},

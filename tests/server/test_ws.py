@@ -91,7 +91,7 @@ def test_same_rank_from_another_link_is_refused_the_same_link_replaces(client):
             again.send_text(hello(pid=100, link="L1"))
             assert closed_with(first)[0] == 4000
             again.send_text(batch(1, 2))
-            wait_for(lambda: client.get("/api/jobs/job-1").json()["step"] == 2)
+            wait_for(lambda: client.get("/api/jobs/job-1").json().get("step") == 2)
             assert client.get("/api/jobs/job-1").json()["ranks"][0]["connected"]
 
 

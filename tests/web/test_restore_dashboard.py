@@ -46,7 +46,7 @@ def test_the_log_and_the_period_chart_show_what_a_restore_rolled_back(server, re
         _command(rest, rank, {"type": "set_period", "period": 16})  # version 2, step 200
         rank.run(132)
         _command(rest, rank, {"type": "pause_averaging"})  # version 3, step 332
-        wait_for(lambda: rest.get(f"/api/jobs/{JOB}").json()["step"] == 332, what="step 332 stored")
+        wait_for(lambda: rest.get(f"/api/jobs/{JOB}").json().get("step") == 332, what="step 332 stored")
 
         login(page, server, route=f"#/jobs/{JOB}")
         expect(page.locator("#connection-state")).to_have_attribute("data-state", "connected")
