@@ -14,30 +14,16 @@ SUMMARY_KEYS = ["task", "steps", "rounds", "initial_eval_loss", "final_eval_loss
 """``--summary``'s JSON, as ../shared/CONTRACT.md ("Demo task flags") gives it."""
 
 
+def _two_ranks(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone`` with 2 ranks of the worker demo, its output captured."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return subprocess.run([*command, "-m", "avgctl.worker.demo", *args], capture_output=True, text=True, timeout=120)
+
+
 def test_demo_runs_under_torchrun_and_prints_the_round_table(tmp_path):
     result = tmp_path / "result.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "avgctl.worker.demo",
-            "--steps",
-            "120",
-            "--period",
-            "4",
-            "--result",
-            str(result),
-            "--summary",
-            str(tmp_path / "summary.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = _two_ranks(
+        "--steps", "120", "--period", "4", "--result", str(result), "--summary", str(tmp_path / "summary.json")
     )
     assert proc.returncode == 0, proc.stderr
     assert "div mean" in proc.stdout and "done: 120 steps, 30 averaging rounds" in proc.stdout
@@ -51,31 +37,7 @@ def test_demo_runs_under_torchrun_and_prints_the_round_table(tmp_path):
 
 def test_the_lm_task_trains_a_gpt_whose_held_out_bits_per_byte_fall(tmp_path):
     summary = tmp_path / "summary.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "avgctl.worker.demo",
-            "--task",
-            "lm",
-            "--steps",
-            "60",
-            "--period",
-            "4",
-            "--batch-size",
-            "4",
-            "--summary",
-            str(summary),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _two_ranks("--task", "lm", "--steps", "60", "--period", "4", "--batch-size", "4", "--summary", str(summary))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "eval" in proc.stdout.splitlines()[0] and "bits per byte" in proc.stdout
     figures = json.loads(summary.read_text())
