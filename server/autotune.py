@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -245,6 +244,14 @@ def _fmt(x: float) -> str:
 # ------------------------------------------------------------------------------------------ updates
 
 
+def _median(values: Iterable[float]) -> float:
+    """``statistics.median``, but the mean of the middle two is taken as halves: two finite deltas
+    near 1.8e308 have a finite median, and (a + b) / 2 overflowed to an infinite target."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else ordered[mid - 1] / 2 + ordered[mid] / 2
+
+
 def switch(state: AutotuneState, enabled: bool, target: float | None = None) -> AutotuneState:
     """``set_autotune``: on (with the person's target, or calibrating one) or off.
 
@@ -363,7 +370,7 @@ def observe_round(
             calibration = calibration + (delta,)
             if len(calibration) >= cfg.calibration_skip + cfg.calibration_rounds:
                 used = calibration[cfg.calibration_skip :]
-                target = statistics.median(used)
+                target = _median(used)
                 mode = "active"
                 note = f"target {_fmt(target)} calibrated over {len(used)} rounds at period {period}"
                 if cfg.calibration_skip:

@@ -432,3 +432,13 @@ def test_the_autopilot_retunes_through_the_command_log_and_a_person_suspends_it(
         send_rounds(r0, 65, 96, period=8, relative=0.5)
         again = wait_for(lambda: [c for c in commands() if c["author"] == "autopilot"][1:])
         assert again[0]["command"] == {"type": "set_period", "period": 4} and "limited to x1/2" in again[0]["note"]
+
+
+def test_a_target_calibrated_from_huge_deltas_is_finite():
+    # Two finite deltas near the float maximum: their mean, taken as (a + b) / 2, was inf.
+    cfg = at.AutotuneConfig(calibration_skip=0, calibration_rounds=2)
+    state = at.switch(at.AutotuneState(), True, None)
+    for step, delta in ((1, 9e307), (2, 1.7e308), (3, 9e307)):
+        state, proposal = at.observe_round(state, cfg, step=step, delta=delta, seconds=0.001, period=1)
+    assert state.mode == "active" and state.target == pytest.approx(1.3e308)
+    assert proposal is None or math.isfinite(proposal.target)
