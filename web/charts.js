@@ -49,6 +49,33 @@ export function measured(name, draw) {
   return t1 - t0;
 }
 
+/** Schedule `chart.draw()`: at most one per REDRAW_MS, in an animation frame; a chart that is slow
+ * to draw (many ranks, a slow machine) draws less often, <= ~10% busy. Keeps `timer`, `lastDraw`
+ * and `drawMs` on the chart. */
+export function scheduleDraw(chart) {
+  if (chart.timer !== null || chart.dead) return;
+  const wait = Math.max(0, chart.lastDraw + Math.max(REDRAW_MS, 10 * chart.drawMs) - performance.now());
+  chart.timer = setTimeout(() => requestAnimationFrame(() => {
+    chart.timer = null;
+    chart.lastDraw = performance.now();
+    chart.drawMs = measured(chart.el.id, () => chart.draw());
+  }), wait);
+}
+
+/** Run `draw(ctx, bbox, r)` on uPlot's canvas clipped to the plot area (r: device pixel ratio),
+ * with the context restored after and the font our labels use. */
+function clippedToPlot(u, draw) {
+  const { ctx } = u;
+  const r = devicePixelRatio || 1;
+  ctx.save();
+  ctx.beginPath();
+  ctx.rect(u.bbox.left, u.bbox.top, u.bbox.width, u.bbox.height);
+  ctx.clip();
+  ctx.font = `${11 * r}px system-ui, sans-serif`;
+  draw(ctx, u.bbox, r);
+  ctx.restore();
+}
+
 /**
  * uPlot options shared by every chart of a job page: the cursor lines up across charts, a drag
  * selects a range of steps that `view` (view.js) then shows on every chart, a double-click goes
@@ -79,28 +106,21 @@ export function zoomOptions(view) {
  * line over the plot (a run of them: a band), labelled where a run starts. */
 export function drawNonFiniteMarks(u, marks) {
   if (!marks.size) return;
-  const { ctx } = u;
-  const { left, top, width, height } = u.bbox;
-  const r = devicePixelRatio || 1;
-  ctx.save();
-  ctx.beginPath();
-  ctx.rect(left, top, width, height);
-  ctx.clip();
-  ctx.font = `${11 * r}px system-ui, sans-serif`;
-  ctx.textAlign = 'left'; // uPlot leaves its axis labels' alignment on the context
-  let lastLabel = -Infinity;
-  for (const [x, label] of [...marks].sort((p, q) => p[0] - q[0])) {
-    if (x < u.scales.x.min || x > u.scales.x.max) continue;
-    const px = Math.round(u.valToPos(x, 'x', true));
-    ctx.fillStyle = 'rgba(179, 38, 30, 0.18)';
-    ctx.fillRect(px - r, top, 2 * r, height);
-    if (px - lastLabel >= NON_FINITE_LABEL_GAP_PX * r) {
-      ctx.fillStyle = NON_FINITE_COLOR;
-      ctx.fillText(label, px + 3 * r, top + height - 6 * r);
-      lastLabel = px;
+  clippedToPlot(u, (ctx, { top, height }, r) => {
+    ctx.textAlign = 'left'; // uPlot leaves its axis labels' alignment on the context
+    let lastLabel = -Infinity;
+    for (const [x, label] of [...marks].sort((p, q) => p[0] - q[0])) {
+      if (x < u.scales.x.min || x > u.scales.x.max) continue;
+      const px = Math.round(u.valToPos(x, 'x', true));
+      ctx.fillStyle = 'rgba(179, 38, 30, 0.18)';
+      ctx.fillRect(px - r, top, 2 * r, height);
+      if (px - lastLabel >= NON_FINITE_LABEL_GAP_PX * r) {
+        ctx.fillStyle = NON_FINITE_COLOR;
+        ctx.fillText(label, px + 3 * r, top + height - 6 * r);
+        lastLabel = px;
+      }
     }
-  }
-  ctx.restore();
+  });
 }
 
 /**
@@ -222,14 +242,7 @@ export class LiveChart {
    * shows changed (fold the records again and rebuild the plot). */
   invalidate(refold = false) {
     if (refold) { this.shape = ''; this.refoldNeeded = true; }
-    if (this.timer !== null) return;
-    // A chart that is slow to draw (many ranks, a slow machine) draws less often: <= ~10% busy.
-    const wait = Math.max(0, this.lastDraw + Math.max(REDRAW_MS, 10 * this.drawMs) - performance.now());
-    this.timer = setTimeout(() => requestAnimationFrame(() => {
-      this.timer = null;
-      this.lastDraw = performance.now();
-      this.drawMs = measured(this.el.id, () => this.draw());
-    }), wait);
+    scheduleDraw(this);
   }
 
   destroy() {
@@ -319,32 +332,25 @@ export class LiveChart {
     const marks = this.markers ? this.markers() : [];
     this.el.dataset.markers = String(marks.length);
     this.el.dataset.markerLabels = JSON.stringify(marks.map((m) => m.label));
-    const { ctx } = u;
-    const { left, top, width, height } = u.bbox;
-    const r = devicePixelRatio || 1;
-    ctx.save();
-    ctx.beginPath();
-    ctx.rect(left, top, width, height);
-    ctx.clip();
-    ctx.lineWidth = r;
-    ctx.setLineDash([4 * r, 4 * r]);
-    ctx.font = `${11 * r}px system-ui, sans-serif`;
-    // In step order, so neighbours take different rows of the stagger.
-    for (const [i, m] of [...marks].sort((a, b) => a.x - b.x).entries()) {
-      if (m.x < u.scales.x.min || m.x > u.scales.x.max) continue;
-      const px = Math.round(u.valToPos(m.x, 'x', true)) + 0.5;
-      ctx.strokeStyle = m.color ?? '#7a5cc2';
-      ctx.fillStyle = m.color ?? '#5a3fa0';
-      ctx.beginPath();
-      ctx.moveTo(px, top);
-      ctx.lineTo(px, top + height);
-      ctx.stroke();
-      // Left of the line where the label would run past the plot's right edge. (uPlot leaves its
-      // own axis labels' alignment on the context: set ours.)
-      const flip = px + 3 * r + ctx.measureText(m.label).width > left + width;
-      ctx.textAlign = flip ? 'right' : 'left';
-      ctx.fillText(m.label, flip ? px - 3 * r : px + 3 * r, top + 12 * r * (1 + (i % 3))); // staggered: marks can be close
-    }
-    ctx.restore();
+    clippedToPlot(u, (ctx, { left, top, width, height }, r) => {
+      ctx.lineWidth = r;
+      ctx.setLineDash([4 * r, 4 * r]);
+      // In step order, so neighbours take different rows of the stagger.
+      for (const [i, m] of [...marks].sort((a, b) => a.x - b.x).entries()) {
+        if (m.x < u.scales.x.min || m.x > u.scales.x.max) continue;
+        const px = Math.round(u.valToPos(m.x, 'x', true)) + 0.5;
+        ctx.strokeStyle = m.color ?? '#7a5cc2';
+        ctx.fillStyle = m.color ?? '#5a3fa0';
+        ctx.beginPath();
+        ctx.moveTo(px, top);
+        ctx.lineTo(px, top + height);
+        ctx.stroke();
+        // Left of the line where the label would run past the plot's right edge. (uPlot leaves its
+        // own axis labels' alignment on the context: set ours.)
+        const flip = px + 3 * r + ctx.measureText(m.label).width > left + width;
+        ctx.textAlign = flip ? 'right' : 'left';
+        ctx.fillText(m.label, flip ? px - 3 * r : px + 3 * r, top + 12 * r * (1 + (i % 3))); // staggered: marks can be close
+      }
+    });
   }
 }

@@ -5,7 +5,7 @@
 // median and the OUTLIERS ranks furthest from it instead of every rank.
 
 import uPlot from '/vendor/uplot/uPlot.esm.js';
-import { HEIGHT, defined, drawNonFiniteMarks, measured, median, rankColor, zoomOptions } from './charts.js';
+import { HEIGHT, defined, drawNonFiniteMarks, median, rankColor, scheduleDraw, zoomOptions } from './charts.js';
 import { spell } from './figures.js';
 import { getSeries } from './rest.js';
 import { csvText, ema, furthest, positive, Tail } from './series.js';
@@ -14,7 +14,6 @@ export const BAND_ABOVE = 16; // ranks; more than this and a chart draws a band,
 const OUTLIERS = 3;
 const OUTLIERS_MS = 2000;
 const RETRY_MS = 2000; // a failed answer is asked again at most this often
-const REDRAW_MS = 250;
 const MAX_PENDING = 200_000; // live records held while an answer is on its way
 const BAND_FILL = 'rgba(60, 90, 140, 0.16)';
 
@@ -165,13 +164,7 @@ export class HistoryChart {
 
   invalidate(rebuild = false) {
     if (rebuild) this.shape = '';
-    if (this.timer !== null || this.dead) return;
-    const wait = Math.max(0, this.lastDraw + Math.max(REDRAW_MS, 10 * this.drawMs) - performance.now());
-    this.timer = setTimeout(() => requestAnimationFrame(() => {
-      this.timer = null;
-      this.lastDraw = performance.now();
-      this.drawMs = measured(this.el.id, () => this.draw());
-    }), wait);
+    scheduleDraw(this);
   }
 
   destroy() {
