@@ -468,8 +468,8 @@ def serve(path: str, requests: BinaryIO, answers: BinaryIO) -> None:
                 _send(answers, f"{type(err).__name__}: {err}".encode())
             else:
                 held.committed()
-                _send(answers, _HELD if held.rows else _DONE)
-        if held.rows:  # the server is stopping: what is held back, written
+                _send(answers, _HELD if held.spans else _DONE)
+        if held.spans:  # the server is stopping: what is held back, written
             conn.execute("BEGIN")
             write_rows(conn, metric_rows([]), held, flush=True)
             conn.execute("COMMIT")

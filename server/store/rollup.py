@@ -122,12 +122,16 @@ def finest(
             else:
                 group.append(values)
         for (job_id, rank, bucket), group in groups.items():
-            for i, name in enumerate(names):
-                _fold_column(folded, (job_id, name, rank, bucket), [values[i] for values in group], sign)
-            if len(names) < len(group[0]):  # a step's scalars, after its figures
-                for values in group:
-                    for name, value in (values[-1] or {}).items():
-                        _fold_column(folded, (job_id, SCALAR_PREFIX + name, rank, bucket), [value], sign)
+            columns = tuple(zip(*group))
+            for name, column in zip(names, columns):
+                _fold_column(folded, (job_id, name, rank, bucket), column, sign)
+            if len(names) < len(columns) and any(columns[-1]):  # a step's scalars, after its figures
+                scalars: dict[str, list] = {}
+                for figures in columns[-1]:
+                    for name, value in (figures or {}).items():
+                        scalars.setdefault(name, []).append(value)
+                for name, column in scalars.items():
+                    _fold_column(folded, (job_id, SCALAR_PREFIX + name, rank, bucket), column, sign)
     return folded
 
 
@@ -163,7 +167,7 @@ def _merged(parts: list[Counts]) -> Counts:
     return into
 
 
-def _fold_column(finest: dict[tuple, Counts], key: tuple, column: list, sign: int) -> None:
+def _fold_column(finest: dict[tuple, Counts], key: tuple, column: tuple | list, sign: int) -> None:
     """Fold one series' values of one finest bucket into ``finest[key]``."""
     if None in column:
         column = [value for value in column if value is not None]
@@ -263,10 +267,10 @@ def backfill(conn: sqlite3.Connection) -> None:
         GROUP BY se.id, f.step >> {FINEST_LEVEL}, f.rank"""
     )
     conn.execute("DROP TABLE figures")
-    _coarse_from_finest(conn)
+    coarse_from_finest(conn)
 
 
-def _coarse_from_finest(conn: sqlite3.Connection) -> None:
+def coarse_from_finest(conn: sqlite3.Connection) -> None:
     """Every coarser level's rows from the finest level's (the coarser levels empty)."""
     for level in LEVELS[1:]:
         shift = level - FINEST_LEVEL
@@ -281,90 +285,114 @@ def _coarse_from_finest(conn: sqlite3.Connection) -> None:
 # ------------------------------------------------------------------ held back in a flood
 
 HOLD_SECONDS = 1.0  # in a flood, the coarse levels lag the records by at most this
-BEHIND = "coarse_rollups_behind"  # its row in ``counters``: 1 while a writer holds deltas back
+# The spans of finest buckets whose coarser rows a writer holds back, per job: a writer that dies
+# holding some leaves them here, and the next one brings those rows up to date (``repair``).
+BEHIND_TABLE = """CREATE TABLE rollups_behind (
+    job_id TEXT PRIMARY KEY, first_bucket INTEGER NOT NULL, last_bucket INTEGER NOT NULL
+) WITHOUT ROWID"""
+OLD_BEHIND = "coarse_rollups_behind"  # schema 6's flag in ``counters`` for the same
 
 
 class Held:
-    """The coarser levels' deltas the writer process holds back while batches keep coming.
+    """The coarser levels the writer process holds back while batches keep coming.
 
-    In a flood each commit's records fall in the same coarse buckets as the last commit's: the
-    finest level is written every commit, and its counts are added up here (``rows``, keyed as
-    ``finest``'s) until, once a second or when the flood stops, the coarser levels' rows of all of
-    them are written at once, sparing most of the upserts. Only what a committed transaction folded is kept (``stage`` then ``committed``
-    or ``rolled_back``). While deltas are held, ``counters.coarse_rollups_behind`` is 1 in the
-    file: a writer that dies holding some leaves it so, and the next one rebuilds the coarse levels
-    from the finest (``repair``).
+    In a flood each commit's records fall in the same coarse buckets as the last commit's. The
+    finest level is written every commit; the coarser levels' rows over the finest buckets written
+    since (``spans``, per job) are summed up from the level below, in SQL, once a second or when the
+    flood stops (``coarsen``). Only what a committed transaction wrote is kept (``stage`` then
+    ``committed`` or ``rolled_back``). Each commit that holds some back widens its jobs' spans in
+    ``rollups_behind``, one row a job: a writer that dies leaves them, and the next one coarsens
+    them (``repair``).
     """
 
     def __init__(self, hold_seconds: float = HOLD_SECONDS):
         self.hold_seconds = hold_seconds
-        self.rows: dict[tuple, Counts] = {}
-        self.since: float | None = None  # when the oldest held delta was committed
-        self.marked = False  # the file says deltas are held
-        self._staged: tuple[dict[tuple, Counts], bool] | None = None  # this transaction's: (coarse rows, flushed)
+        self.spans: dict[str, tuple[int, int]] = {}  # job_id: (first, last) finest bucket
+        self.since: float | None = None  # when the oldest span held was committed
+        self._staged: tuple[dict[str, tuple[int, int]], bool] | None = None  # this transaction's: (spans, flushed)
 
     def stage(self, conn: sqlite3.Connection, counts: dict[tuple, Counts], flush: bool, in_chunks: Callable) -> None:
-        """Write the finest level's ``counts`` (``finest``'s), and the coarser levels' rows of
-        everything held with them when ``flush`` or when the held deltas are due; hold those back
-        otherwise (inside the caller's transaction)."""
+        """Write the finest level's ``counts`` (``finest``'s), and bring the coarser levels up to
+        date over everything held with them when ``flush`` or when the held spans are due; mark
+        their spans otherwise (inside the caller's transaction)."""
+        write(
+            conn,
+            {(job, name, rank, FINEST_LEVEL, bucket): c for (job, name, rank, bucket), c in counts.items()},
+            in_chunks,
+        )
+        spans = _spans(counts)
         due = self.since is not None and time.monotonic() - self.since >= self.hold_seconds
-        rows = {(job, name, rank, FINEST_LEVEL, bucket): c for (job, name, rank, bucket), c in counts.items()}
-        if flush or due or not (self.rows or counts):
-            everything = {key: list(c) for key, c in self.rows.items()}  # ours stay as they are
-            for key, c in counts.items():
-                _add_row(everything, key, c)
-            rows.update(levels(everything, FINEST_LEVEL + LEVEL_STRIDE))
-            write(conn, rows, in_chunks)
-            if self.marked:
-                _mark(conn, 0)
-            self._staged = (counts, True)
+        if flush or due:
+            for job, (first, last) in _widened(self.spans, spans).items():
+                coarsen(conn, job, first, last)
+            if self.spans:
+                conn.execute("DELETE FROM rollups_behind")
+            self._staged = (spans, True)
         else:
-            write(conn, rows, in_chunks)
-            if not self.marked:
-                _mark(conn, 1)
-            self._staged = (counts, False)
+            conn.executemany(
+                "INSERT INTO rollups_behind (job_id, first_bucket, last_bucket) VALUES (?, ?, ?) ON CONFLICT (job_id)"
+                " DO UPDATE SET first_bucket = MIN(first_bucket, excluded.first_bucket),"
+                " last_bucket = MAX(last_bucket, excluded.last_bucket)",
+                [(job, first, last) for job, (first, last) in spans.items()],
+            )
+            self._staged = (spans, False)
 
     def committed(self) -> None:
         """The staged transaction committed: what it held back is held."""
         assert self._staged is not None
-        counts, flushed = self._staged
+        spans, flushed = self._staged
         self._staged = None
         if flushed:
-            self.rows, self.marked, self.since = {}, False, None
+            self.spans, self.since = {}, None
             return
-        for key, c in counts.items():
-            _add_row(self.rows, key, c)
-        self.marked = True
-        if self.since is None:
+        self.spans = _widened(self.spans, spans)
+        if self.since is None and spans:
             self.since = time.monotonic()
 
     def rolled_back(self) -> None:
         self._staged = None
 
 
-def _add_row(rows: dict[tuple, Counts], key: tuple, counts: Counts) -> None:
-    if key in rows:
-        merge(rows[key], counts)
-    else:
-        rows[key] = list(counts)  # a copy: fold's rows share their counts between levels
+def _spans(counts: dict[tuple, Counts]) -> dict[str, tuple[int, int]]:
+    """Per job, the first and last finest bucket ``counts`` (``finest``'s) touch."""
+    spans: dict[str, tuple[int, int]] = {}
+    for job, _name, _rank, bucket in counts:
+        first, last = spans.get(job, (bucket, bucket))
+        spans[job] = (min(first, bucket), max(last, bucket))
+    return spans
 
 
-def _mark(conn: sqlite3.Connection, value: int) -> None:
-    conn.execute(
-        "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-        (BEHIND, value),
-    )
+def _widened(spans: dict[str, tuple[int, int]], more: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    both = dict(spans)
+    for job, (first, last) in more.items():
+        old_first, old_last = both.get(job, (first, last))
+        both[job] = (min(first, old_first), max(last, old_last))
+    return both
+
+
+def coarsen(conn: sqlite3.Connection, job_id: str, first: int, last: int) -> None:
+    """Sum up ``job_id``'s coarser levels over finest buckets ``first`` to ``last`` from the finest
+    level's rows, each level's touched buckets from the level below (whole buckets: exact)."""
+    for level in LEVELS[1:]:
+        lo, hi = first >> (level - FINEST_LEVEL), last >> (level - FINEST_LEVEL)
+        conn.execute(
+            f"""INSERT OR REPLACE INTO rollups
+            SELECT series, {level}, bucket >> {LEVEL_STRIDE}, rank, SUM(n), SUM(nan), SUM(pinf), SUM(ninf), MIN(lo),
+                MAX(hi), SUM(total)
+            FROM rollups WHERE series IN (SELECT id FROM series WHERE job_id = ?) AND level = {level - LEVEL_STRIDE}
+                AND bucket BETWEEN ? AND ?
+            GROUP BY series, bucket >> {LEVEL_STRIDE}, rank""",
+            (job_id, lo << LEVEL_STRIDE, ((hi + 1) << LEVEL_STRIDE) - 1),
+        )
 
 
 def repair(conn: sqlite3.Connection) -> bool:
-    """Rebuild the coarser levels from the finest if a writer died holding deltas back (in the
-    caller's transaction); True when it did."""
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'rollups'").fetchone() is None:
+    """Bring the coarser levels up to date where a writer died holding them back (in the caller's
+    transaction); True when there were any."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'rollups_behind'").fetchone() is None:
         return False  # a file the store has not set up (yet)
-    row = conn.execute("SELECT value FROM counters WHERE name = ?", (BEHIND,)).fetchone()
-    if not row or not row[0]:
-        return False
-    conn.execute(f"DELETE FROM rollups WHERE level > {FINEST_LEVEL}")
-    _coarse_from_finest(conn)
-    _mark(conn, 0)
-    return True
+    spans = conn.execute("SELECT job_id, first_bucket, last_bucket FROM rollups_behind").fetchall()
+    for job, first, last in spans:
+        coarsen(conn, job, first, last)
+    conn.execute("DELETE FROM rollups_behind")
+    return bool(spans)

@@ -127,6 +127,18 @@ def _v6_rollups(conn: sqlite3.Connection) -> None:
     rollup.backfill(conn)
 
 
+def _v7_rollups_behind(conn: sqlite3.Connection) -> None:
+    """``rollups_behind``: the spans of finest buckets whose coarser rollups a writer process holds
+    back (``rollup.Held``), for the next one to bring up to date if it died. Schema 6's writer
+    flagged the same in ``counters``: a file left flagged gets its coarser levels rebuilt."""
+    conn.execute(rollup.BEHIND_TABLE)
+    flagged = conn.execute("SELECT value FROM counters WHERE name = ?", (rollup.OLD_BEHIND,)).fetchone()
+    if flagged and flagged[0]:
+        conn.execute(f"DELETE FROM rollups WHERE level > {rollup.FINEST_LEVEL}")
+        rollup.coarse_from_finest(conn)
+    conn.execute("DELETE FROM counters WHERE name = ?", (rollup.OLD_BEHIND,))
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_tables,
     _v2_control_without_autotune,
@@ -134,6 +146,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v4_counters,
     _v5_rollbacks,
     _v6_rollups,
+    _v7_rollups_behind,
 )
 LATEST = len(MIGRATIONS)
 

@@ -204,25 +204,42 @@ def test_bad_queries_are_refused_with_a_reason(store):
     )
 
 
-def test_a_file_from_before_the_rollups_is_rolled_up_once(tmp_path):
-    path = str(tmp_path / "v5.db")
+def _one_rank_file(path: str, queries: list[history.SeriesQuery], **options) -> list[str]:
+    """A store's file holding rank 0's steps 0..699, closed; the ``queries``' answers before."""
     s = st.Store(path)
     s.start()
     try:
         s.submit(lambda c: st.hello(c, _hello(0), time.time())).result()
-        _write(s, 0, range(0, 700), special={5: math.nan, 6: -math.inf})
-        before = s.series_json(JOB, history.SeriesQuery("loss", points=20))
-        before_divergence = s.series_json(JOB, history.SeriesQuery("divergence", points=20))
+        _write(s, 0, range(0, 700), **options)
+        return [s.series_json(JOB, query) for query in queries]
     finally:
         s.close()
+
+
+def _reopened_as(path: str, version: int, *statements: str) -> st.Store:
+    """A store started on the file at ``path`` once ``statements`` made it as schema ``version`` left it."""
     conn = sqlite3.connect(path)
-    conn.execute("DROP TABLE rollups")
-    conn.execute("DROP TABLE series")
-    conn.execute(f"PRAGMA user_version = {schema.LATEST - 1}")
+    for statement in statements:
+        conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {version}")
     conn.commit()
     conn.close()
     s = st.Store(path)
     s.start()
+    return s
+
+
+def _assert_same_rows(rows: list[tuple], expected: list[tuple]) -> None:
+    """Rollup rows equal but for the sums, which may be taken in another order."""
+    assert [row[:-1] for row in rows] == [row[:-1] for row in expected]  # counts, extremes
+    assert [row[-1] for row in rows] == pytest.approx([row[-1] for row in expected], rel=1e-12)
+
+
+def test_a_file_from_before_the_rollups_is_rolled_up_once(tmp_path):
+    path = str(tmp_path / "v5.db")
+    queries = [history.SeriesQuery("loss", points=20), history.SeriesQuery("divergence", points=20)]
+    before, before_divergence = _one_rank_file(path, queries, special={5: math.nan, 6: -math.inf})
+    s = _reopened_as(path, 5, *(f"DROP TABLE {table}" for table in ("rollups", "series", "rollups_behind")))
     try:
         # Equal up to the order the sums were taken in (per batch as written, in one pass here).
         for name, earlier in (("loss", before), ("divergence", before_divergence)):
@@ -266,7 +283,8 @@ def test_a_flood_holds_the_coarse_levels_back_until_it_stops(tmp_path):
         commit([entry])
     levels = dict(conn.execute("SELECT level, COUNT(*) FROM rollups GROUP BY level").fetchall())
     assert set(levels) == {rollup.FINEST_LEVEL}, "only the finest level while the flood lasts"
-    assert conn.execute("SELECT value FROM counters WHERE name = ?", (rollup.BEHIND,)).fetchone() == (1,)
+    span = (0, 99 >> rollup.FINEST_LEVEL)  # the finest buckets of steps 0..99, their coarser rows behind
+    assert conn.execute("SELECT first_bucket, last_bucket FROM rollups_behind").fetchall() == [span]
     conn.execute("BEGIN")  # a transaction that fails keeps nothing of its records in the held deltas
     process.write_rows(conn, process.metric_rows(entries[10:12]), held, False)
     conn.execute("ROLLBACK")
@@ -274,25 +292,69 @@ def test_a_flood_holds_the_coarse_levels_back_until_it_stops(tmp_path):
     for entry in entries[10:]:
         commit([entry])
     commit([], flush=True)
-    assert conn.execute("SELECT value FROM counters WHERE name = ?", (rollup.BEHIND,)).fetchone() == (0,)
+    assert conn.execute("SELECT COUNT(*) FROM rollups_behind").fetchone() == (0,)
     stored = sorted(conn.execute("SELECT * FROM rollups WHERE level > ?", (rollup.FINEST_LEVEL,)).fetchall())
     conn.execute("DELETE FROM rollups")
     conn.execute("DELETE FROM steps")
     conn.execute("DELETE FROM rounds")
     process.write_rows(conn, process.metric_rows(entries))  # the same records, every level at once
     at_once = sorted(conn.execute("SELECT * FROM rollups WHERE level > ?", (rollup.FINEST_LEVEL,)).fetchall())
-    assert [row[:-1] for row in at_once] == [row[:-1] for row in stored]  # counts, extremes: equal
-    assert [row[-1] for row in at_once] == pytest.approx([row[-1] for row in stored], rel=1e-12)  # sums
+    _assert_same_rows(at_once, stored)
     conn.close()
 
 
 def test_a_writer_that_died_holding_deltas_back_is_repaired_by_the_next(store):
     _write(store, 0, range(0, 500))
     expected = store.series_json(JOB, history.SeriesQuery("loss", points=4, ranks=[0]))
-    # As a killed writer process leaves the file: coarse levels short of what it held, the flag set.
+    # As a killed writer process leaves the file: coarse levels short of what it held, its span marked.
     store.submit(lambda c: c.execute("DELETE FROM rollups WHERE level > ? AND bucket > 0", (rollup.FINEST_LEVEL,)))
-    store.submit(lambda c: rollup._mark(c, 1)).result()
+    mark = "INSERT INTO rollups_behind VALUES (?, 0, ?)"
+    store.submit(lambda c: c.execute(mark, (JOB, 499 >> rollup.FINEST_LEVEL))).result()
     assert store.series_json(JOB, history.SeriesQuery("loss", points=4, ranks=[0])) != expected
     store._writer.process._stop(kill=True)  # the next batch starts a new writer process, which repairs
     _write(store, 1, range(0, 10))
     assert store.series_json(JOB, history.SeriesQuery("loss", points=4, ranks=[0])) == expected
+
+
+def test_what_a_dead_writer_held_back_is_coarsened_by_the_next(tmp_path):
+    conn = process.connect_writer(str(tmp_path / "d.db"))
+    schema.migrate(conn)
+    held = rollup.Held(hold_seconds=3600)
+    nan = {s: math.nan for s in range(330, 340)}
+    early = [writes.metric_entry(JOB, r, _batch(r, range(s, s + 30)), 0.0) for s in range(0, 300, 30) for r in (0, 1)]
+    late = [writes.metric_entry(JOB, r, _batch(r, range(s, s + 30)), 0.0) for s in range(300, 600, 30) for r in (0, 1)]
+    rerun = [writes.metric_entry(JOB, 0, _batch(0, range(320, 350), seed=7, special=nan), 0.0)]  # other figures
+    for entries, flush in ((early, True), (late, False), (rerun, False)):
+        conn.execute("BEGIN")
+        process.write_rows(conn, process.metric_rows(entries), held, flush)
+        conn.execute("COMMIT")
+        held.committed()
+    # The writer dies here, holding back the coarser rows of steps 300..599: their span is in the file.
+    conn.execute("BEGIN")
+    assert rollup.repair(conn) and not rollup.repair(conn)
+    conn.execute("COMMIT")
+    repaired = sorted(conn.execute("SELECT * FROM rollups").fetchall())
+    for table in ("rollups", "steps", "rounds"):
+        conn.execute(f"DELETE FROM {table}")
+    process.write_rows(conn, process.metric_rows(early + late + rerun))  # every level at once
+    at_once = sorted(conn.execute("SELECT * FROM rollups").fetchall())
+    _assert_same_rows(repaired, at_once)
+    conn.close()
+
+
+def test_a_file_whose_schema_6_writer_died_holding_coarse_levels_gets_them_rebuilt(tmp_path):
+    path = str(tmp_path / "v6.db")
+    (before,) = _one_rank_file(path, [history.SeriesQuery("loss", points=4)])
+    s = _reopened_as(  # as schema 6's writer left it: coarse levels short, the flag set
+        path,
+        6,
+        f"DELETE FROM rollups WHERE level > {rollup.FINEST_LEVEL} AND bucket > 0",
+        f"INSERT INTO counters VALUES ('{rollup.OLD_BEHIND}', 1)",
+        "DROP TABLE rollups_behind",
+    )
+    try:
+        assert json.loads(s.series_json(JOB, history.SeriesQuery("loss", points=4))) == _approx(json.loads(before))
+        flag = "SELECT COUNT(*) FROM counters WHERE name = ?"
+        assert s.submit(lambda c: c.execute(flag, (rollup.OLD_BEHIND,)).fetchone()).result() == (0,)
+    finally:
+        s.close()
