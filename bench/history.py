@@ -11,7 +11,7 @@ quick one). Prints:
    of 5 each, through ``Store.series_json`` (what the route returns, as JSON text); goals < 250 ms
    and < 100 ms.
 
-The big job's rollups are folded by the writer's own code (``rollup.fold``/``rollup.write``) in
+The big job's rollups are folded by the writer's own code (``rollup.finest``/``write_every_level``) in
 one process instead of passing 25 million records through the writer; its records are the last
 ``--keep`` steps, as retention would keep them. The file is kept under ``--cache`` between runs.
 """
@@ -176,7 +176,7 @@ def build(final_path: str, ranks: int, steps: int, keep: int) -> None:
                 d = 0.1 * rng.random()
                 rounds.append((JOB, rank, step, (d, d / 10)))
         conn.execute("BEGIN")
-        rollup.write(conn, rollup.fold(added, rounds), process._in_chunks)
+        rollup.write_every_level(conn, rollup.finest(added, rounds), process._in_chunks)
         process._insert_rows(conn, "steps", ("job_id", "rank", "step", "body"), records)
         conn.execute("UPDATE jobs SET step = ? WHERE id = ?", (last - 1, JOB))
         conn.execute("UPDATE ranks SET step = ? WHERE job_id = ?", (last - 1, JOB))

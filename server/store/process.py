@@ -173,7 +173,7 @@ def write_rows(conn: sqlite3.Connection, rows: MetricRows, held: rollup.Held | N
     more, fewer = _changes(rows.round_figures, rows.rounds, len(_ROUND_COLUMNS), replaced_rounds, _old_round_figures)
     counts = rollup.finest(added, more, removed, fewer)
     if held is None:
-        rollup.write(conn, rollup.levels(counts), _in_chunks)
+        rollup.write_every_level(conn, counts, _in_chunks)
     else:
         held.stage(conn, counts, flush, _in_chunks)
     _in_chunks(conn, _progress_sql, rows.progress, 5)

@@ -55,6 +55,7 @@ TABLES = (
 Figures = tuple[str, int, int, tuple]
 # A bucket's counts: [n, nan, pinf, ninf, lo, hi, total].
 Counts = list
+Spans = dict[str, tuple[int, int]]  # per job, a first and last finest bucket
 
 
 def empty() -> Counts:
@@ -87,11 +88,6 @@ def merge(into: Counts, other: Counts) -> None:
     into[6] += other[6]
 
 
-def fold(*records: Iterable[Figures]) -> dict[tuple, Counts]:
-    """The rollup rows records change, every level: ``levels(finest(...))``."""
-    return levels(finest(*records))
-
-
 def finest(
     steps: Iterable[Figures],
     rounds: Iterable[Figures] = (),
@@ -103,9 +99,7 @@ def finest(
 
     Records are grouped by finest bucket first and each figure's column reduced with builtins
     (``min``, ``max``, ``sum``: C loops), value by value only where a column holds a None or a
-    non-finite figure. The coarser buckets are merged level by level from the finest, and a
-    bucket that holds the same records as the one below shares its counts, so the cost per record
-    does not grow with the levels.
+    non-finite figure. The coarser levels are summed up from these in SQL (``coarsen``).
     """
     folded: dict[tuple, Counts] = {}
     for records, names, sign in (
@@ -133,38 +127,6 @@ def finest(
                 for name, column in scalars.items():
                     _fold_column(folded, (job_id, SCALAR_PREFIX + name, rank, bucket), column, sign)
     return folded
-
-
-def levels(finest: dict[tuple, Counts], first: int = FINEST_LEVEL) -> dict[tuple, Counts]:
-    """Every level's rows from the finest level's counts ``{(job_id, name, rank, bucket): counts}``
-    (from ``first`` on: ``FINEST_LEVEL`` + ``LEVEL_STRIDE`` for the coarser levels alone)."""
-    series: dict[tuple, dict[int, Counts]] = {}
-    for (job_id, name, rank, bucket), counts in finest.items():
-        series.setdefault((job_id, name, rank), {})[bucket] = counts
-    rows: dict[tuple, Counts] = {}
-    for (job_id, name, rank), at_level in series.items():
-        for level in LEVELS:
-            if level > FINEST_LEVEL and len(at_level) > 1:  # the buckets that fall together merged
-                coarser: dict[int, list[Counts]] = {}
-                for bucket, counts in at_level.items():
-                    coarser.setdefault(bucket >> LEVEL_STRIDE, []).append(counts)
-                at_level = {bucket: _merged(parts) for bucket, parts in coarser.items()}
-            elif level > FINEST_LEVEL:  # one bucket: the same counts at every level, shared
-                ((bucket, counts),) = at_level.items()
-                at_level = {bucket >> LEVEL_STRIDE: counts}
-            if level >= first:
-                for bucket, counts in at_level.items():
-                    rows[(job_id, name, rank, level, bucket)] = counts
-    return rows
-
-
-def _merged(parts: list[Counts]) -> Counts:
-    if len(parts) == 1:
-        return parts[0]
-    into = list(parts[0])
-    for counts in parts[1:]:
-        merge(into, counts)
-    return into
 
 
 def _fold_column(finest: dict[tuple, Counts], key: tuple, column: tuple | list, sign: int) -> None:
@@ -214,16 +176,22 @@ def _upsert_sql(count: int) -> str:
 UPSERT_WIDTH = 11
 
 
-def write(conn: sqlite3.Connection, rows: dict[tuple, Counts], in_chunks: Callable) -> None:
-    """Add ``fold``'s rows to the stored ones, inside the caller's transaction; ``in_chunks`` runs
-    a multi-row statement over flat values (the writer's ``_in_chunks``)."""
-    if not rows:
+def write(conn: sqlite3.Connection, finest: dict[tuple, Counts], in_chunks: Callable) -> None:
+    """Add ``finest``'s counts to the finest level's stored rows, inside the caller's transaction;
+    ``in_chunks`` runs a multi-row statement over flat values (the writer's ``_in_chunks``)."""
+    if not finest:
         return
-    ids = series_ids(conn, {(job, name) for job, name, *_ in rows})
+    ids = series_ids(conn, {(job, name) for job, name, *_ in finest})
     values: list = []
-    for (job, name, rank, level, bucket), counts in rows.items():
-        values += (ids[job, name], level, bucket, rank, *counts)
+    for (job, name, rank, bucket), counts in finest.items():
+        values += (ids[job, name], FINEST_LEVEL, bucket, rank, *counts)
     in_chunks(conn, _upsert_sql, values, UPSERT_WIDTH)
+
+
+def write_every_level(conn: sqlite3.Connection, finest: dict[tuple, Counts], in_chunks: Callable) -> None:
+    """``write``, then the coarser levels over the buckets it touched (``coarsen``)."""
+    write(conn, finest, in_chunks)
+    coarsen(conn, spans(finest))
 
 
 def mean(n: int, nan: int, pinf: int, ninf: int, total: float | None) -> float | None:
@@ -271,15 +239,12 @@ def backfill(conn: sqlite3.Connection) -> None:
 
 
 def coarse_from_finest(conn: sqlite3.Connection) -> None:
-    """Every coarser level's rows from the finest level's (the coarser levels empty)."""
-    for level in LEVELS[1:]:
-        shift = level - FINEST_LEVEL
-        conn.execute(
-            f"""INSERT INTO rollups
-            SELECT series, {level}, bucket >> {shift}, rank, SUM(n), SUM(nan), SUM(pinf), SUM(ninf), MIN(lo), MAX(hi),
-                SUM(total)
-            FROM rollups WHERE level = {FINEST_LEVEL} GROUP BY series, bucket >> {shift}, rank"""
-        )
+    """Every coarser level's rows from the finest level's."""
+    every = conn.execute(
+        f"SELECT se.job_id, MIN(r.bucket), MAX(r.bucket) FROM rollups AS r JOIN series AS se ON se.id = r.series"
+        f" WHERE r.level = {FINEST_LEVEL} GROUP BY se.job_id"
+    )
+    coarsen(conn, {job: (first, last) for job, first, last in every.fetchall()})
 
 
 # ------------------------------------------------------------------ held back in a flood
@@ -307,35 +272,30 @@ class Held:
 
     def __init__(self, hold_seconds: float = HOLD_SECONDS):
         self.hold_seconds = hold_seconds
-        self.spans: dict[str, tuple[int, int]] = {}  # job_id: (first, last) finest bucket
+        self.spans: Spans = {}
         self.since: float | None = None  # when the oldest span held was committed
-        self._staged: tuple[dict[str, tuple[int, int]], bool] | None = None  # this transaction's: (spans, flushed)
+        self._staged: tuple[Spans, bool] | None = None  # this transaction's: (spans, flushed)
 
     def stage(self, conn: sqlite3.Connection, counts: dict[tuple, Counts], flush: bool, in_chunks: Callable) -> None:
         """Write the finest level's ``counts`` (``finest``'s), and bring the coarser levels up to
         date over everything held with them when ``flush`` or when the held spans are due; mark
         their spans otherwise (inside the caller's transaction)."""
-        write(
-            conn,
-            {(job, name, rank, FINEST_LEVEL, bucket): c for (job, name, rank, bucket), c in counts.items()},
-            in_chunks,
-        )
-        spans = _spans(counts)
+        write(conn, counts, in_chunks)
+        touched = spans(counts)
         due = self.since is not None and time.monotonic() - self.since >= self.hold_seconds
         if flush or due:
-            for job, (first, last) in _widened(self.spans, spans).items():
-                coarsen(conn, job, first, last)
+            coarsen(conn, _widened(self.spans, touched.items()))
             if self.spans:
                 conn.execute("DELETE FROM rollups_behind")
-            self._staged = (spans, True)
+            self._staged = (touched, True)
         else:
             conn.executemany(
                 "INSERT INTO rollups_behind (job_id, first_bucket, last_bucket) VALUES (?, ?, ?) ON CONFLICT (job_id)"
                 " DO UPDATE SET first_bucket = MIN(first_bucket, excluded.first_bucket),"
                 " last_bucket = MAX(last_bucket, excluded.last_bucket)",
-                [(job, first, last) for job, (first, last) in spans.items()],
+                [(job, first, last) for job, (first, last) in touched.items()],
             )
-            self._staged = (spans, False)
+            self._staged = (touched, False)
 
     def committed(self) -> None:
         """The staged transaction committed: what it held back is held."""
@@ -345,7 +305,7 @@ class Held:
         if flushed:
             self.spans, self.since = {}, None
             return
-        self.spans = _widened(self.spans, spans)
+        self.spans = _widened(self.spans, spans.items())
         if self.since is None and spans:
             self.since = time.monotonic()
 
@@ -353,37 +313,35 @@ class Held:
         self._staged = None
 
 
-def _spans(counts: dict[tuple, Counts]) -> dict[str, tuple[int, int]]:
-    """Per job, the first and last finest bucket ``counts`` (``finest``'s) touch."""
-    spans: dict[str, tuple[int, int]] = {}
-    for job, _name, _rank, bucket in counts:
-        first, last = spans.get(job, (bucket, bucket))
-        spans[job] = (min(first, bucket), max(last, bucket))
-    return spans
+def spans(finest: dict[tuple, Counts]) -> Spans:
+    """Per job, the first and last bucket ``finest``'s counts touch."""
+    return _widened({}, ((job, (bucket, bucket)) for job, _name, _rank, bucket in finest))
 
 
-def _widened(spans: dict[str, tuple[int, int]], more: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+def _widened(spans: Spans, more: Iterable[tuple[str, tuple[int, int]]]) -> Spans:
     both = dict(spans)
-    for job, (first, last) in more.items():
-        old_first, old_last = both.get(job, (first, last))
-        both[job] = (min(first, old_first), max(last, old_last))
+    for job, (first, last) in more:
+        if job in both:
+            first, last = min(first, both[job][0]), max(last, both[job][1])
+        both[job] = (first, last)
     return both
 
 
-def coarsen(conn: sqlite3.Connection, job_id: str, first: int, last: int) -> None:
-    """Sum up ``job_id``'s coarser levels over finest buckets ``first`` to ``last`` from the finest
-    level's rows, each level's touched buckets from the level below (whole buckets: exact)."""
-    for level in LEVELS[1:]:
-        lo, hi = first >> (level - FINEST_LEVEL), last >> (level - FINEST_LEVEL)
-        conn.execute(
-            f"""INSERT OR REPLACE INTO rollups
-            SELECT series, {level}, bucket >> {LEVEL_STRIDE}, rank, SUM(n), SUM(nan), SUM(pinf), SUM(ninf), MIN(lo),
-                MAX(hi), SUM(total)
-            FROM rollups WHERE series IN (SELECT id FROM series WHERE job_id = ?) AND level = {level - LEVEL_STRIDE}
-                AND bucket BETWEEN ? AND ?
-            GROUP BY series, bucket >> {LEVEL_STRIDE}, rank""",
-            (job_id, lo << LEVEL_STRIDE, ((hi + 1) << LEVEL_STRIDE) - 1),
-        )
+def coarsen(conn: sqlite3.Connection, spans: Spans) -> None:
+    """Sum up each job's coarser levels over its span of finest buckets from the finest level's
+    rows, each level's touched buckets from the level below (whole buckets: exact)."""
+    for job_id, (first, last) in spans.items():
+        for level in LEVELS[1:]:
+            lo, hi = first >> (level - FINEST_LEVEL), last >> (level - FINEST_LEVEL)
+            conn.execute(
+                f"""INSERT OR REPLACE INTO rollups
+                SELECT series, {level}, bucket >> {LEVEL_STRIDE}, rank, SUM(n), SUM(nan), SUM(pinf), SUM(ninf),
+                    MIN(lo), MAX(hi), SUM(total)
+                FROM rollups WHERE series IN (SELECT id FROM series WHERE job_id = ?)
+                    AND level = {level - LEVEL_STRIDE} AND bucket BETWEEN ? AND ?
+                GROUP BY series, bucket >> {LEVEL_STRIDE}, rank""",
+                (job_id, lo << LEVEL_STRIDE, ((hi + 1) << LEVEL_STRIDE) - 1),
+            )
 
 
 def repair(conn: sqlite3.Connection) -> bool:
@@ -391,12 +349,11 @@ def repair(conn: sqlite3.Connection) -> bool:
     transaction); True when there were any."""
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'rollups_behind'").fetchone() is None:
         return False  # a file the store has not set up (yet)
-    spans = conn.execute("SELECT job_id, first_bucket, last_bucket FROM rollups_behind").fetchall()
-    if not spans:
+    behind = conn.execute("SELECT job_id, first_bucket, last_bucket FROM rollups_behind").fetchall()
+    if not behind:
         # Nearly always. No write then: the child starts beside the store's writer thread, whose
         # transaction would fail at once (SQLITE_BUSY_SNAPSHOT) if the file changed under its read.
         return False
-    for job, first, last in spans:
-        coarsen(conn, job, first, last)
+    coarsen(conn, {job: (first, last) for job, first, last in behind})
     conn.execute("DELETE FROM rollups_behind")
     return True

@@ -134,7 +134,6 @@ def _v7_rollups_behind(conn: sqlite3.Connection) -> None:
     conn.execute(rollup.BEHIND_TABLE)
     flagged = conn.execute("SELECT value FROM counters WHERE name = ?", (rollup.OLD_BEHIND,)).fetchone()
     if flagged and flagged[0]:
-        conn.execute(f"DELETE FROM rollups WHERE level > {rollup.FINEST_LEVEL}")
         rollup.coarse_from_finest(conn)
     conn.execute("DELETE FROM counters WHERE name = ?", (rollup.OLD_BEHIND,))
 
